@@ -1,0 +1,57 @@
+"""Data-parallel backends: `none` (one process), `deepspeed` (ZeRO-2/3), `fsdp2`.
+
+All backend-specific code lives in this package; the trainer codes against :class:`Backend`.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from framer_dist.config import Config, ConfigError
+from framer_dist.parallel.common import (Backend, ac_indices, apply_activation_checkpointing,
+                                         init_process_group, resolve_device, resolve_grad_accum)
+
+__all__ = ["Backend", "setup_backend", "resolve_grad_accum", "ac_indices", "init_process_group"]
+
+
+def setup_backend(cfg: Config, model: nn.Module, params: list[nn.Parameter]) -> Backend:
+    """Wrap `model` for training `params` (the trainable ones) with cfg.parallel.backend.
+
+    Applies activation checkpointing (parallel.activation_checkpointing) and, on request,
+    torch.compile of each block before wrapping. Distributed backends join the process group from
+    the launcher's env vars (torchrun / deepspeed).
+    """
+    name = cfg.parallel.backend
+    apply_activation_checkpointing(cfg, model)
+    if name == "none":
+        from framer_dist.parallel.single import SingleBackend
+
+        import os
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("config key 'parallel.backend': 'none' is single-process, but this "
+                              f"was launched with WORLD_SIZE={os.environ['WORLD_SIZE']}; use "
+                              "'deepspeed' or 'fsdp2'")
+        _maybe_compile(cfg, model)
+        return SingleBackend(cfg, model, params, resolve_device(cfg, 0))
+    if name == "deepspeed":
+        from framer_dist.parallel.ds import DeepSpeedBackend
+
+        return DeepSpeedBackend.create(cfg, model, params)
+    if name == "fsdp2":
+        from framer_dist.parallel.fsdp import FSDP2Backend
+
+        return FSDP2Backend.create(cfg, model, params)
+    raise ConfigError(f"config key 'parallel.backend': unknown backend {name!r}")
+
+
+def _maybe_compile(cfg: Config, model: nn.Module) -> None:
+    """parallel.compile: torch.compile each transformer block in place (names unchanged)."""
+    if not cfg.parallel.compile:
+        return
+    from framer_dist.parallel.common import transformer_blocks
+
+    blocks = transformer_blocks(model)
+    if not blocks:
+        raise ConfigError("config key 'parallel.compile': the model has no transformer_blocks to compile")
+    for b in blocks:
+        b.compile()

@@ -1,0 +1,105 @@
+"""The `none` backend: one process, no sharding (CPU or one GPU)."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from framer_dist.config import Config
+from framer_dist.parallel.common import EMA, Backend, lr_lambda
+from framer_dist.parallel.optim import build_optimizer
+
+STATE_FILE = "single_state.pt"
+
+
+class SingleBackend(Backend):
+    name = "none"
+
+    def __init__(self, cfg: Config, model: nn.Module, params: list[nn.Parameter],
+                 device: torch.device) -> None:
+        super().__init__(cfg, model.to(device), rank=0, world_size=1, local_rank=0, device=device)
+        self.params = list(params)
+        ids = {id(p) for p in self.params}
+        self.names = {id(p): n for n, p in model.named_parameters() if id(p) in ids}
+        if len(self.names) != len(self.params):
+            raise ValueError("some trainable parameters passed to setup_backend are not parameters "
+                             "of the model")
+        self.optimizer = build_optimizer(cfg, self.params)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        if cfg.train.ema:
+            self.ema = EMA(self._named_trainable(), cfg.train.ema_decay)
+
+    def _named_trainable(self):
+        return ((self.names[id(p)], p) for p in self.params)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.compute_dtype == torch.bfloat16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: Tensor) -> None:
+        (loss / self.grad_accum).backward()
+
+    def step(self) -> float:
+        clip = self.cfg.train.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"),
+                                              foreach=False)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self._named_trainable())
+        self.optimizer_step += 1
+        return float(norm)
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def save(self, path: str | Path, client_state: dict[str, Any]) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {
+            "model": {n: p.detach() for n, p in self._named_trainable()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer_step": self.optimizer_step,
+        }
+        torch.save(state, path / STATE_FILE)
+        self._write_meta(path, client_state, {"optimizer": self.cfg.train.optimizer})
+
+    def load(self, path: str | Path) -> dict[str, Any]:
+        path = Path(path)
+        self._check_meta(path)
+        state = torch.load(path / STATE_FILE, map_location=self.device, weights_only=False)
+        by_name = dict(self._named_trainable())
+        missing = set(by_name) - set(state["model"])
+        if missing:
+            raise KeyError(f"checkpoint {path} lacks trainable parameters {sorted(missing)[:5]}")
+        with torch.no_grad():
+            for n, p in by_name.items():
+                p.copy_(state["model"][n])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None:
+            if state["ema"] is None:
+                print(f"[framer_dist] WARNING: {path} has no EMA state; EMA restarts from the weights")
+                self.ema = EMA(self._named_trainable(), self.cfg.train.ema_decay)
+            else:
+                self.ema.load_state_dict(state["ema"])
+        self.optimizer_step = state["optimizer_step"]
+        return self._read_client_state(path)
+
+    def full_trainable_state_dict(self) -> dict[str, Tensor]:
+        return {n: p.detach().float().cpu().clone() for n, p in self._named_trainable()}
+
+    def full_state_dict(self) -> dict[str, Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    def ema_state_dict(self) -> dict[str, Tensor]:
+        return {} if self.ema is None else {k: v.cpu().clone() for k, v in self.ema.shadow.items()}
