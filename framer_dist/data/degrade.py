@@ -1,0 +1,300 @@
+"""The two-stage Real-ESRGAN degradation (FRAMER supplement, Table 6), batched in torch.
+
+Only the parameter draws run on the CPU, from one ``numpy`` generator per sample seeded by that
+sample's seed: kernels, noise, resizing and JPEG then run on the batch's device for the whole
+batch at once (the noise itself comes from a device generator seeded from the sample's draws).
+A sample's output depends only on its image and its seed, never on its batch-mates, so a batch
+is reproducible bit for bit on the same device type and a resumed run sees the same pairs.
+
+Pipeline per sample (HR ``[3, H, W]`` in [0, 1], H and W divisible by ``scale``):
+
+1. USM-sharpen the HR target (optional); the degradation starts from the sharpened HR.
+2. Stage 1: blur (21x21: one of six kernel types, or a sinc with p=0.1) -> random resize
+   (up/down/keep, area/bilinear/bicubic) -> Gaussian (p=0.5, colour or gray) or Poisson noise
+   -> JPEG (q in [30, 95]).
+3. Stage 2: blur (p=0.8; 11x11) -> resize to (H/scale * s2) -> noise -> in random order either
+   [resize to H/scale + final sinc (p=0.8)] then JPEG, or JPEG then [resize + final sinc].
+4. LR rounded to 8 bits; LR bicubic-upsampled back to H x W (the DiT4SR conditioning input).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import canvas as cv
+from .jpeg import jpeg
+from .kernels import gaussian_kernel_1d, mixed_kernels, pulse_kernels, sinc_kernels
+
+
+@dataclass(frozen=True)
+class StageParams:
+    """Table 6 settings of one degradation stage."""
+
+    kernel_size: int                      # padded kernel size (Table 6: 21, then 11)
+    sigma: tuple[float, float]            # blur sigma range
+    resize_range: tuple[float, float]     # down factors from [lo, 1), up factors from (1, hi]
+    gauss_sigma: tuple[float, float]      # Gaussian noise sigma range (8-bit units)
+    poisson_scale: tuple[float, float]
+    blur_prob: float = 1.0
+    sinc_prob: float = 0.1
+    kernel_probs: tuple[float, ...] = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)
+    betag: tuple[float, float] = (0.5, 4.0)
+    betap: tuple[float, float] = (1.0, 2.0)
+    resize_probs: tuple[float, float, float] = (0.2, 0.7, 0.1)   # up, down, keep
+    gauss_prob: float = 0.5               # else Poisson
+    gray_noise_prob: float = 0.4
+    jpeg_range: tuple[int, int] = (30, 95)
+
+
+@dataclass(frozen=True)
+class DegradeParams:
+    """Everything the degradation draws from; the defaults are Table 6 (and Real-ESRGAN where the
+    table is silent: kernel-type probabilities, beta ranges, resize/gray-noise probabilities,
+    second-blur probability 0.8, sinc cut-offs)."""
+
+    stage1: StageParams = field(default_factory=lambda: StageParams(
+        kernel_size=21, sigma=(0.2, 3.0), resize_range=(0.15, 1.5),
+        gauss_sigma=(1.0, 30.0), poisson_scale=(0.05, 3.0)))
+    stage2: StageParams = field(default_factory=lambda: StageParams(
+        kernel_size=11, sigma=(0.2, 1.5), resize_range=(0.3, 1.2),
+        gauss_sigma=(1.0, 25.0), poisson_scale=(0.05, 2.5), blur_prob=0.8))
+    final_sinc_prob: float = 0.8
+    final_kernel_size: int = 21
+    scale: int = 4
+    usm: bool = True
+    usm_radius: int = 50                  # BasicSR USMSharp: 51x51 Gaussian, sigma from OpenCV rule
+    usm_weight: float = 0.5
+    usm_threshold: float = 10.0
+
+
+def _odd_sizes(k: int) -> list[int]:
+    return list(range(7, k + 1, 2)) if k >= 7 else [k]
+
+
+def _blur_draw(rng: np.random.Generator, st: StageParams) -> dict:
+    """Draw one stage's blur kernel parameters (all fields always drawn: stable draw order)."""
+    size = int(rng.choice(_odd_sizes(st.kernel_size)))
+    apply = bool(rng.uniform() < st.blur_prob)
+    sinc = bool(rng.uniform() < st.sinc_prob)
+    omega = float(rng.uniform(math.pi / 3, math.pi) if size < 13 else rng.uniform(math.pi / 5, math.pi))
+    kind = int(rng.choice(6, p=np.asarray(st.kernel_probs) / sum(st.kernel_probs)))
+    sx = float(rng.uniform(*st.sigma))
+    sy = float(rng.uniform(*st.sigma))
+    theta = float(rng.uniform(-math.pi, math.pi))
+    lo_half = rng.uniform() < 0.5
+    bg = float(rng.uniform(st.betag[0], 1.0) if lo_half else rng.uniform(1.0, st.betag[1]))
+    bp = float(rng.uniform(st.betap[0], 1.0) if lo_half else rng.uniform(1.0, st.betap[1]))
+    return dict(size=size, apply=apply, sinc=sinc, omega=omega, kind=kind, sigma_x=sx,
+                sigma_y=sy if kind % 2 else sx, theta=theta if kind % 2 else 0.0,
+                beta=bg if kind in (2, 3) else (bp if kind in (4, 5) else 1.0))
+
+
+def _resize_draw(rng: np.random.Generator, st: StageParams) -> dict:
+    updown = int(rng.choice(3, p=np.asarray(st.resize_probs) / sum(st.resize_probs)))
+    up = float(rng.uniform(1.0, st.resize_range[1]))
+    down = float(rng.uniform(st.resize_range[0], 1.0))
+    factor = (up, down, 1.0)[updown]
+    return dict(factor=factor, mode=int(rng.integers(3)))
+
+
+def _noise_draw(rng: np.random.Generator, st: StageParams) -> dict:
+    return dict(gaussian=bool(rng.uniform() < st.gauss_prob),
+                sigma=float(rng.uniform(*st.gauss_sigma)),
+                poisson_scale=float(rng.uniform(*st.poisson_scale)),
+                gray=bool(rng.uniform() < st.gray_noise_prob),
+                seed=int(rng.integers(2 ** 62)))
+
+
+def sample_params(seed: int, p: DegradeParams) -> dict:
+    """All random choices of one sample's degradation, from its seed (CPU, cheap, deterministic)."""
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed) & (2 ** 64 - 1), 0x5EED]))
+    out: dict = {}
+    for name, st in (("stage1", p.stage1), ("stage2", p.stage2)):
+        out[name] = dict(blur=_blur_draw(rng, st), resize=_resize_draw(rng, st),
+                         noise=_noise_draw(rng, st), jpeg=int(rng.integers(st.jpeg_range[0],
+                                                                             st.jpeg_range[1] + 1)))
+    fsize = int(rng.choice(_odd_sizes(p.final_kernel_size)))
+    out["final"] = dict(sinc=bool(rng.uniform() < p.final_sinc_prob), size=fsize,
+                        omega=float(rng.uniform(math.pi / 3, math.pi)),
+                        resize_mode=int(rng.integers(3)), jpeg_first=bool(rng.uniform() < 0.5),
+                        jpeg=int(rng.integers(p.stage2.jpeg_range[0], p.stage2.jpeg_range[1] + 1)))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# batched application
+
+
+def _t(values: list, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def stage_kernels(draws: list[dict], k: int, device: torch.device) -> Tensor:
+    """Blur kernels ``[B, k, k]`` of one stage (mixed or sinc per sample; pulse if not applied)."""
+    size = _t([d["size"] for d in draws], device, torch.long)
+    mixed = mixed_kernels(_t([d["kind"] for d in draws], device, torch.long), size,
+                          _t([d["sigma_x"] for d in draws], device),
+                          _t([d["sigma_y"] for d in draws], device),
+                          _t([d["theta"] for d in draws], device),
+                          _t([d["beta"] for d in draws], device), k)
+    sinc = sinc_kernels(_t([d["omega"] for d in draws], device), size, k)
+    use_sinc = _t([d["sinc"] for d in draws], device, torch.bool)[:, None, None]
+    apply = _t([d["apply"] for d in draws], device, torch.bool)[:, None, None]
+    kern = torch.where(use_sinc, sinc, mixed)
+    return torch.where(apply, kern, pulse_kernels(len(draws), k, device))
+
+
+def _add_noise(x: Tensor, h: Tensor, w: Tensor, draws: list[dict]) -> Tensor:
+    """Gaussian or Poisson noise per sample, generated at the sample's own size (so it does not
+    depend on the canvas), from a device generator seeded by the sample's draw."""
+    dev = x.device
+    noise = torch.zeros_like(x)
+    hs, ws = h.tolist(), w.tolist()
+    # Poisson needs the number of distinct 8-bit values per sample (Real-ESRGAN's rule):
+    # one batched histogram over the valid regions instead of B torch.unique calls
+    q = torch.clamp(torch.round(x * 255.0), 0, 255)
+    gray = (0.299 * q[:, 0] + 0.587 * q[:, 1] + 0.114 * q[:, 2]).round().clamp(0, 255)
+    valid = cv.valid_mask(h, w, x.shape[2], x.shape[3])[:, 0]
+    b = x.shape[0]
+    counts = []
+    for plane, rep in ((q, 3), (gray[:, None], 1)):
+        bins = plane.long() + 256 * torch.arange(b, device=dev)[:, None, None, None]
+        m = valid[:, None].expand_as(plane)
+        hist = torch.bincount(bins[m], minlength=256 * b).view(b, 256)
+        counts.append((hist > 0).sum(1))
+    vals = [2.0 ** torch.ceil(torch.log2(c.double())).clamp_min(0) for c in counts]
+    vals_rgb, vals_gray = vals[0].tolist(), vals[1].tolist()
+    for i, d in enumerate(draws):
+        hh, ww = hs[i], ws[i]
+        g = torch.Generator(device=dev)
+        g.manual_seed(d["seed"])
+        if d["gaussian"]:
+            shape = (1 if d["gray"] else 3, hh, ww)
+            n = torch.randn(shape, generator=g, device=dev) * (d["sigma"] / 255.0)
+        else:
+            if d["gray"]:
+                img = gray[i:i + 1, :hh, :ww] / 255.0
+                v = vals_gray[i]
+            else:
+                img = q[i, :, :hh, :ww] / 255.0
+                v = vals_rgb[i]
+            n = (torch.poisson(img * v, generator=g) / v - img) * d["poisson_scale"]
+        noise[i, :, :hh, :ww] = n.expand(3, hh, ww)
+    return (x + noise).clamp(0, 1)
+
+
+def _stage(x: Tensor, h: Tensor, w: Tensor, draws: list[dict], name: str, k: int,
+           target: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    dev = x.device
+    x = cv.filter2d(x, h, w, stage_kernels([d[name]["blur"] for d in draws], k, dev))
+    nh, nw = target
+    mode = _t([d[name]["resize"]["mode"] for d in draws], dev, torch.long)
+    x = cv.resize(x, h, w, nh, nw, mode)
+    h, w = nh, nw
+    x = _add_noise(x, h, w, [d[name]["noise"] for d in draws])
+    return x, h, w
+
+
+def usm_sharp(img: Tensor, p: DegradeParams) -> Tensor:
+    """BasicSR's USMSharp on a uniform batch ``[B, 3, H, W]`` in [0, 1] (separable Gaussian)."""
+    r = p.usm_radius + (1 - p.usm_radius % 2)              # odd, as BasicSR
+    r = r if r % 2 == 1 else r + 1
+    g = gaussian_kernel_1d(r, 0.0, img.device).to(img.dtype)
+    pad = r // 2
+
+    def blur(t: Tensor) -> Tensor:
+        b, c, hh, ww = t.shape
+        pm = "reflect" if min(hh, ww) > pad else "replicate"
+        t = F.pad(t, (pad, pad, pad, pad), mode=pm).reshape(b * c, 1, hh + 2 * pad, ww + 2 * pad)
+        t = F.conv2d(t, g.view(1, 1, 1, r))
+        t = F.conv2d(t, g.view(1, 1, r, 1))
+        return t.view(b, c, hh, ww)
+
+    residual = img - blur(img)
+    mask = (residual.abs() * 255 > p.usm_threshold).to(img.dtype)
+    soft = blur(mask)
+    sharp = (img + p.usm_weight * residual).clamp(0, 1)
+    return soft * sharp + (1 - soft) * img
+
+
+def degrade(hr: Tensor, seeds: list[int] | Tensor, p: DegradeParams | None = None) -> dict[str, Tensor]:
+    """Degrade a batch of HR images.
+
+    Args:
+        hr: ``[B, 3, H, W]`` float in [0, 1] on any device; H and W divisible by ``p.scale``.
+        seeds: one integer per sample; equal seeds and images give equal outputs.
+    Returns:
+        ``hr``: the target (USM-sharpened if ``p.usm``) ``[B, 3, H, W]``;
+        ``lr``: ``[B, 3, H/scale, W/scale]`` 8-bit-quantised LR;
+        ``lr_up``: ``lr`` bicubic-upsampled to ``[B, 3, H, W]`` and clamped to [0, 1]. All in [0, 1].
+    """
+    p = p or DegradeParams()
+    if hr.ndim != 4 or hr.shape[1] != 3:
+        raise ValueError(f"degrade expects HR images [B, 3, H, W], got shape {tuple(hr.shape)}")
+    b, _, H, W = hr.shape
+    if H % p.scale or W % p.scale:
+        raise ValueError(f"HR size {H}x{W} is not divisible by the scale {p.scale}")
+    seeds = [int(s) for s in (seeds.tolist() if isinstance(seeds, Tensor) else seeds)]
+    if len(seeds) != b:
+        raise ValueError(f"degrade got {len(seeds)} seeds for a batch of {b}")
+    dev = hr.device
+    x = hr.float().clamp(0, 1)
+    if p.usm:
+        x = usm_sharp(x, p)
+    target = x
+    draws = [sample_params(s, p) for s in seeds]
+    lh, lw = H // p.scale, W // p.scale
+    h = torch.full((b,), H, device=dev, dtype=torch.long)
+    w = torch.full((b,), W, device=dev, dtype=torch.long)
+
+    f1 = [d["stage1"]["resize"]["factor"] for d in draws]
+    t1 = (_t([max(1, int(H * f)) for f in f1], dev, torch.long),
+          _t([max(1, int(W * f)) for f in f1], dev, torch.long))
+    x, h, w = _stage(x, h, w, draws, "stage1", p.stage1.kernel_size, t1)
+    x = jpeg(x, _t([d["stage1"]["jpeg"] for d in draws], dev, torch.long), h, w)
+
+    f2 = [d["stage2"]["resize"]["factor"] for d in draws]
+    t2 = (_t([max(1, int(lh * f)) for f in f2], dev, torch.long),
+          _t([max(1, int(lw * f)) for f in f2], dev, torch.long))
+    x, h, w = _stage(x, h, w, draws, "stage2", p.stage2.kernel_size, t2)
+
+    fin = [d["final"] for d in draws]
+    k = p.final_kernel_size
+    sinc = sinc_kernels(_t([f["omega"] for f in fin], dev), _t([f["size"] for f in fin], dev, torch.long), k)
+    use = _t([f["sinc"] for f in fin], dev, torch.bool)[:, None, None]
+    fkern = torch.where(use, sinc, pulse_kernels(b, k, dev))
+    fmode = _t([f["resize_mode"] for f in fin], dev, torch.long)
+    fq = _t([f["jpeg"] for f in fin], dev, torch.long)
+    jpeg_first = _t([f["jpeg_first"] for f in fin], dev, torch.bool)[:, None, None, None]
+    lh_t = torch.full((b,), lh, device=dev, dtype=torch.long)
+    lw_t = torch.full((b,), lw, device=dev, dtype=torch.long)
+
+    # both orders are computed for the whole batch and selected per sample: branch-free batching
+    a = cv.resize(x, h, w, lh_t, lw_t, fmode, lh, lw)
+    a = cv.filter2d(a, lh_t, lw_t, fkern)
+    a = jpeg(a.clamp(0, 1), fq)
+    bb = jpeg(x.clamp(0, 1), fq, h, w)
+    bb = cv.resize(bb, h, w, lh_t, lw_t, fmode, lh, lw)
+    bb = cv.filter2d(bb, lh_t, lw_t, fkern)
+    lr = torch.where(jpeg_first, bb, a)
+    lr = torch.clamp(torch.round(lr * 255.0), 0, 255) / 255.0
+    lr_up = F.interpolate(lr, size=(H, W), mode="bicubic", align_corners=False).clamp(0, 1)
+    return {"hr": target.to(hr.dtype), "lr": lr.to(hr.dtype), "lr_up": lr_up.to(hr.dtype)}
+
+
+def degrade_loop(hr: Tensor, seeds: list[int], p: DegradeParams | None = None) -> dict[str, Tensor]:
+    """The same degradation one image at a time (the benchmark's baseline; equal results)."""
+    outs = [degrade(hr[i:i + 1], [s], p) for i, s in enumerate(seeds)]
+    return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+
+
+def params_from_config(scale: int, usm: bool) -> DegradeParams:
+    """Table 6 defaults with the config's scale and USM switch."""
+    return dataclasses.replace(DegradeParams(), scale=scale, usm=usm)
