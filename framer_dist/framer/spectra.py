@@ -1,0 +1,180 @@
+"""Spectra, frequency masks and band vectors (FRAMER_SPEC.md section 2).
+
+All spectral work is done in fp32 whatever the feature dtype, on the un-shifted FFT layout: the
+spec's ``fftshift`` only permutes bins, and every quantity FRAMER needs (norms, dot products, sums
+over bins, quantiles) is invariant under a permutation applied to all tensors alike, so no shift
+is ever materialised.
+
+Half-spectrum shortcut (``framer.use_rfft``): for real input ``|S(k)| = |S(-k)|`` and both masks
+are symmetric under ``k -> -k``, so every full-spectrum sum equals a sum over the ``rfft2`` half
+where each interior column (neither DC nor, for even W, Nyquist) counts twice. Band vectors get a
+``sqrt(2)`` weight on those columns (so norms and dot products are exact) and the FAW sums a
+weight of 2. The result matches the plain ``fft2`` definition to float rounding.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def spectrum_magnitude(x: Tensor, half: bool) -> Tensor:
+    """``|FFT2(x)|`` over the last two axes, computed in fp32 (one FFT call for the whole stack).
+
+    ``half=True`` returns the ``rfft2`` half ``[..., H, W // 2 + 1]``; else the full ``[..., H, W]``.
+    """
+    x = x.float()
+    s = torch.fft.rfft2(x) if half else torch.fft.fft2(x)
+    return s.abs()
+
+
+@functools.lru_cache(maxsize=64)
+def column_weights(w: int, half: bool, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(count weight, sqrt weight) per spectrum column, shape ``[W // 2 + 1]`` (half) or ``[W]``.
+
+    In the rfft2 half, column 0 (DC) and, for even ``w``, column ``w // 2`` (Nyquist) are their own
+    mirror images and count once; every other column stands for itself and its mirror: count 2.
+    """
+    n = w // 2 + 1 if half else w
+    count = torch.ones(n, dtype=torch.float32)
+    if half:
+        last = n - 1 if w % 2 == 0 else n  # even w: the last column is Nyquist, self-mirrored
+        count[1:last] = 2.0
+    count = count.to(device)
+    return count, count.sqrt()
+
+
+def normalized_frequencies(n: int, *, rfft: bool = False) -> Tensor:
+    """Frequencies of the un-shifted FFT layout in units of Nyquist (float64): values in [-1, 1).
+
+    ``fftfreq(n) * 2``: for even ``n`` the Nyquist bin is -1. ``rfft=True`` gives the
+    non-negative half (``rfftfreq``), where the even-``n`` Nyquist bin reads +1 (same ``|f|``).
+    """
+    f = torch.fft.rfftfreq(n, dtype=torch.float64) if rfft else torch.fft.fftfreq(n, dtype=torch.float64)
+    return f * 2.0
+
+
+@functools.lru_cache(maxsize=64)
+def radial_lf_mask(h: int, w: int, radius: float, half: bool, device: torch.device) -> Tensor:
+    """Boolean LF mask ``rho <= radius`` on the un-shifted layout, ``[h, w//2+1]`` (half) or ``[h, w]``.
+
+    ``rho = sqrt(fy^2 + fx^2)`` with ``fy, fx`` in units of Nyquist (1 = Nyquist), so
+    ``radius`` is a fraction of Nyquist. The seed document prints "r = 0.2%"; we read it as the
+    fraction 0.2 of Nyquist (0.2% of Nyquist would leave only the DC bin at any latent size up to
+    1000 px). Boundary cases: ``radius = 0`` keeps exactly the DC bin (``rho = 0 <= 0``) as LF;
+    ``radius >= sqrt(2)`` (the corner of the normalised square) makes every bin LF and the HF
+    band empty. Cached per (shape, radius, layout, device); never modify the returned tensor.
+    """
+    fy = normalized_frequencies(h)
+    fx = normalized_frequencies(w, rfft=half)
+    rho = torch.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2)
+    return (rho <= radius).to(device)
+
+
+def quantile_lastdim(x: Tensor, q: float) -> Tensor:
+    """Linear-interpolation quantile along the last axis, like ``torch.quantile`` (same rank
+    arithmetic) but without its 2**24-element input limit. ``x``: ``[N, M]`` -> ``[N]``."""
+    m = x.shape[-1]
+    xs, _ = torch.sort(x, dim=-1)
+    rank = torch.tensor(q, dtype=x.dtype, device=x.device) * (m - 1)
+    below = rank.long().clamp(max=m - 1)
+    above = (below + 1).clamp(max=m - 1)
+    frac = rank - below.to(x.dtype)
+    lo = xs.index_select(-1, below.reshape(1)).squeeze(-1)
+    hi = xs.index_select(-1, above.reshape(1)).squeeze(-1)
+    return torch.lerp(lo, hi, frac)
+
+
+def teacher_quantile_lf_mask(teacher_mag: Tensor, cutoff: float, half: bool, w: int) -> Tensor:
+    """Per-sample LF mask of the authors' code: ``|S_teacher| < q_b``, ``q_b`` = the ``cutoff``
+    quantile of the teacher's full-spectrum magnitudes over (C, H, W).
+
+    This selects the *weakest* bins; for natural (and latent) spectra those are mostly high
+    spatial frequencies, so this "LF" band is not a low-pass band. ``teacher_mag``: ``[B, C, H, Wk]``
+    (half or full layout). For the half layout the full multiset of magnitudes is rebuilt exactly
+    by counting every interior column twice (its mirror has the same magnitude).
+    """
+    b = teacher_mag.shape[0]
+    flat = teacher_mag.reshape(b, -1)
+    if half:
+        wr = teacher_mag.shape[-1]
+        last = wr - 1 if w % 2 == 0 else wr
+        mirror = teacher_mag[..., 1:last].reshape(b, -1)
+        flat = torch.cat([flat, mirror], dim=1)
+    q = quantile_lastdim(flat, cutoff)
+    return teacher_mag < q.view(b, 1, 1, 1)
+
+
+@dataclass
+class BandFeatures:
+    """One band for all layers (students then teacher last).
+
+    vec:    ``[L+1, B, K]`` weighted magnitude vectors (not yet normalised); dot products and norms
+            of these equal those of ``vec(|S * M_band|)`` over the full spectrum.
+    norm:   ``[L+1, B]`` L2 norms of ``vec``.
+    energy: ``[L+1, B]`` FAW energy ``E_band`` (detached): mean over channels of
+            ``sum_hw |S| M / (sum_hw M + eps)``.
+    """
+
+    vec: Tensor
+    norm: Tensor
+    energy: Tensor
+
+
+def radial_bands(mag: Tensor, radius: float, eps: float, half: bool, w: int) -> tuple[BandFeatures, BandFeatures]:
+    """LF and HF band features for the radial mask. ``mag``: ``[L+1, B, C, H, Wk]``."""
+    lp1, b, c, h, wk = mag.shape
+    lf = radial_lf_mask(h, w, float(radius), half, mag.device)
+    count_w, sqrt_w = column_weights(w, half, mag.device)
+    flat = mag.flatten(3)  # [L+1, B, C, P], a view
+    lf_flat = lf.flatten()
+    out = []
+    for band in (lf_flat, ~lf_flat):
+        idx = band.nonzero().squeeze(1)
+        sw = sqrt_w.expand(h, wk).flatten()
+        if idx.numel() * 2 < band.numel():
+            # Small band (LF at the default radius, ~3% of bins): gather only its bins.
+            vec = (flat.index_select(-1, idx) * sw.index_select(0, idx)).flatten(2)
+        else:
+            vec = (flat * (sw * band)).flatten(2)
+        out.append(vec)
+    # FAW energies for both bands with one mat-vec pass over the magnitudes.
+    cw = count_w.expand(h, wk).flatten()
+    sel = torch.stack([cw * lf_flat, cw * ~lf_flat], dim=1)  # [P, 2]
+    with torch.no_grad():
+        sums = flat @ sel  # [L+1, B, C, 2]
+        energy = (sums / (sel.sum(0) + eps)).mean(dim=2)  # [L+1, B, 2]
+    return tuple(
+        BandFeatures(v, torch.linalg.vector_norm(v, dim=-1), energy[..., k])
+        for k, v in enumerate(out))  # type: ignore[return-value]
+
+
+def quantile_bands(mag: Tensor, cutoff: float, eps: float, half: bool, w: int) -> tuple[BandFeatures, BandFeatures]:
+    """LF and HF band features for the teacher-quantile mask (shared by all layers of a sample)."""
+    count_w, sqrt_w = column_weights(w, half, mag.device)
+    with torch.no_grad():
+        lf = teacher_quantile_lf_mask(mag[-1], cutoff, half, w)  # [B, C, H, Wk]
+    out = []
+    for band in (lf, ~lf):
+        bandf = band.float()
+        vec = (mag * (bandf * sqrt_w)).flatten(2)
+        with torch.no_grad():
+            cnt = bandf * count_w  # [B, C, H, Wk]
+            sums = torch.einsum("lbchw,bchw->lbc", mag, cnt)
+            energy = (sums / (cnt.sum(dim=(-2, -1)) + eps)).mean(dim=2)
+        out.append(BandFeatures(vec, torch.linalg.vector_norm(vec, dim=-1), energy))
+    return out[0], out[1]
+
+
+def band_features(mag: Tensor, mask: str, radius: float, cutoff: float, eps: float, half: bool,
+                  w: int) -> tuple[BandFeatures, BandFeatures]:
+    """Dispatch on ``framer.mask``: returns (LF, HF) band features."""
+    if mask == "radial":
+        return radial_bands(mag, radius, eps, half, w)
+    if mask == "teacher_quantile":
+        return quantile_bands(mag, cutoff, eps, half, w)
+    raise ValueError(f"framer.mask: {mask!r} is not allowed; allowed values: 'radial', 'teacher_quantile'")
+
