@@ -33,7 +33,7 @@ def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
     return sorted(set(starts))
 
 
-def gaussian_weight(h: int, w: int, rel_std: float = 0.25, device=None) -> Tensor:
+def gaussian_weight(h: int, w: int, rel_std: float = 0.1, device=None) -> Tensor:
     """Separable Gaussian bump ``[h, w]`` centred on the tile, std = ``rel_std`` x side, max 1.
 
     It never reaches 0 at the border, so every latent position has a positive total weight.
@@ -44,7 +44,7 @@ def gaussian_weight(h: int, w: int, rel_std: float = 0.25, device=None) -> Tenso
     return g(h)[:, None] * g(w)[None, :]
 
 
-def tiled_denoiser(fn: Denoiser, tile: int, overlap: int, rel_std: float = 0.25,
+def tiled_denoiser(fn: Denoiser, tile: int, overlap: int, rel_std: float = 0.1,
                    tile_batch: int = 1, multiple: int = 1, blend: str = "gaussian") -> Denoiser:
     """Wrap a denoiser so latents larger than ``tile`` are processed in blended tiles.
 

@@ -1,0 +1,129 @@
+"""PSNR/SSIM on Y vs scikit-image, known values, tables, and clear errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage.color import rgb2ycbcr
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from framer_dist.evaluate import (MetricError, evaluate_folder, find_weight_file, load_iqa_metric,
+                                  main, psnr_y, rgb_to_y, ssim_y)
+from framer_dist.infer.io import InferenceError
+
+
+def _rand(seed, h=40, w=52):
+    return np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+
+
+def _sk_y(img):
+    return rgb2ycbcr(img)[..., 0]   # uint8 in -> Y in [16, 235], float64
+
+
+@pytest.mark.parametrize("seed,crop", [(0, 0), (1, 4), (2, 3)])
+def test_psnr_ssim_match_scikit_image_on_y(seed, crop):
+    gt = _rand(seed)
+    noisy = np.clip(gt.astype(int) + np.random.default_rng(seed + 10).integers(-30, 31, gt.shape), 0, 255)
+    pred = noisy.astype(np.uint8)
+    np.testing.assert_allclose(rgb_to_y(gt), _sk_y(gt), atol=1e-10)
+    c = slice(crop, -crop) if crop else slice(None)
+    yp, yg = _sk_y(pred)[c, c], _sk_y(gt)[c, c]
+    want_psnr = peak_signal_noise_ratio(yg, yp, data_range=255)
+    want_ssim = structural_similarity(yg, yp, data_range=255, gaussian_weights=True, sigma=1.5,
+                                      use_sample_covariance=False)
+    assert psnr_y(pred, gt, crop) == pytest.approx(want_psnr, abs=1e-4)
+    assert ssim_y(pred, gt, crop) == pytest.approx(want_ssim, abs=1e-4)
+    # float input in [0, 1] is the same image
+    assert psnr_y(pred / 255.0, gt / 255.0, crop) == pytest.approx(want_psnr, abs=1e-4)
+
+
+def test_known_values():
+    gray = lambda v: np.full((32, 32, 3), v, np.uint8)  # noqa: E731
+    assert math.isinf(psnr_y(gray(100), gray(100)))
+    assert ssim_y(gray(100), gray(100)) == pytest.approx(1.0, abs=1e-12)
+    # grey offset of 10 in RGB = 219 * 10 / 255 in Y
+    d = 219.0 * 10 / 255
+    assert psnr_y(gray(110), gray(100)) == pytest.approx(20 * math.log10(255 / d), abs=1e-9)
+    # two flat images: SSIM = luminance term only
+    y1, y2 = 16 + 219 * 100 / 255, 16 + 219 * 110 / 255
+    c1 = (0.01 * 255) ** 2
+    assert ssim_y(gray(110), gray(100)) == pytest.approx((2 * y1 * y2 + c1) / (y1 ** 2 + y2 ** 2 + c1), abs=1e-12)
+    # differences only inside the cropped border do not count
+    a = _rand(3, 30, 30)
+    b = a.copy()
+    b[:4] = 0
+    b[:, -4:] = 255
+    assert math.isinf(psnr_y(a, b, crop_border=4))
+    assert psnr_y(a, b, crop_border=0) < 30
+    with pytest.raises(ValueError, match="size"):
+        psnr_y(a, a[:20])
+
+
+def _save(folder, name, img):
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img).save(folder / name)
+
+
+def test_tables_and_no_reference_errors(tmp_path):
+    gt_dir, a_dir, b_dir = tmp_path / "hr", tmp_path / "a", tmp_path / "b"
+    for i in range(2):
+        gt = _rand(20 + i)
+        _save(gt_dir, f"img{i}.png", gt)
+        _save(a_dir, f"img{i}.png", np.clip(gt.astype(int) + 3, 0, 255).astype(np.uint8))
+        _save(b_dir, f"img{i}.png", np.clip(gt.astype(int) + 20, 0, 255).astype(np.uint8))
+    rc = main(["--pred", f"A={a_dir}", "--pred", f"B={b_dir}", "--gt", str(gt_dir),
+               "--dataset", "Toy", "--out", str(tmp_path / "eval")])
+    assert rc == 0
+    rows = list(csv.DictReader((tmp_path / "eval" / "Toy.csv").open()))
+    assert [r["method"] for r in rows] == ["A", "B"]
+    assert float(rows[0]["psnr"]) > float(rows[1]["psnr"])
+    md = (tmp_path / "eval" / "Toy.md").read_text()
+    assert "PSNR↑" in md and "SSIM↑" in md and "| Toy | A |" in md and "**" in md
+    per_image = list(csv.DictReader((tmp_path / "eval" / "Toy_per_image.csv").open()))
+    assert len(per_image) == 4
+    # a second dataset merges into the combined table
+    assert main(["--pred", f"A={a_dir}", "--gt", str(gt_dir), "--dataset", "Toy2",
+                 "--out", str(tmp_path / "eval")]) == 0
+    merged = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert set(merged) == {"Toy", "Toy2"}
+    assert "| Toy2 | A |" in (tmp_path / "eval" / "table.md").read_text()
+    # no-reference mode refuses full-reference metrics clearly
+    with pytest.raises(InferenceError, match="need ground truth"):
+        evaluate_folder(a_dir, None, ["psnr"])
+    # missing ground truth for a prediction
+    _save(tmp_path / "c", "other.png", _rand(1))
+    with pytest.raises(InferenceError, match="no ground truth"):
+        evaluate_folder(tmp_path / "c", gt_dir, ["psnr"])
+
+
+def test_unreadable_image_and_missing_metric_weights(tmp_path, capsys):
+    d = tmp_path / "pred"
+    d.mkdir()
+    (d / "broken.png").write_bytes(b"not a png")
+    _save(tmp_path / "hr", "broken.png", _rand(0))
+    with pytest.raises(InferenceError, match="cannot read image .*broken.png"):
+        evaluate_folder(d, tmp_path / "hr", ["psnr"])
+    assert main(["--pred", str(d), "--gt", str(tmp_path / "hr"), "--out", str(tmp_path / "e")]) == 2
+    assert "broken.png" in capsys.readouterr().err
+    # weights folder without MUSIQ's file: the error names the file and the folder
+    w = tmp_path / "weights"
+    w.mkdir()
+    with pytest.raises(MetricError, match="musiq_koniq_ckpt-e95806b9.pth.*weights"):
+        load_iqa_metric("musiq", w)
+    with pytest.raises(MetricError, match="--iqa-weights"):
+        find_weight_file("niqe", None)
+    # the file present but pyiqa absent (this environment has no torchvision): named clearly
+    (w / "niqe_modelparameters.mat").write_bytes(b"x")
+    try:
+        import pyiqa  # noqa: F401
+        has_pyiqa = True
+    except Exception:
+        has_pyiqa = False
+    if not has_pyiqa:
+        with pytest.raises(MetricError, match="pyiqa"):
+            load_iqa_metric("niqe", w)
