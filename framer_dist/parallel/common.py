@@ -243,7 +243,10 @@ class Backend:
 
     # -- precision -----------------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
-        """Context for the forward pass (autocast where the backend does not cast itself)."""
+        """Context for the forward pass: bf16 autocast when train.precision='bf16' (fp32 inputs and
+        fp32 buffers then meet bf16 weights safely on every backend), nothing in fp32."""
+        if self.compute_dtype == torch.bfloat16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     # -- to implement --------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +34,6 @@ class SingleBackend(Backend):
 
     def _named_trainable(self):
         return ((self.names[id(p)], p) for p in self.params)
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.compute_dtype == torch.bfloat16:
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
     def backward(self, loss: Tensor) -> None:
         (loss / self.grad_accum).backward()

@@ -1,0 +1,271 @@
+"""The `deepspeed` backend: ZeRO-2/3 with a client optimizer (torch AdamW or bitsandbytes 8-bit).
+
+Our config is the single source of truth for precision, micro-batch, accumulation and clipping:
+they are injected into the DeepSpeed JSON, and a JSON that says otherwise is an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from framer_dist.config import Config, ConfigError
+from framer_dist.parallel.common import (Backend, init_process_group, local_rank_from_env, lr_lambda,
+                                         resolve_device, strip_wrapper_prefixes)
+from framer_dist.parallel.optim import build_optimizer
+
+TAG = "ds"                # DeepSpeed tag directory inside our checkpoint directory
+UNIVERSAL = "ds_universal"  # universal conversion, created on demand for a world-size change
+
+
+def load_ds_json(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config key 'parallel.ds_config': file not found: {p}")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config key 'parallel.ds_config': {p} is not valid JSON: {e}") from None
+
+
+def build_ds_config(cfg: Config, grad_accum: int, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config: the JSON's ZeRO settings plus our precision/batch/clip values."""
+    src = cfg.parallel.ds_config
+    ds = load_ds_json(src)
+    for sec, ours in (("optimizer", "train.optimizer / train.lr"), ("scheduler", "train.lr_schedule")):
+        if sec in ds:
+            raise ConfigError(f"{src}: remove the '{sec}' section; the optimizer and schedule come "
+                              f"from our config ({ours}) and are passed to DeepSpeed as client objects")
+    if ds.get("fp16", {}).get("enabled") not in (None, False, "auto"):
+        raise ConfigError(f"{src}: fp16 is not supported; use train.precision='bf16' (or 'fp32')")
+    want_bf16 = cfg.train.precision == "bf16"
+    bf16 = dict(ds.get("bf16", {}))
+    if bf16.get("enabled", "auto") != "auto" and bool(bf16["enabled"]) != want_bf16:
+        raise ConfigError(
+            f"{src} says bf16.enabled={bf16['enabled']} but config key 'train.precision' is "
+            f"{cfg.train.precision!r}; set bf16.enabled to \"auto\" (recommended) or make them agree")
+    bf16["enabled"] = want_bf16
+    ds["bf16"] = bf16
+    ours = {"train_micro_batch_size_per_gpu": (cfg.data.batch_size, "data.batch_size"),
+            "gradient_accumulation_steps": (grad_accum, "train.grad_accum/global_batch_size"),
+            "gradient_clipping": (cfg.train.grad_clip, "train.grad_clip")}
+    for key, (value, our_key) in ours.items():
+        if key in ds and ds[key] != "auto" and ds[key] != value:
+            raise ConfigError(f"{src} sets {key}={ds[key]} but our config key '{our_key}' gives "
+                              f"{value}; set it to \"auto\" or remove it from the JSON")
+        ds[key] = value
+    tbs = cfg.data.batch_size * grad_accum * world_size
+    if ds.get("train_batch_size", "auto") not in ("auto", tbs):
+        raise ConfigError(f"{src} sets train_batch_size={ds['train_batch_size']}, but micro batch x "
+                          f"accumulation x world = {tbs}; set it to \"auto\"")
+    ds["train_batch_size"] = tbs
+    zero = ds.setdefault("zero_optimization", {})
+    if zero.get("stage", 0) not in (0, 1, 2, 3):
+        raise ConfigError(f"{src}: zero_optimization.stage must be 0-3, got {zero.get('stage')}")
+    if zero.get("offload_optimizer", {}).get("device", "none") != "none":
+        # Our client optimizer steps on the CPU shards; DeepSpeed would otherwise insist on its
+        # JIT-compiled DeepSpeedCPUAdam.
+        ds.setdefault("zero_force_ds_cpu_optimizer", False)
+    ds["zero_allow_untested_optimizer"] = True  # bitsandbytes AdamW8bit is a client optimizer
+    ds.setdefault("steps_per_print", 1 << 30)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def _skip_cpu_shm_op() -> None:
+    """On CPU, deepspeed.init_distributed JIT-compiles a shared-memory all-reduce op (~60 s). It
+    only speeds up CPU collectives, which we use for tests and the demo; gloo is enough. Set
+    FRAMER_DS_SHM=1 to keep it. (The module object must come from importlib: `import
+    deepspeed.comm.torch as m` binds the torch package.)"""
+    if os.environ.get("FRAMER_DS_SHM") == "1":
+        return
+    mod = importlib.import_module("deepspeed.comm.torch")
+    if hasattr(mod, "build_shm_op"):
+        mod.build_shm_op = lambda: None
+
+
+class DeepSpeedBackend(Backend):
+    name = "deepspeed"
+
+    @classmethod
+    def create(cls, cfg: Config, model: nn.Module, params: list[nn.Parameter]) -> "DeepSpeedBackend":
+        if not params:
+            raise ValueError("no trainable parameters were passed to the backend (check train.mode)")
+        device = resolve_device(cfg, local_rank_from_env())
+        rank, world, local_rank = init_process_group("deepspeed", device.type)
+        if device.type == "cpu":
+            _skip_cpu_shm_op()
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                                   auto_mpi_discovery=False)
+        self = cls(cfg, model, rank, world, local_rank, device)
+        if cfg.train.ema:
+            raise ConfigError("config key 'train.ema': EMA is not implemented for the deepspeed "
+                              "backend yet; use parallel.backend='fsdp2' or 'none'")
+        self.ds_config = build_ds_config(cfg, self.grad_accum, world)
+        self.stage = int(self.ds_config["zero_optimization"].get("stage", 0))
+        ids = {id(p) for p in params}
+        self.trainable_names = [n for n, p in model.named_parameters() if id(p) in ids]
+        if len(self.trainable_names) != len(params):
+            raise ValueError("some trainable parameters passed to setup_backend are not parameters "
+                             "of the model")
+        optimizer = build_optimizer(cfg, params)
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=params, optimizer=optimizer, config=self.ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+        self.engine = engine
+        self.model = engine
+        self._micro = 0
+        return self
+
+    # -- training ------------------------------------------------------------------------------
+    def backward(self, loss: Tensor) -> None:
+        # DeepSpeed scales by 1/gradient_accumulation_steps itself and counts micro-steps in
+        # engine.step(); the non-boundary calls only advance that counter.
+        self.engine.backward(loss)
+        self._micro += 1
+        if self._micro < self.grad_accum:
+            self.engine.step()
+
+    def step(self) -> float:
+        if self._micro != self.grad_accum:
+            raise RuntimeError(f"step() after {self._micro} backward() calls; expected "
+                               f"{self.grad_accum} (grad_accum)")
+        self.engine.step()
+        self._micro = 0
+        self.optimizer_step += 1
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    @property
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save(self, path: str | Path, client_state: dict[str, Any]) -> None:
+        path = Path(path)
+        self.engine.save_checkpoint(str(path), tag=TAG, client_state={"optimizer_step": self.optimizer_step},
+                                    save_latest=False)
+        self._write_meta(path, client_state, {"optimizer": self.cfg.train.optimizer,
+                                              "zero_stage": self.stage})
+
+    def load(self, path: str | Path) -> dict[str, Any]:
+        path = Path(path)
+        meta = self._check_meta(path)
+        if meta["world_size"] == self.world_size:
+            _, cs = self.engine.load_checkpoint(str(path), tag=TAG, load_module_strict=False)
+        elif meta["optimizer"] == "adamw8bit":
+            cs = self._load_weights_only(path, meta)
+        else:
+            cs = self._load_universal(path, meta)
+        self.optimizer_step = int((cs or {}).get("optimizer_step", 0))
+        return self._read_client_state(path)
+
+    def _load_universal(self, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+        """World size changed: convert once to a universal checkpoint (rank 0), then load it."""
+        from deepspeed.checkpoint import ds_to_universal
+
+        out = path / UNIVERSAL
+        if self.is_main and not (out / ".done").is_file():
+            tmp = path / f".tmp-{UNIVERSAL}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(out, ignore_errors=True)
+            args = argparse.Namespace(input_folder=str(path / TAG), output_folder=str(tmp),
+                                      num_extract_workers=1, num_merge_workers=1,
+                                      keep_temp_folder=False, strict=True, inject_missing_state=False)
+            print(f"[framer_dist] checkpoint {path} was written on {meta['world_size']} ranks, "
+                  f"resuming on {self.world_size}: converting it to a DeepSpeed universal checkpoint")
+            ds_to_universal.main(args)
+            (tmp / ".done").write_text("ok\n")
+            os.rename(tmp, out)
+        self.barrier()
+        conf = self.engine._config
+        prev = conf.load_universal_checkpoint
+        conf.load_universal_checkpoint = True
+        try:
+            _, cs = self.engine.load_checkpoint(str(path), tag=UNIVERSAL, load_module_strict=False)
+        finally:
+            conf.load_universal_checkpoint = prev
+        return cs or {}
+
+    def _load_weights_only(self, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+        """bitsandbytes 8-bit state cannot go through the universal conversion (it fails with
+        KeyError 'exp_avg'): restore the fp32 weights and the LR schedule, restart the moments."""
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        msg = (f"checkpoint {path} was written on {meta['world_size']} ranks with the bitsandbytes "
+               f"8-bit optimizer and is resumed on {self.world_size} ranks: DeepSpeed's universal "
+               f"conversion cannot carry 8-bit optimizer state, so ONLY THE WEIGHTS (and LR "
+               f"schedule, step, data position) are restored; the AdamW8bit moments restart "
+               f"from zero. Resume on {meta['world_size']} ranks to keep them.")
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        if self.is_main:
+            print(f"[framer_dist] WARNING: {msg}", flush=True)
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=TAG)
+        sd = {strip_wrapper_prefixes(k): v for k, v in sd.items()}
+        import deepspeed
+
+        module = self.engine.module
+        with torch.no_grad():
+            for n, p in module.named_parameters():
+                key = strip_wrapper_prefixes(n)
+                if key not in sd:
+                    continue
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=0,
+                                                       enabled=self.stage == 3):
+                    if self.is_main or self.stage != 3:
+                        p.data.copy_(sd[key].to(p.dtype))
+        self.engine.optimizer.refresh_fp32_params()
+        common = torch.load(self._mp_rank_file(path), map_location="cpu", weights_only=False)
+        if common.get("lr_scheduler") is not None and self.engine.lr_scheduler is not None:
+            self.engine.lr_scheduler.load_state_dict(common["lr_scheduler"])
+        self.engine.global_steps = common.get("global_steps", 0)
+        return {"optimizer_step": common.get("optimizer_step", 0)}
+
+    @staticmethod
+    def _mp_rank_file(path: Path) -> Path:
+        files = sorted((path / TAG).glob("*mp_rank_00_model_states.pt"))
+        if not files:
+            raise FileNotFoundError(f"{path / TAG} has no mp_rank_00 model states file")
+        return files[0]
+
+    # -- export --------------------------------------------------------------------------------
+    def full_trainable_state_dict(self) -> dict[str, Tensor]:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        names = set(self.trainable_names)
+        out: dict[str, Tensor] = {}
+        for n, p in self.engine.module.named_parameters():
+            if n in names:
+                full = safe_get_full_fp32_param(p)  # collective under ZeRO-3
+                if self.is_main:
+                    out[strip_wrapper_prefixes(n)] = full.detach().float().cpu().clone()
+        return out
+
+    def full_state_dict(self) -> dict[str, Tensor]:
+        import deepspeed
+
+        out = self.full_trainable_state_dict()  # fp32 masters of the trainable ones
+        names = set(self.trainable_names)       # same on every rank: the collectives line up
+        module = self.engine.module
+        for n, p in module.named_parameters():
+            key = strip_wrapper_prefixes(n)
+            if n in names:
+                continue
+            with deepspeed.zero.GatheredParameters([p], enabled=self.stage == 3):
+                if self.is_main:
+                    out[key] = p.detach().cpu().clone()
+        if self.is_main:
+            for n, b in module.named_buffers():
+                out[strip_wrapper_prefixes(n)] = b.detach().cpu().clone()
+        return out if self.is_main else {}

@@ -1,0 +1,192 @@
+"""The `fsdp2` backend: `fully_shard` per transformer block, then the root; DCP checkpoints.
+
+Mixed precision: MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) when train.precision
+is bf16; the sharded parameters (what the optimizer updates) stay fp32. Checkpoints are
+torch.distributed.checkpoint (DCP) directories, which reshard on load: any world size resumes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict,
+                                                     set_model_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from framer_dist.config import Config, ConfigError
+from framer_dist.parallel.common import (EMA, Backend, init_process_group, local_rank_from_env,
+                                         lr_lambda, resolve_device, strip_wrapper_prefixes,
+                                         transformer_blocks)
+from framer_dist.parallel.optim import build_optimizer, optimizer_kwargs
+
+DCP_DIR = "dcp"
+
+
+class FSDP2Backend(Backend):
+    name = "fsdp2"
+
+    @classmethod
+    def create(cls, cfg: Config, model: nn.Module, params: list[nn.Parameter]) -> "FSDP2Backend":
+        if not params:
+            raise ValueError("no trainable parameters were passed to the backend (check train.mode)")
+        device = resolve_device(cfg, local_rank_from_env())
+        rank, world, local_rank = init_process_group("fsdp2", device.type)
+        self = cls(cfg, model, rank, world, local_rank, device)
+        # fully_shard replaces parameter objects: remember the trainable ones by name.
+        ids = {id(p) for p in params}
+        self.trainable_names = [n for n, p in model.named_parameters() if id(p) in ids]
+        if len(self.trainable_names) != len(params):
+            raise ValueError("some trainable parameters passed to setup_backend are not parameters "
+                             "of the model")
+        blocks = transformer_blocks(model)
+        if not blocks:
+            raise ConfigError("parallel.backend='fsdp2' shards per transformer block, but the model "
+                              "has no non-empty `transformer_blocks` (or `blocks`) attribute")
+        model.to(device)
+        self.mesh = init_device_mesh(device.type, (world,))
+        mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if cfg.train.precision == "bf16" else MixedPrecisionPolicy())
+        reshard = cfg.parallel.reshard_after_forward
+        for b in blocks:
+            if cfg.parallel.compile:
+                b.compile()
+            fully_shard(b, mesh=self.mesh, mp_policy=mp, reshard_after_forward=reshard)
+        fully_shard(model, mesh=self.mesh, mp_policy=mp, reshard_after_forward=reshard)
+        by_name = dict(model.named_parameters())
+        self.params = [by_name[n] for n in self.trainable_names]
+        if cfg.train.optimizer == "adamw8bit":
+            from framer_dist.parallel.bnb_shards import ShardedAdamW8bit
+
+            self.optimizer = ShardedAdamW8bit(list(zip(self.trainable_names, self.params)),
+                                              **optimizer_kwargs(cfg))
+            sched_target = self.optimizer.opt
+        else:
+            self.optimizer = build_optimizer(cfg, self.params)
+            sched_target = self.optimizer
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(sched_target, lr_lambda(cfg))
+        if cfg.train.ema:
+            self.ema = EMA(self._named_trainable(), cfg.train.ema_decay)
+        self._micro = 0
+        return self
+
+    def _named_trainable(self):
+        return zip(self.trainable_names, self.params)
+
+    @property
+    def _fsdp_root(self) -> FSDPModule:
+        return self.model  # type: ignore[return-value]
+
+    # -- training ------------------------------------------------------------------------------
+    def backward(self, loss: Tensor) -> None:
+        self._micro += 1
+        # reduce-scatter only on the last micro-batch of the step
+        self._fsdp_root.set_requires_gradient_sync(self._micro >= self.grad_accum)
+        (loss / self.grad_accum).backward()
+
+    def step(self) -> float:
+        if self._micro != self.grad_accum:
+            raise RuntimeError(f"step() after {self._micro} backward() calls; expected "
+                               f"{self.grad_accum} (grad_accum)")
+        self._micro = 0
+        clip = self.cfg.train.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"),
+                                              foreach=False)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self._named_trainable())
+        self.optimizer_step += 1
+        return float(norm)
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        """The DCP state: trainable params, optimizer, EMA (frozen weights come from the pretrained
+        files, so they are not written every time)."""
+        names = set(self.trainable_names)
+        msd = get_model_state_dict(self.model)
+        state: dict[str, Any] = {"model": {k: v for k, v in msd.items() if k in names}}
+        if self.cfg.train.optimizer == "adamw8bit":
+            state["optim8"] = self.optimizer.dcp_state()
+        else:
+            state["optim"] = get_optimizer_state_dict(self.model, self.optimizer)
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
+
+    def save(self, path: str | Path, client_state: dict[str, Any]) -> None:
+        path = Path(path)
+        dcp.save(self._state(), checkpoint_id=str(path / DCP_DIR))
+        if self.is_main:
+            torch.save({"scheduler": self.scheduler.state_dict(),
+                        "optimizer_step": self.optimizer_step}, path / "fsdp_extra.pt")
+        self._write_meta(path, client_state, {"optimizer": self.cfg.train.optimizer})
+
+    def load(self, path: str | Path) -> dict[str, Any]:
+        path = Path(path)
+        meta = self._check_meta(path)
+        if meta["optimizer"] != self.cfg.train.optimizer:
+            raise RuntimeError(f"checkpoint {path} holds {meta['optimizer']!r} optimizer state but "
+                               f"train.optimizer is {self.cfg.train.optimizer!r}")
+        state = self._state()  # templates with the current sharding: DCP reshards into them
+        if self.ema is not None and not _has_key(path / DCP_DIR, "ema"):
+            state.pop("ema")
+            if self.is_main:
+                print(f"[framer_dist] WARNING: {path} has no EMA state; EMA restarts from the weights")
+        dcp.load(state, checkpoint_id=str(path / DCP_DIR))
+        set_model_state_dict(self.model, state["model"], options=StateDictOptions(strict=False))
+        if "optim8" in state:
+            self.optimizer.load_dcp_state(state["optim8"])
+        else:
+            set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
+        if self.ema is not None:
+            if "ema" in state:
+                self.ema.load_state_dict(state["ema"])
+            else:
+                self.ema = EMA(self._named_trainable(), self.cfg.train.ema_decay)
+        extra = torch.load(path / "fsdp_extra.pt", map_location="cpu", weights_only=False)
+        self.scheduler.load_state_dict(extra["scheduler"])
+        for g, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            g["lr"] = lr  # LambdaLR.load_state_dict does not touch the groups
+        self.optimizer_step = int(extra["optimizer_step"])
+        return self._read_client_state(path)
+
+    # -- export --------------------------------------------------------------------------------
+    def _full(self, sd: dict[str, Tensor]) -> dict[str, Tensor]:
+        out = {}
+        for k, v in sd.items():
+            full = v.full_tensor() if isinstance(v, DTensor) else v  # collective per DTensor
+            if self.is_main:
+                out[strip_wrapper_prefixes(k)] = full.detach().cpu().clone()
+        return out
+
+    def full_trainable_state_dict(self) -> dict[str, Tensor]:
+        return {k: v.float() for k, v in self._full(dict(self._named_trainable())).items()}
+
+    def full_state_dict(self) -> dict[str, Tensor]:
+        return self._full(get_model_state_dict(self.model))
+
+    def ema_state_dict(self) -> dict[str, Tensor]:
+        return {} if self.ema is None else self._full(self.ema.state_dict())
+
+
+def _has_key(dcp_dir: Path, prefix: str) -> bool:
+    """Whether a DCP checkpoint holds entries under `prefix` (reads only its metadata)."""
+    reader = dcp.FileSystemReader(str(dcp_dir))
+    md = reader.read_metadata()
+    return any(k == prefix or k.startswith(prefix + ".") for k in md.state_dict_metadata)

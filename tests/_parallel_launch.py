@@ -1,0 +1,63 @@
+"""Start N ranks of tests/_parallel_worker.py with the env torchrun would set, and collect every
+rank's own exit code (torchrun would fold them into one). If a rank dies abnormally the others
+are stopped after a short grace period, as torchrun's agent does."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+WORKER = HERE / "_parallel_worker.py"
+NORMAL = (0, 75)  # 75: checkpoint.requeue_exit_code default
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(world: int, out: Path, phases: list[dict], timeout: float = 240) -> list[int]:
+    out.mkdir(parents=True, exist_ok=True)
+    spec = out / f"phases_{time.monotonic_ns()}.json"
+    spec.write_text(json.dumps(phases))
+    port = free_port()
+    procs, logs = [], []
+    for r in range(world):
+        env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world),
+                   LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore::FutureWarning",
+                   TORCH_EXTENSIONS_DIR=str(out / "torch_ext"),
+                   PYTHONPATH=str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        log = open(out / f"log_rank{r}_{spec.stem}.txt", "w")
+        logs.append(log)
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(out), str(spec)], env=env,
+                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+    deadline = time.monotonic() + timeout
+    abnormal_at = None
+    while any(p.poll() is None for p in procs):
+        now = time.monotonic()
+        if abnormal_at is None and any(p.poll() not in (None, *NORMAL) for p in procs):
+            abnormal_at = now
+        if now > deadline or (abnormal_at is not None and now - abnormal_at > 5):
+            for p in procs:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+        time.sleep(0.1)
+    for log in logs:
+        log.close()
+    return [p.returncode for p in procs]
+
+
+def tail(out: Path, n: int = 3000) -> str:
+    text = ""
+    for f in sorted(out.glob("log_rank*.txt")):
+        text += f"--- {f.name}\n" + f.read_text()[-n:]
+    return text
