@@ -44,7 +44,7 @@ class MMDiTGeometry:
     out_channels: int = 16
     joint_attention_dim: int = 4096
     pooled_dim: int = 2048
-    dual_blocks: int = 0           # number of blocks with the second (X|L) self-attention
+    dual_blocks: tuple[int, ...] = ()  # indices of blocks with the second (X|L) self-attention
     mlp_ratio: int = 4
     time_proj_dim: int = 256
 
@@ -62,7 +62,7 @@ def geometry_from_model(model: Any) -> MMDiTGeometry:
         out_channels=int(get("out_channels", None) or get("in_channels", 16)),
         joint_attention_dim=int(get("joint_attention_dim", 4096)),
         pooled_dim=int(get("pooled_projection_dim", 2048)),
-        dual_blocks=len(tuple(dual)),
+        dual_blocks=tuple(int(i) for i in dual),
     )
 
 
@@ -76,7 +76,8 @@ def train_flops_per_sample(g: MMDiTGeometry, latent_hw: tuple[int, int], text_to
     """Forward, backward and total training FLOPs for one sample (see the module docstring).
 
     ``mode`` is ``control``, ``lora`` or ``full`` (which weights train); ``readout`` adds the
-    FRAMER per-block head; ``lora_rank`` > 0 adds adapters on the X/L to_q/k/v projections.
+    FRAMER per-block head; ``lora_rank`` > 0 adds adapters with the default ``lora.targets``
+    (to_q/k/v on the X and L tokens, to_out.0 on X) in every attention.
     """
     if mode not in ("control", "lora", "full"):
         raise ValueError(f"mode must be control, lora or full, got {mode!r}")
@@ -98,6 +99,13 @@ def train_flops_per_sample(g: MMDiTGeometry, latent_hw: tuple[int, int], text_to
         fwd += f
         dgrad += 2 * f
 
+    def lora(grad_in: bool) -> None:
+        """Adapters (default targets) on to_q/k/v over [X; L] and on to_out.0 over X."""
+        if lora_rank:
+            r = lora_rank
+            lin(3 * (_lin(2 * n, d, r) + _lin(2 * n, r, d)), True, grad_in)
+            lin(_lin(n, d, r) + _lin(n, r, d), True)
+
     p_in, p_out = g.patch ** 2 * g.in_channels, g.patch ** 2 * g.out_channels
     # Embedders: their inputs are data, so never a dgrad; weights train only in full mode.
     lin(2 * _lin(n, p_in, d), full, False)
@@ -107,15 +115,14 @@ def train_flops_per_sample(g: MMDiTGeometry, latent_hw: tuple[int, int], text_to
     temb_grad = full  # temb requires grad only when the time/pooled embedders train
 
     for i in range(g.num_blocks):
-        first, last, dual = i == 0, i == g.num_blocks - 1, i < g.dual_blocks
+        first, last, dual = i == 0, i == g.num_blocks - 1, i in g.dual_blocks
         grad_in = full or not first  # does this block's input already require grad?
         lin(_lin(1, d, 9 * d if dual else 6 * d), full, temb_grad)
         lin(_lin(1, d, 2 * d if last else 6 * d), full, temb_grad)
         for s_tokens, s_len in (("xl", 2 * n), ("c", t)):
             lin(3 * _lin(s_len, d, d), full, grad_in)
         lin(3 * _lin(n, d, d), True, grad_in)                   # L control q/k/v
-        if lora_rank:
-            lin(3 * (_lin(2 * n, d, lora_rank) + _lin(2 * n, lora_rank, d)), True, grad_in)
+        lora(grad_in)
         attn(4 * (2 * n + t) ** 2 * d)
         lin(_lin(n, d, d), full)                                # X to_out
         lin(_lin(n, d, d), True)                                # L to_out_control
@@ -124,6 +131,7 @@ def train_flops_per_sample(g: MMDiTGeometry, latent_hw: tuple[int, int], text_to
         if dual:
             lin(3 * _lin(2 * n, d, d), full, grad_in)
             lin(3 * _lin(n, d, d), True, grad_in)
+            lora(grad_in)
             attn(4 * (2 * n) ** 2 * d)
             lin(_lin(n, d, d), full)
             lin(_lin(n, d, d), True)
@@ -133,7 +141,7 @@ def train_flops_per_sample(g: MMDiTGeometry, latent_hw: tuple[int, int], text_to
         if not last:
             lin(_lin(t, d, md) + _lin(t, md, d), full)          # text MLP
     heads = g.num_blocks if readout else 1
-    lin(_lin(1, d, 2 * d), full, temb_grad)
+    lin(heads * _lin(1, d, 2 * d), full, temb_grad)
     lin(heads * _lin(n, d, p_out), full)
     return {"forward": fwd, "backward": dgrad + wgrad, "total": fwd + dgrad + wgrad}
 

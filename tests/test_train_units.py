@@ -56,7 +56,7 @@ def test_noising_velocity_and_preconditioned_loss():
 
 
 def test_flop_formula_invariants():
-    g = MMDiTGeometry(num_blocks=24, hidden=1536, dual_blocks=13)
+    g = MMDiTGeometry(num_blocks=24, hidden=1536, dual_blocks=tuple(range(13)))
     ctrl = train_flops_per_sample(g, (64, 64), 333, mode="control")
     full = train_flops_per_sample(g, (64, 64), 333, mode="full")
     ro = train_flops_per_sample(g, (64, 64), 333, mode="control", readout=True)

@@ -1,0 +1,393 @@
+"""Train the DiT4SR backbone with the rectified-flow noise loss plus the FRAMER objective.
+
+    deepspeed framer_dist/train.py --ds ds_configs/zero3.json --config configs/sd35m_framer.toml
+    torchrun --nproc-per-node 8 framer_dist/train.py --backend fsdp2 --config configs/sd35m_framer.toml
+    python framer_dist/train.py --config configs/tiny_cpu_demo.toml train.steps=10   # one process
+    ... --resume auto | --resume runs/x/checkpoints/step_00000300
+
+Read top to bottom: arguments -> config and path checks (before any process group) -> model,
+training mode, backend, checkpoint resume, data from the global sample position -> the loop
+(per micro-batch: noise, forward with the per-layer readout, noise loss + lambda * FRAMER loss,
+backward; then step, log, checkpoint, preemption) -> exports. docs/training.md is the user guide.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+if __package__ in (None, ""):  # `python framer_dist/train.py` / `deepspeed framer_dist/train.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from framer_dist import flow
+from framer_dist.config import Config, ConfigError, load_config
+
+# ----------------------------------------------------------------------------------------------
+# command line and up-front validation
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="framer-train", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Overrides are dotted config keys, e.g. framer.weight=0.05 train.steps=200.")
+    p.add_argument("--config", help="run config (TOML, see configs/)")
+    p.add_argument("--backend", choices=["none", "deepspeed", "fsdp2"],
+                   help="data-parallel backend (sets parallel.backend)")
+    p.add_argument("--ds", metavar="JSON", help="DeepSpeed config; implies --backend deepspeed")
+    p.add_argument("--resume", metavar="auto|PATH", help="sets checkpoint.resume")
+    p.add_argument("--out", metavar="DIR", help="sets train.out_dir")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                   help=argparse.SUPPRESS)  # passed by the deepspeed launcher; LOCAL_RANK wins
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    return p.parse_args(argv)
+
+
+def build_config(args: argparse.Namespace) -> Config:
+    """Config file <- dotted overrides <- the explicit flags (which win)."""
+    overrides = list(args.overrides)
+    if args.ds:
+        overrides += [f"parallel.backend=\"{args.backend or 'deepspeed'}\"",
+                      f"parallel.ds_config={json.dumps(args.ds)}"]
+    elif args.backend:
+        overrides.append(f"parallel.backend=\"{args.backend}\"")
+    if args.resume is not None:
+        overrides.append(f"checkpoint.resume={json.dumps(args.resume)}")
+    if args.out:
+        overrides.append(f"train.out_dir={json.dumps(args.out)}")
+    cfg = load_config(args.config, overrides)
+    if args.ds and cfg.parallel.backend != "deepspeed":
+        raise ConfigError(f"--ds {args.ds} was given with --backend {args.backend}: a DeepSpeed "
+                          "config only applies to parallel.backend='deepspeed'")
+    return cfg
+
+
+def check_paths(cfg: Config) -> None:
+    """Every file and folder the run needs, checked before any process group or model exists."""
+    def need(key: str, value: str, kind: str) -> None:
+        if not value:
+            return
+        p = Path(value)
+        ok = p.is_dir() if kind == "dir" else p.is_file() if kind == "file" else p.exists()
+        if not ok:
+            what = {"dir": "folder", "file": "file"}.get(kind, "path")
+            raise ConfigError(f"config key '{key}': {what} not found: {value}")
+
+    if cfg.parallel.backend == "deepspeed":
+        need("parallel.ds_config", cfg.parallel.ds_config, "file")
+        try:
+            json.loads(Path(cfg.parallel.ds_config).read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config key 'parallel.ds_config': {cfg.parallel.ds_config} is not "
+                              f"valid JSON: {e}") from None
+    need("model.pretrained", cfg.model.pretrained, "dir")
+    d = cfg.data
+    if d.source in ("folder", "cached"):
+        need("data.path", d.path, "dir")
+    elif d.source == "webdataset" and not any(ch in d.path for ch in "{:*"):
+        need("data.path", d.path, "any")  # brace patterns and URLs are checked by the loader
+    need("data.prompt_embeddings", d.prompt_embeddings, "dir")
+    need("data.captions", d.captions, "file")
+    need("data.vae", d.vae, "dir")
+    r = cfg.checkpoint.resume
+    if r not in ("", "auto", "none"):
+        need("checkpoint.resume", r, "dir")
+    for key, value in (("train.out_dir", cfg.train.out_dir), ("checkpoint.dir", cfg.checkpoint.dir),
+                       ("log.dir", cfg.log.dir)):
+        if value and Path(value).exists() and not Path(value).is_dir():
+            raise ConfigError(f"config key '{key}': {value} exists and is not a folder")
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config key 'train.device': 'cuda' requested but CUDA is not available")
+
+
+# ----------------------------------------------------------------------------------------------
+# small helpers of the loop
+
+
+@dataclass
+class RunResult:
+    """What a finished (or preempted) run leaves behind; returned for tests and the demo."""
+
+    steps_done: int
+    out_dir: Path
+    checkpoint: Path | None = None
+    exports: dict[str, Path] = field(default_factory=dict)
+    log_dir: Path | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    preempted: bool = False
+
+
+def infinite_batches(cfg: Config, rank: int, world: int, start_sample: int) -> Iterator[dict[str, Any]]:
+    """Batches from the global sample position onward; a finite loader is restarted where it ended."""
+    from framer_dist.data import build_dataloader
+
+    pos = start_sample
+    while True:
+        n = 0
+        for batch in build_dataloader(cfg, rank, world, start_sample=pos):
+            n += 1
+            yield batch
+        if n == 0:
+            raise RuntimeError(f"data.path={cfg.data.path!r}: the dataloader yielded no batch from "
+                               f"sample {pos}; is the dataset smaller than one global batch?")
+        # The loader ended (one pass): continue from the global position reached.
+        pos += n * cfg.data.batch_size * world
+
+
+def sample_positions(batch: dict[str, Any], step_start_sample: int, micro: int, rank: int,
+                     world: int, b: int) -> list[int]:
+    """Global stream positions of this micro-batch's samples (seed the per-sample noise).
+
+    Layout of one optimizer step's global batch: micro-batch-major, then rank, then sample.
+    A loader that reports indices ("index") is trusted instead.
+    """
+    if "index" in batch:
+        return [int(i) for i in torch.as_tensor(batch["index"]).reshape(-1).tolist()]
+    base = step_start_sample + (micro * world + rank) * b
+    return list(range(base, base + b))
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def framer_features(out_features: torch.Tensor, x_t: torch.Tensor, sigma: torch.Tensor,
+                    feature: str) -> torch.Tensor:
+    """The per-block readout -> F^(i) of FRAMER_SPEC.md section 1 (x0_i = x_t - sigma v_i)."""
+    if feature == "x0":
+        return flow.x0_from_velocity(x_t, out_features, sigma)
+    return out_features
+
+
+# ----------------------------------------------------------------------------------------------
+# the run
+
+
+def train(cfg: Config) -> RunResult:
+    """One training run (every rank calls this). Config and paths must already be validated."""
+    from framer_dist import metrics
+    from framer_dist.checkpoint import CheckpointManager, seed_rng
+    from framer_dist.flops import geometry_from_model, peak_flops, train_flops_per_sample
+    from framer_dist.framer import framer_objective, select_layers
+    from framer_dist.models import apply_training_mode, build_model
+    from framer_dist.parallel import setup_backend
+    from framer_dist.preempt import PreemptionHandler
+
+    t_cfg, f_cfg = cfg.train, cfg.framer
+    out_dir = Path(t_cfg.out_dir)
+    torch.manual_seed(t_cfg.seed)  # identical initialisation of the new layers on every rank
+
+    # -- model, trainable parameters, backend ---------------------------------------------------
+    model = build_model(cfg.model)
+    params = apply_training_mode(model, t_cfg.mode, cfg.lora)
+    if not params:
+        raise ConfigError(f"config key 'train.mode': {t_cfg.mode!r} leaves no trainable parameter")
+    num_blocks = model.num_blocks
+    students, teacher = select_layers(num_blocks, f_cfg) if f_cfg.enabled else ([], -1)
+    readout = None if not f_cfg.enabled else ("hidden" if f_cfg.feature == "hidden" else "velocity")
+    geometry = geometry_from_model(model)
+    backend = setup_backend(cfg, model, params)
+    rank, world, device = backend.rank, backend.world_size, backend.device
+    accum = backend.grad_accum
+    b_micro = cfg.data.batch_size
+    global_batch = b_micro * world * accum
+    logs_here = backend.is_main or cfg.log.all_ranks
+
+    # -- resume: weights, optimizer, scheduler, EMA, RNGs, step and global data position --------
+    framer_gen = torch.Generator().manual_seed(t_cfg.seed)
+    ckpt = CheckpointManager.from_config(cfg, backend)
+    client = ckpt.resume(cfg.checkpoint.resume, generator=framer_gen, seed=t_cfg.seed)
+    step = int(client["step"]) if client else 0
+    samples_seen = int(client["samples_seen"]) if client else 0
+    if client and backend.is_main:
+        print(f"[framer_dist] resumed from {ckpt.last_loaded} at step {step} "
+              f"(sample {samples_seen}, world size {world})", flush=True)
+
+    # -- logging -------------------------------------------------------------------------------
+    log_dir = Path(cfg.log.dir or out_dir / "tb")
+    tb = metrics.TBWriter(log_dir if world == 1 or backend.is_main else log_dir / f"rank{rank}",
+                          enabled=logs_here)
+    history_file = out_dir / "metrics.jsonl"
+    if backend.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        from framer_dist.config import dump_toml
+        (out_dir / "config.toml").write_text(dump_toml(cfg))
+    text_tokens = None
+    flops_per_sample: float | None = None
+    peak = peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                      t_cfg.precision)
+    bar = metrics.progress_bar(t_cfg.steps, step, cfg.log.progress and backend.is_main)
+    thr = metrics.Throughput()
+    history: list[dict[str, float]] = []
+
+    batches = infinite_batches(cfg, rank, world, samples_seen)
+    vae = None
+    preempt = PreemptionHandler.from_config(cfg).install()
+    preempted, last_ckpt = False, None
+    model_fwd = backend.model
+
+    def save(at_step: int) -> Path:
+        return ckpt.save(at_step, {"step": at_step, "samples_seen": samples_seen,
+                                   "world_size": world, "config": cfg.to_dict()},
+                         generator=framer_gen)
+
+    try:
+        while step < t_cfg.steps:
+            # Every random stream of this step is a function of (seed, step, rank) only.
+            seed_rng(t_cfg.seed, step, rank, framer_gen)
+            sums = torch.zeros(3, dtype=torch.float64)  # noise, framer, total (micro-batch sums)
+            layer_metrics: dict[str, torch.Tensor] = {}
+            for micro in range(accum):
+                thr.data_start()
+                batch = to_device(next(batches), device)
+                thr.data_end()
+                if "hr_latent" not in batch:  # pixels: degrade/encode online with the VAE
+                    from framer_dist.data import encode_batch, load_vae
+                    vae = vae or load_vae(cfg.data, device=device)
+                    batch = encode_batch(vae, batch)
+                x0, lr_lat = batch["hr_latent"].float(), batch["lr_latent"]
+                positions = sample_positions(batch, samples_seen, micro, rank, world, x0.shape[0])
+                sigma, noise = flow.sample_sigma_and_noise(positions, tuple(x0.shape[1:]), cfg.flow,
+                                                           t_cfg.seed, device=device)
+                x_t = flow.add_noise(x0, noise, sigma)
+                with backend.autocast():
+                    out = model_fwd(hidden_states=x_t, lr_latent=lr_lat,
+                                    timestep=flow.timesteps(sigma),
+                                    encoder_hidden_states=batch["prompt_embeds"],
+                                    pooled_projections=batch["pooled"], readout=readout)
+                loss_noise = flow.noise_loss(out.sample, x_t, x0, noise, sigma,
+                                             cfg.flow.precondition_outputs)
+                loss = loss_noise
+                loss_framer = torch.zeros((), device=device)
+                if f_cfg.enabled:
+                    feats = framer_features(out.features, x_t, sigma, f_cfg.feature)
+                    res = framer_objective(feats[students], feats[teacher], f_cfg, framer_gen,
+                                           gather=backend.gather, rank=rank)
+                    loss_framer = res.loss
+                    loss = loss_noise + f_cfg.weight * loss_framer
+                    layer_metrics = res.metrics
+                backend.backward(loss)
+                sums += torch.tensor([loss_noise.item(), loss_framer.item(), loss.item()],
+                                     dtype=torch.float64)
+                if text_tokens is None:
+                    text_tokens = batch["prompt_embeds"].shape[1]
+                    flops_per_sample = train_flops_per_sample(
+                        geometry, tuple(x0.shape[-2:]), text_tokens, t_cfg.mode,
+                        readout=readout is not None,
+                        lora_rank=cfg.lora.rank if t_cfg.mode == "lora" else 0)["total"]
+            grad_norm = backend.step()
+            step += 1
+            samples_seen += global_batch
+            thr.step_done(b_micro * accum)
+
+            # Losses averaged over micro-batches and ranks (a tiny collective, every step).
+            losses = backend.gather((sums / accum).to(device).reshape(1, 3)).mean(0).cpu()
+            rec = {"step": step, "loss/noise": float(losses[0]), "loss/total": float(losses[2]),
+                   "lr": backend.lr, "grad_norm": float(grad_norm)}
+            if f_cfg.enabled:
+                rec["loss/framer"] = float(losses[1])
+            history.append(rec)
+            if backend.is_main:
+                with open(history_file, "a") as fh:
+                    fh.write(json.dumps(rec) + "\n")
+            if step % cfg.log.every == 0 or step == t_cfg.steps:
+                perf = thr.summary(flops_per_sample, peak, world)
+                tb.scalars({**{k: v for k, v in rec.items() if k != "step"}, **perf,
+                            "memory/peak_gb": metrics.peak_memory_gb(device)}, step)
+                thr.reset()
+                bar.set_postfix(loss=f"{rec['loss/total']:.4f}", img_s=f"{perf['perf/img_per_s']:.1f}")
+            if f_cfg.enabled and layer_metrics:
+                if cfg.log.heatmap_every and (step % cfg.log.heatmap_every == 0 or step == 1):
+                    if logs_here:
+                        tb.image("framer/heatmap",
+                                 metrics.heatmap_image(layer_metrics, students, step), step)
+                if cfg.log.per_layer_scalars and step % cfg.log.every == 0:
+                    tb.scalars(metrics.framer_layer_scalars(layer_metrics, students), step)
+            if cfg.log.val_every and step % cfg.log.val_every == 0:
+                validate(cfg, backend, batch, tb, step)
+            bar.update(1)
+
+            # Preemption: every rank learns whether any rank was signalled, then all save.
+            preempted = preempt.should_stop(backend)
+            every = cfg.checkpoint.every
+            if preempted or (every and step % every == 0) or step == t_cfg.steps:
+                last_ckpt = save(step)
+            if preempted:
+                if backend.is_main:
+                    bar.write(f"[framer_dist] preemption signal: saved {last_ckpt}; exiting with "
+                              f"code {cfg.checkpoint.requeue_exit_code} for requeue")
+                break
+        exports = {} if preempted else export(cfg, backend, out_dir)
+    finally:
+        preempt.uninstall()
+        bar.close()
+        tb.close()
+    return RunResult(steps_done=step, out_dir=out_dir, checkpoint=last_ckpt, exports=exports,
+                     log_dir=log_dir, history=history, preempted=preempted)
+
+
+def export(cfg: Config, backend: Any, out_dir: Path) -> dict[str, Path]:
+    """The end-of-run exports named in checkpoint.export (collective)."""
+    if not cfg.checkpoint.export:
+        return {}
+    from framer_dist.checkpoint import export_weights
+
+    return export_weights(cfg, backend, out_dir / "export", cfg.checkpoint.export)
+
+
+@torch.no_grad()
+def validate(cfg: Config, backend: Any, batch: dict[str, Any], tb: Any, step: int) -> None:
+    """Super-resolve the first images of the last batch and log LR | SR | HR (every rank runs the
+    sampler: under ZeRO-3/FSDP2 the forward is collective)."""
+    from framer_dist.infer.sampler import euler_sample, flow_sigmas, model_denoiser
+
+    n = min(2, batch["lr_latent"].shape[0])
+    lr = batch["lr_latent"][:n]
+    model = backend.model
+    was_training = model.training
+    model.eval()
+    g = torch.Generator().manual_seed(cfg.train.seed)
+    noise = torch.randn(lr.shape, generator=g).to(lr.device)
+    denoise = model_denoiser(model, batch["prompt_embeds"][:n], batch["pooled"][:n])
+    with backend.autocast():
+        sr = euler_sample(lambda x, s: denoise(x, lr, s), noise, flow_sigmas(10, cfg.flow.shift))
+    model.train(was_training)
+    panels = [lr, sr, batch["hr_latent"][:n]]
+    if "hr" in batch:  # pixels are there: decode the latents for a picture a human can judge
+        from framer_dist.data import decode_latents
+        panels = [batch["lr"][:n], decode_latents(cfg.data, sr), batch["hr"][:n]]
+    else:
+        panels = [p[:, :3] for p in panels]  # a latent preview: the first three channels
+    img = torch.cat([torch.cat(list(p.float().cpu()), dim=1) for p in panels], dim=2)  # [3,H*n,W*3]
+    img = ((img.clamp(-1, 1) + 1) * 127.5).to(torch.uint8).permute(1, 2, 0).numpy()
+    tb.image("val/sr", img, step)
+
+
+# ----------------------------------------------------------------------------------------------
+# entry point
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+        cfg = build_config(args)
+        check_paths(cfg)
+    except ConfigError as e:  # before any process group: a clear message, no traceback
+        print(f"framer-train: error: {e}", file=sys.stderr)
+        return 2
+    result = train(cfg)
+    if result.preempted:
+        return cfg.checkpoint.requeue_exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
