@@ -105,7 +105,10 @@ class DataConfig:
     vae: str = _f("", "local diffusers VAE folder for online latents ('' = tiny random VAE)")
     degrade_online: bool = _f(True, "degrade on the fly (else read cached pairs)")
     usm_sharpen: bool = _f(True, "USM-sharpen the HR target")
-    min_size: int = _f(64, "images smaller than this on either side are upscaled", min=1)
+    min_size: int = _f(64, "images smaller than this on either side are skipped (reported); "
+                       "larger ones below the crop size are upscaled", min=1)
+    prompt_len: int = _f(154, "token length T of random prompt embeddings (77 CLIP + T5 length); "
+                         "cached ones bring their own", min=1)
     drop_last: bool = _f(True, "drop the uneven last batch (the teacher-key gather needs equal shapes)")
 
 

@@ -1,0 +1,92 @@
+"""Cached prompt embeddings: the on-disk format and the per-sample lookup.
+
+A prompt-embedding folder (written by ``tools/encode_prompts.py``) holds
+
+- ``prompts-NNNNN.safetensors``: ``prompt_embeds [n, T, D]``, ``pooled [n, P]``, metadata
+  ``ids`` = JSON list of the n image ids (one shard per encoding chunk; a shard is complete
+  once it exists: it is written to a temporary name and renamed);
+- ``empty.safetensors``: ``prompt_embeds [T, D]``, ``pooled [P]`` of the empty prompt.
+
+A sample uses the empty prompt with probability ``data.null_prompt_prob`` (drawn from its seed)
+and when its id has no cached embedding (counted as ``missing_prompt``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .sources import DataSourceError
+
+EMPTY_FILE = "empty.safetensors"
+SHARD_GLOB = "prompts-*.safetensors"
+
+
+def write_shard(path: str | Path, ids: list[str], prompt_embeds: torch.Tensor,
+                pooled: torch.Tensor) -> None:
+    """Atomically write one shard (tmp + rename: a crash never leaves a half shard)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"prompt_embeds": prompt_embeds.contiguous().cpu(), "pooled": pooled.contiguous().cpu()},
+              str(tmp), metadata={"ids": json.dumps(ids)})
+    os.replace(tmp, path)
+
+
+def write_empty(folder: str | Path, prompt_embeds: torch.Tensor, pooled: torch.Tensor) -> None:
+    tmp = Path(folder) / (EMPTY_FILE + ".tmp")
+    save_file({"prompt_embeds": prompt_embeds.contiguous().cpu(), "pooled": pooled.contiguous().cpu()},
+              str(tmp))
+    os.replace(tmp, Path(folder) / EMPTY_FILE)
+
+
+def done_ids(folder: str | Path) -> set[str]:
+    """Ids that already have a cached embedding (for resuming the encoder)."""
+    out: set[str] = set()
+    for p in sorted(Path(folder).glob(SHARD_GLOB)):
+        with safe_open(str(p), "pt") as f:
+            out.update(json.loads((f.metadata() or {}).get("ids", "[]")))
+    return out
+
+
+class PromptStore:
+    """Lookup of cached embeddings by image id (opened lazily in each worker)."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        if not (self.folder / EMPTY_FILE).is_file():
+            raise DataSourceError(f"config key 'data.prompt_embeddings': {self.folder} has no "
+                                  f"{EMPTY_FILE}; write it with tools/encode_prompts.py")
+        self.index: dict[str, tuple[str, int]] = {}
+        for p in sorted(self.folder.glob(SHARD_GLOB)):
+            with safe_open(str(p), "pt") as f:
+                for row, i in enumerate(json.loads((f.metadata() or {}).get("ids", "[]"))):
+                    self.index[i] = (str(p), row)
+        with safe_open(str(self.folder / EMPTY_FILE), "pt") as f:
+            self.empty = (f.get_tensor("prompt_embeds"), f.get_tensor("pooled"))
+
+    @property
+    def shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return tuple(self.empty[0].shape), tuple(self.empty[1].shape)
+
+    def get(self, item_id: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        loc = self.index.get(item_id)
+        if loc is None:
+            return None
+        with safe_open(loc[0], "pt") as f:
+            return f.get_slice("prompt_embeds")[loc[1]:loc[1] + 1][0], f.get_slice("pooled")[loc[1]:loc[1] + 1][0]
+
+
+def random_prompt(seed: int, length: int, dim: int, pooled_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded random embeddings (synthetic data and runs without cached prompts)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(length, dim, generator=g), torch.randn(pooled_dim, generator=g)
+
+
+def use_null_prompt(sample_seed: int, prob: float) -> bool:
+    return bool(np.random.default_rng([sample_seed, 0x0E]).uniform() < prob)

@@ -1,0 +1,161 @@
+"""Random-access sample sources: an HR image folder, WebDataset tar shards, cached-pair shards.
+
+Each source has a fixed, sorted list of items (so every rank and worker sees the same order) and
+``len()``; ``read(i)`` returns the raw item. Random access is what lets the loader follow one
+seeded global permutation per epoch regardless of the number of ranks or workers.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import tarfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .images import IMAGE_EXTS
+
+
+class DataSourceError(ValueError):
+    """A data source cannot be opened; the message names the config key and the path."""
+
+
+class FolderSource:
+    """HR images under a folder (recursive); id = path relative to the folder, without suffix."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DataSourceError(f"config key 'data.path': image folder not found: {self.root}")
+        files = [p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS]
+        self.files = sorted(files, key=lambda p: p.relative_to(self.root).as_posix())
+        if not self.files:
+            raise DataSourceError(f"config key 'data.path': no images ({', '.join(IMAGE_EXTS)}) "
+                                  f"under {self.root}")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def item_id(self, i: int) -> str:
+        return self.files[i].relative_to(self.root).with_suffix("").as_posix()
+
+    def read(self, i: int) -> bytes:
+        return self.files[i].read_bytes()
+
+
+def expand_shards(pattern: str) -> list[str]:
+    """``a-{000..009}.tar`` brace ranges, then globs; sorted and de-duplicated."""
+    out = [pattern]
+    rx = re.compile(r"\{(\d+)\.\.(\d+)\}")
+    while any(rx.search(p) for p in out):
+        nxt = []
+        for p in out:
+            m = rx.search(p)
+            if not m:
+                nxt.append(p)
+                continue
+            lo, hi = m.group(1), m.group(2)
+            for n in range(int(lo), int(hi) + 1):
+                nxt.append(p[:m.start()] + str(n).zfill(len(lo)) + p[m.end():])
+        out = nxt
+    files: list[str] = []
+    for p in out:
+        files.extend(sorted(glob.glob(p)) if any(c in p for c in "*?[") else [p])
+    return sorted(dict.fromkeys(files))
+
+
+class TarSource:
+    """WebDataset-style tar shards: members sharing a key (path up to the first dot of the file
+    name) form a sample; its image is the first member with an image extension. Member offsets are
+    indexed once at start-up, so reads are random access (seek + read)."""
+
+    def __init__(self, pattern: str) -> None:
+        shards = expand_shards(pattern)
+        missing = [s for s in shards if not os.path.isfile(s)]
+        if not shards or missing:
+            raise DataSourceError(f"config key 'data.path': tar shard(s) not found for {pattern!r}: "
+                                  f"{', '.join(missing[:3]) or 'no match'}")
+        self.items: list[tuple[str, int, int, str]] = []      # (shard, offset, size, key)
+        for shard in shards:
+            try:
+                with tarfile.open(shard, "r:") as tf:
+                    seen: set[str] = set()
+                    for m in tf:
+                        if not m.isfile():
+                            continue
+                        d, base = os.path.split(m.name)
+                        key = os.path.join(d, base.split(".", 1)[0])
+                        ext = "." + base.split(".", 1)[1].lower() if "." in base else ""
+                        if ext in IMAGE_EXTS and key not in seen:
+                            seen.add(key)
+                            self.items.append((shard, m.offset_data, m.size, key))
+            except (tarfile.TarError, OSError) as e:
+                raise DataSourceError(f"config key 'data.path': {shard} is not a readable "
+                                      f"uncompressed tar: {e}") from None
+        if not self.items:
+            raise DataSourceError(f"config key 'data.path': no images in the shards {pattern!r}")
+        self._fh: dict[str, object] = {}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def item_id(self, i: int) -> str:
+        return self.items[i][3]
+
+    def read(self, i: int) -> bytes:
+        shard, off, size, _ = self.items[i]
+        fh = self._fh.get(shard)
+        if fh is None:
+            fh = self._fh[shard] = open(shard, "rb")  # noqa: SIM115 - kept open per worker
+        fh.seek(off)
+        return fh.read(size)
+
+    def __getstate__(self) -> dict:  # file handles do not cross process boundaries
+        st = dict(self.__dict__)
+        st["_fh"] = {}
+        return st
+
+
+CACHE_KEYS = ("hr_latent", "lr_latent")
+
+
+class CachedSource:
+    """Cached-pair shards written by ``tools/prepare_data.py``: ``*.safetensors`` files holding
+    ``hr_latent``/``lr_latent`` ``[n, C, h, w]`` and metadata ``ids`` (JSON list, one per row,
+    ``<image id>#<pass>``)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DataSourceError(f"config key 'data.path': cache folder not found: {self.root}")
+        self.shards = sorted(p for p in self.root.glob("*.safetensors"))
+        if not self.shards:
+            raise DataSourceError(f"config key 'data.path': no cached-pair shards (*.safetensors) "
+                                  f"in {self.root}; write them with tools/prepare_data.py")
+        self.rows: list[tuple[int, int]] = []
+        self.ids: list[str] = []
+        for si, p in enumerate(self.shards):
+            with safe_open(str(p), "pt") as f:
+                meta = f.metadata() or {}
+                keys = set(f.keys())
+                if not set(CACHE_KEYS) <= keys or "ids" not in meta:
+                    raise DataSourceError(f"config key 'data.path': {p} is not a cached-pair shard "
+                                          f"(needs tensors {CACHE_KEYS} and metadata 'ids')")
+                ids = json.loads(meta["ids"])
+            self.ids.extend(ids)
+            self.rows.extend((si, r) for r in range(len(ids)))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def item_id(self, i: int) -> str:
+        return self.ids[i].split("#", 1)[0]
+
+    def read(self, i: int) -> dict[str, torch.Tensor]:
+        si, r = self.rows[i]
+        with safe_open(str(self.shards[si]), "pt") as f:
+            return {k: f.get_slice(k)[r:r + 1][0] for k in CACHE_KEYS}

@@ -1,0 +1,187 @@
+"""The Real-ESRGAN degradation: kernels, Table 6 ranges, determinism, sizes, torch JPEG."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from framer_dist.data import canvas as cv
+from framer_dist.data.degrade import DegradeParams, degrade, degrade_loop, sample_params, stage_kernels
+from framer_dist.data.jpeg import jpeg
+from framer_dist.data.kernels import KERNEL_TYPES, mixed_kernels, pulse_kernels, sinc_kernels
+
+JPEG_PSNR_VS_PILLOW_DB = 40.0  # documented in docs/data.md; measured 46-48 dB on skimage photos
+
+
+def _photo(h: int = 128, w: int = 160) -> np.ndarray:
+    from skimage import data
+    return data.astronaut()[100:100 + h, 150:150 + w].copy()
+
+
+def test_every_kernel_type_sums_to_one_with_documented_shape():
+    b = len(KERNEL_TYPES)
+    for k in (21, 11):
+        kind = torch.arange(b)
+        size = torch.full((b,), k)
+        kern = mixed_kernels(kind, size, torch.full((b,), 1.5), torch.full((b,), 0.7),
+                             torch.full((b,), 0.6), torch.full((b,), 1.7), k)
+        assert kern.shape == (b, k, k)
+        torch.testing.assert_close(kern.sum((1, 2)), torch.ones(b))
+        assert (kern >= 0).all()
+        # aniso types are rotated ellipses: not symmetric under transposition; iso ones are
+        for t in range(b):
+            sym = torch.allclose(kern[t], kern[t].T, atol=1e-6)
+            assert sym == (t % 2 == 0), KERNEL_TYPES[t]
+        sinc = sinc_kernels(torch.tensor([math.pi / 3, 2.0]), torch.tensor([k, 7]), k)
+        assert sinc.shape == (2, k, k)
+        torch.testing.assert_close(sinc.sum((1, 2)), torch.ones(2))
+        # a smaller support is zero-padded to the stage size
+        assert sinc[1, 0].abs().sum() == 0 and sinc[1, k // 2 - 3: k // 2 + 4, k // 2].abs().sum() > 0
+        torch.testing.assert_close(pulse_kernels(3, k).sum((1, 2)), torch.ones(3))
+    # kernels built from real draws too (both stages)
+    p = DegradeParams()
+    draws = [sample_params(s, p) for s in range(40)]
+    for name, st in (("stage1", p.stage1), ("stage2", p.stage2)):
+        kern = stage_kernels([d[name]["blur"] for d in draws], st.kernel_size, torch.device("cpu"))
+        assert kern.shape == (40, st.kernel_size, st.kernel_size)
+        torch.testing.assert_close(kern.sum((1, 2)), torch.ones(40))
+
+
+def test_sampled_parameters_stay_in_table6_ranges():
+    p = DegradeParams()
+    kinds, sincs, gauss, finals = set(), 0, 0, 0
+    n = 3000
+    for s in range(n):
+        d = sample_params(s, p)
+        for name, st, sig in (("stage1", p.stage1, (0.2, 3.0)), ("stage2", p.stage2, (0.2, 1.5))):
+            blur = d[name]["blur"]
+            assert blur["size"] % 2 == 1 and 7 <= blur["size"] <= st.kernel_size
+            assert sig[0] <= blur["sigma_x"] <= sig[1] and sig[0] <= blur["sigma_y"] <= sig[1]
+            assert -math.pi <= blur["theta"] <= math.pi
+            lo = math.pi / 3 if blur["size"] < 13 else math.pi / 5
+            assert lo <= blur["omega"] <= math.pi
+            if blur["kind"] in (2, 3):
+                assert 0.5 <= blur["beta"] <= 4.0
+            if blur["kind"] in (4, 5):
+                assert 1.0 <= blur["beta"] <= 2.0
+            f = d[name]["resize"]["factor"]
+            assert st.resize_range[0] <= f <= st.resize_range[1]
+            nz = d[name]["noise"]
+            assert st.gauss_sigma[0] <= nz["sigma"] <= st.gauss_sigma[1]
+            assert st.poisson_scale[0] <= nz["poisson_scale"] <= st.poisson_scale[1]
+            assert 30 <= d[name]["jpeg"] <= 95
+            kinds.add(blur["kind"])
+            sincs += blur["sinc"]
+            gauss += nz["gaussian"]
+        assert 30 <= d["final"]["jpeg"] <= 95
+        finals += d["final"]["sinc"]
+    assert p.stage1.kernel_size == 21 and p.stage2.kernel_size == 11
+    assert kinds == set(range(6))
+    # probabilities (Table 6: sinc 0.1 per stage, Gaussian 0.5, final sinc 0.8), 2n draws each
+    assert abs(sincs / (2 * n) - 0.1) < 0.02
+    assert abs(gauss / (2 * n) - 0.5) < 0.03
+    assert abs(finals / n - 0.8) < 0.03
+
+
+def test_same_seed_same_lr_bit_for_bit_other_seed_differs():
+    img = torch.from_numpy(_photo(64, 64)).permute(2, 0, 1).float() / 255
+    hr = torch.stack([img, img.flip(-1), img])
+    a = degrade(hr, [5, 6, 7])
+    b = degrade(hr, [5, 6, 7])
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    c = degrade(hr, [5, 6, 8])
+    assert torch.equal(c["lr"][:2], a["lr"][:2])            # batch-mates do not matter
+    assert not torch.equal(c["lr"][2], a["lr"][2])
+    # a sample's result does not depend on its batch either: per-image loop gives the same LR
+    loop = degrade_loop(hr, [5, 6, 7])
+    assert torch.equal(loop["lr"], a["lr"])
+
+
+def test_sizes_512_to_128_to_512_for_mixed_batch():
+    from skimage import data
+    imgs = [data.astronaut(), data.coffee(), np.stack([data.camera()] * 3, -1)]
+    hr = []
+    for im in imgs:
+        t = torch.from_numpy(im).permute(2, 0, 1).float()[None] / 255
+        t = F.interpolate(t, size=(512, 512), mode="bilinear", antialias=True, align_corners=False)
+        hr.append(t[0])
+    out = degrade(torch.stack(hr), [1, 2, 3])
+    assert out["hr"].shape == (3, 3, 512, 512)
+    assert out["lr"].shape == (3, 3, 128, 128)
+    assert out["lr_up"].shape == (3, 3, 512, 512)
+    for k in out:
+        assert out[k].min() >= 0 and out[k].max() <= 1 and torch.isfinite(out[k]).all()
+    # LR is 8-bit and degraded (not a copy of the downsampled HR)
+    assert torch.equal(out["lr"], torch.round(out["lr"] * 255) / 255)
+    down = F.interpolate(out["hr"], size=(128, 128), mode="area")
+    assert (out["lr"] - down).abs().mean() > 1e-3
+
+
+def test_non_square_and_bad_inputs():
+    out = degrade(torch.rand(2, 3, 48, 64), [0, 1])
+    assert out["lr"].shape == (2, 3, 12, 16) and out["lr_up"].shape == (2, 3, 48, 64)
+    with pytest.raises(ValueError, match="divisible by the scale"):
+        degrade(torch.rand(1, 3, 50, 64), [0])
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        degrade(torch.rand(1, 1, 64, 64), [0])
+    with pytest.raises(ValueError, match="seeds"):
+        degrade(torch.rand(2, 3, 64, 64), [0])
+
+
+def test_per_sample_resize_matches_torch_interpolate():
+    x = torch.rand(3, 3, 40, 56)
+    h = torch.tensor([40, 33, 40])
+    w = torch.tensor([56, 56, 21])
+    nh = torch.tensor([17, 50, 9])
+    nw = torch.tensor([23, 70, 30])
+    modes = ["area", "bilinear", "bicubic"]
+    for code, m in enumerate(modes):
+        out = cv.resize(x, h, w, nh, nw, torch.full((3,), code))
+        for i in range(3):
+            ref = F.interpolate(x[i:i + 1, :, :h[i], :w[i]], size=(int(nh[i]), int(nw[i])), mode=m,
+                                **({} if m == "area" else {"align_corners": False}))
+            torch.testing.assert_close(out[i:i + 1, :, :nh[i], :nw[i]], ref, atol=2e-5, rtol=0)
+
+
+def test_canvas_filter_equals_single_image_reflect_filter():
+    x = torch.rand(2, 3, 30, 30)
+    h, w = torch.tensor([30, 17]), torch.tensor([25, 30])
+    kern = mixed_kernels(torch.tensor([1, 3]), torch.tensor([21, 21]), torch.tensor([2.0, 1.0]),
+                         torch.tensor([1.0, 2.5]), torch.tensor([0.3, -1.0]), torch.tensor([1, 2.0]), 21)
+    out = cv.filter2d(x, h, w, kern)
+    for i in range(2):
+        xi = x[i:i + 1, :, :h[i], :w[i]]
+        ref = F.conv2d(F.pad(xi, (10, 10, 10, 10), mode="reflect"), kern[i].expand(3, 1, 21, 21), groups=3)
+        torch.testing.assert_close(out[i:i + 1, :, :h[i], :w[i]], ref, atol=1e-5, rtol=0)
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(10 * np.log10(1.0 / np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)))
+
+
+def test_torch_jpeg_close_to_pillow_and_monotone_in_quality():
+    img = _photo(120, 136)                     # not a multiple of 16: exercises MCU padding
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255
+    prev = None
+    for q in (30, 60, 95):
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, "JPEG", quality=q)
+        pil = np.asarray(Image.open(buf).convert("RGB")) / 255.0
+        ours = jpeg(x, torch.tensor([q]))[0].permute(1, 2, 0).numpy()
+        assert _psnr(ours, pil) > JPEG_PSNR_VS_PILLOW_DB, q
+        to_input = _psnr(ours, img / 255.0)
+        if prev is not None:
+            assert to_input > prev + 0.5, (q, to_input, prev)
+        prev = to_input
+    # batched with per-sample qualities = one by one
+    xb = torch.cat([x, x.flip(-1)])
+    both = jpeg(xb, torch.tensor([40, 90]))
+    assert torch.equal(both[1:], jpeg(xb[1:], torch.tensor([90])))
+    assert torch.equal(both[:1], jpeg(xb[:1], torch.tensor([40])))
