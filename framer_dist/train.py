@@ -335,12 +335,43 @@ def train(cfg: Config) -> RunResult:
 
 
 def export(cfg: Config, backend: Any, out_dir: Path) -> dict[str, Path]:
-    """The end-of-run exports named in checkpoint.export (collective)."""
-    if not cfg.checkpoint.export:
-        return {}
-    from framer_dist.checkpoint import export_weights
+    """The end-of-run exports named in checkpoint.export (collective; rank 0 writes).
 
-    return export_weights(cfg, backend, out_dir / "export", cfg.checkpoint.export)
+    The backend gathers every tensor (unsharded, fp32 masters for the trained ones) to rank 0,
+    which loads them into a plain model of the same mode and writes, under ``<out_dir>/export``:
+    ``control`` -> ``dit4sr_control.safetensors`` (the DiT4SR layers), ``lora`` -> the adapter in
+    the diffusers layout, ``diffusers`` -> the whole transformer (LoRA fused in) in the diffusers
+    folder layout, loadable with ``build_model(ModelConfig(pretrained=...))``.
+    """
+    kinds = list(dict.fromkeys(cfg.checkpoint.export))
+    if not kinds:
+        return {}
+    if "lora" in kinds and cfg.train.mode != "lora":
+        raise ConfigError(f"config key 'checkpoint.export': 'lora' needs train.mode='lora', "
+                          f"this run trains {cfg.train.mode!r}")
+    full = backend.full_state_dict()  # collective
+    out: dict[str, Path] = {}
+    if backend.is_main:
+        from framer_dist.models import (apply_training_mode, build_model, save_control, save_lora,
+                                        save_model)
+        plain = build_model(cfg.model)
+        apply_training_mode(plain, cfg.train.mode, cfg.lora)
+        missing, unexpected = plain.load_state_dict(full, strict=False)
+        if missing or unexpected:
+            raise RuntimeError(f"export: gathered state does not fit the model: missing "
+                               f"{missing[:5]}, unexpected {unexpected[:5]}")
+        root = out_dir / "export"
+        if "control" in kinds:
+            out["control"] = save_control(plain, root)
+        if "lora" in kinds:
+            out["lora"] = save_lora(plain, root / "lora")
+        if "diffusers" in kinds:
+            if cfg.train.mode == "lora":
+                plain.fuse_lora()
+                plain.unload_lora()
+            out["diffusers"] = save_model(plain, root / "transformer")
+    backend.barrier()
+    return out
 
 
 @torch.no_grad()
