@@ -74,7 +74,7 @@ def to_rgb(img: Image.Image) -> tuple[Image.Image, str | None]:
         a = np.asarray(img).astype(np.float64)
         top = 65535.0 if mode.startswith("I;16") or a.max() > 255 else 255.0
         a = np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        return Image.fromarray(a, "L").convert("RGB"), "converted_16bit"
+        return Image.fromarray(a).convert("RGB"), "converted_16bit"
     if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -1,0 +1,200 @@
+"""Sources, the global resumable stream, messy folders, prompt lookup, VAE encoding."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from framer_dist.config import load_config
+from framer_dist.data import DataSourceError, build_dataloader, encode_batch, load_vae
+from framer_dist.data.prompts import write_empty, write_shard
+from framer_dist.data.stream import item_at
+
+
+def _cfg(*over: str):
+    return load_config(None, ["data.resolution=32", "data.min_size=20", "data.batch_size=2",
+                              "data.null_prompt_prob=0.0", *over])
+
+
+def _rgb(seed: int, h: int = 48, w: int = 56) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(base).resize((w, h), Image.Resampling.BICUBIC))
+
+
+def _good_folder(root: Path, n: int) -> Path:
+    for i in range(n):
+        sub = root / ("a" if i % 2 else "b")
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(_rgb(i)).save(sub / f"img{i}.png")
+    return root
+
+
+def _ids(pipe, n_batches: int) -> list[str]:
+    return [i for b in itertools.islice(pipe, n_batches) for i in b["ids"]]
+
+
+def test_messy_folder_loads_reports_and_encodes(tmp_path):
+    root = tmp_path / "messy"
+    root.mkdir()
+    Image.fromarray(_rgb(1)).save(root / "good1.jpg", quality=90)
+    Image.fromarray(_rgb(2)).save(root / "good2.webp")
+    (root / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg" * 10)
+    buf = (root / "good1.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(buf[: len(buf) // 2])
+    Image.fromarray(np.ascontiguousarray(_rgb(3)[..., 0])).save(root / "gray.png")
+    Image.fromarray(_rgb(4, 16, 16)).save(root / "tiny16.png")
+    Image.fromarray(_rgb(5)).convert("CMYK").save(root / "cmyk.jpg")
+    rgba = np.dstack([_rgb(6), np.full((48, 56), 128, np.uint8)])
+    Image.fromarray(rgba).save(root / "alpha.png")
+    Image.fromarray(np.ascontiguousarray(_rgb(7)[..., 1]).astype(np.uint16) * 257).save(root / "deep16.png")
+    Image.fromarray(_rgb(8, 24, 40)).save(root / "small.png")   # above min_size, below the crop
+    (root / "notes.txt").write_text("not an image")
+
+    cfg = _cfg("data.source='folder'", f"data.path='{root}'", "data.batch_size=4")
+    pipe = build_dataloader(cfg, 0, 1, 0)
+    batches = list(itertools.islice(pipe, 6))   # 24 positions > 2 epochs of the 10 images
+    for b in batches:
+        assert b["hr_raw"].shape == (4, 3, 32, 32) and b["hr_raw"].dtype == torch.uint8
+        assert "corrupt" not in b["ids"] and "truncated" not in b["ids"] and "tiny16" not in b["ids"]
+    seen = {i for b in batches for i in b["ids"]}
+    assert {"good1", "good2", "gray", "cmyk", "alpha", "deep16", "small"} <= seen
+    c = pipe.report.as_dict()
+    assert c["skipped_corrupt"] >= 2 and c["skipped_tiny"] >= 1
+    for kind in ("converted_gray", "converted_cmyk", "converted_alpha", "converted_16bit", "upscaled"):
+        assert c.get(kind, 0) >= 1, (kind, c)
+    assert "skipped_corrupt" in pipe.report.summary()
+    # the 16-bit image keeps its full range when converted (not clipped to white)
+    i16 = next(b["hr_raw"][b["ids"].index("deep16")] for b in batches if "deep16" in b["ids"])
+    assert 0 < i16.float().mean() < 250
+    # a batch goes through the online degradation + tiny VAE encoding the trainer uses
+    out = encode_batch(load_vae(cfg.data), batches[0])
+    assert out["hr_latent"].shape == (4, 16, 4, 4) and out["lr_latent"].shape == (4, 16, 4, 4)
+    assert out["hr"].shape == out["lr"].shape == (4, 3, 32, 32)
+    assert out["lr"].min() >= -1 and out["lr"].max() <= 1
+    assert torch.isfinite(out["hr_latent"]).all()
+
+
+def test_global_stream_sharding_resume_and_world_size_change(tmp_path):
+    root = _good_folder(tmp_path / "imgs", 7)
+    base = ["data.source='folder'", f"data.path='{root}'", "data.batch_size=2"]
+    one = build_dataloader(_cfg(*base), 0, 1, 0)
+    ref = list(itertools.islice(one, 8))                # 16 positions: two epochs and a bit
+    ref_ids = [i for b in ref for i in b["ids"]]
+    assert [int(i) for b in ref for i in b["index"]] == list(range(16))
+    # each epoch is a permutation of all items
+    assert sorted(ref_ids[:7]) == sorted(ref_ids[7:14]) and len(set(ref_ids[:7])) == 7
+    assert ref_ids[:7] != ref_ids[7:14]                 # and a different one per epoch
+
+    # two ranks: disjoint, interleaved per micro-batch, together the same global stream
+    r0 = list(itertools.islice(build_dataloader(_cfg(*base), 0, 2, 0), 3))
+    r1 = list(itertools.islice(build_dataloader(_cfg(*base), 1, 2, 0), 3))
+    merged = [i for a, b in zip(r0, r1) for i in a["ids"] + b["ids"]]
+    assert merged == ref_ids[:12]
+    # crops (from the per-sample seed) are identical too
+    assert torch.equal(r1[0]["hr_raw"], ref[1]["hr_raw"])
+
+    # resume at global position 8 with world size 1 -> the same samples as the uninterrupted run
+    res = list(itertools.islice(build_dataloader(_cfg(*base), 0, 1, 8), 4))
+    assert [i for b in res for i in b["ids"]] == ref_ids[8:16]
+    assert torch.equal(res[0]["hr_raw"], ref[4]["hr_raw"])
+    assert torch.equal(res[0]["seed"], ref[4]["seed"])
+
+    # worker processes do not change the order
+    w2 = build_dataloader(_cfg(*base, "data.num_workers=2"), 0, 1, 0)
+    assert _ids(w2, 6) == ref_ids[:12]
+
+
+def test_tar_shards_and_synthetic(tmp_path):
+    shards = []
+    for s in range(2):
+        p = tmp_path / f"shard-{s:03d}.tar"
+        with tarfile.open(p, "w") as tf:
+            for k in range(3):
+                img = tmp_path / "tmp.jpg"
+                Image.fromarray(_rgb(10 * s + k)).save(img, quality=92)
+                tf.add(img, arcname=f"s{s}/sample{k}.jpg")
+                cap = tmp_path / "cap.txt"
+                cap.write_text("a caption")
+                tf.add(cap, arcname=f"s{s}/sample{k}.txt")
+        shards.append(p)
+    cfg = _cfg("data.source='webdataset'", f"data.path='{tmp_path}/shard-{{000..001}}.tar'")
+    pipe = build_dataloader(cfg, 0, 1, 0)
+    ids = _ids(pipe, 3)
+    assert sorted(ids) == sorted(f"s{s}/sample{k}" for s in range(2) for k in range(3))
+    assert not pipe.report.as_dict()
+    with pytest.raises(DataSourceError, match="data.path"):
+        build_dataloader(_cfg("data.source='webdataset'", f"data.path='{tmp_path}/nope-{{0..1}}.tar'"), 0, 1, 0)
+
+    syn = _cfg("data.source='synthetic'", "data.resolution=64")
+    a = next(iter(build_dataloader(syn, 0, 1, 4)))
+    b = list(itertools.islice(build_dataloader(syn, 0, 1, 0), 3))[2]
+    assert a["hr_latent"].shape == (2, 16, 8, 8)
+    assert torch.equal(a["hr_latent"], b["hr_latent"]) and torch.equal(a["prompt_embeds"], b["prompt_embeds"])
+    assert a["prompt_embeds"].shape == (2, 154, 32) and a["pooled"].shape == (2, 32)  # tiny preset
+
+
+def test_cached_prompt_lookup_null_prompt_and_missing(tmp_path):
+    root = _good_folder(tmp_path / "imgs", 6)
+    emb = tmp_path / "emb"
+    emb.mkdir()
+    ids = ["a/img1", "b/img0", "b/img2", "a/img3"]            # img4 and img5 have no embedding
+    pe = torch.arange(4, dtype=torch.float32)[:, None, None].expand(4, 10, 32).to(torch.bfloat16)
+    write_shard(emb / "prompts-00000.safetensors", ids, pe, torch.arange(4.0)[:, None].expand(4, 32))
+    write_empty(emb, torch.full((10, 32), -1.0), torch.full((32,), -1.0))
+    base = ["data.source='folder'", f"data.path='{root}'", f"data.prompt_embeddings='{emb}'"]
+    pipe = build_dataloader(_cfg(*base), 0, 1, 0)
+    batches = list(itertools.islice(pipe, 3))
+    for b in batches:
+        assert b["prompt_embeds"].dtype == torch.float32 and b["prompt_embeds"].shape == (2, 10, 32)
+        for j, i in enumerate(b["ids"]):
+            want = float(ids.index(i)) if i in ids else -1.0
+            assert b["prompt_embeds"][j, 0, 0] == want and b["pooled"][j, 0] == want
+    assert pipe.report.as_dict()["missing_prompt"] == 2
+    # null prompt: per-sample seeded, about the configured share, identical on a re-run
+    runs = []
+    for _ in range(2):
+        p = build_dataloader(_cfg(*base, "data.null_prompt_prob=0.5"), 0, 1, 0)
+        runs.append(torch.cat([b["pooled"][:, 0] for b in itertools.islice(p, 30)]))
+    assert torch.equal(runs[0], runs[1])
+    in_store = torch.tensor([True])
+    share = (runs[0] == -1).float().mean().item()
+    assert 0.55 < share < 0.85, share       # 0.5 null + (1/3 missing of the rest)
+    del in_store
+    with pytest.raises(DataSourceError, match="data.prompt_embeddings"):
+        build_dataloader(_cfg(*base[:2], f"data.prompt_embeddings='{tmp_path}'"), 0, 1, 0)
+    # cached embeddings of the wrong width for the model preset are refused up front
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    write_empty(bad, torch.zeros(10, 48), torch.zeros(32))
+    with pytest.raises(DataSourceError, match="D=32"):
+        build_dataloader(_cfg(*base[:2], f"data.prompt_embeddings='{bad}'"), 0, 1, 0)
+
+
+def test_bad_config_errors_name_the_key(tmp_path):
+    with pytest.raises(DataSourceError, match="data.path.*not found"):
+        build_dataloader(_cfg("data.source='folder'", f"data.path='{tmp_path}/missing'"), 0, 1, 0)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataSourceError, match="no images"):
+        build_dataloader(_cfg("data.source='folder'", f"data.path='{tmp_path}/empty'"), 0, 1, 0)
+    with pytest.raises(DataSourceError, match="no cached-pair shards"):
+        build_dataloader(_cfg("data.source='cached'", f"data.path='{tmp_path}/empty'"), 0, 1, 0)
+    with pytest.raises(DataSourceError, match="data.resolution"):
+        build_dataloader(_cfg("data.source='folder'", f"data.path='{tmp_path}/empty'",
+                              "data.resolution=40"), 0, 1, 0)
+    # a folder where every image is unusable: a clear error, not an endless loop
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for i in range(3):
+        (bad / f"x{i}.png").write_bytes(b"garbage")
+    with pytest.raises(DataSourceError, match="unusable images"):
+        next(iter(build_dataloader(_cfg("data.source='folder'", f"data.path='{bad}'"), 0, 1, 0)))
+    assert item_at(5, 3, 0) in range(3)
+    json.dumps({})
