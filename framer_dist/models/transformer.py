@@ -208,30 +208,3 @@ class DiT4SRTransformer(SD3Transformer2DModel):
             h[:, : grid[0] * grid[1]], temb, grid)
         return DiT4SROutput(sample=sample, features=features)
 
-
-def checkpoint_indices(mode: str, num_blocks: int, every_k: int = 2,
-                       blocks: Iterable[int] = ()) -> list[int]:
-    """``parallel.activation_checkpointing`` -> block indices for ``set_activation_checkpointing``.
-
-    ``every_k`` checkpoints blocks 0, k, 2k, ...; ``blocks`` takes ``parallel.ac_blocks`` (negative
-    indices count from the end).
-    """
-    if mode == "none":
-        return []
-    if mode == "all":
-        return list(range(num_blocks))
-    if mode == "every_k":
-        if every_k < 1:
-            raise ValueError(f"config key 'parallel.ac_every_k': must be >= 1, got {every_k}")
-        return list(range(0, num_blocks, every_k))
-    if mode == "blocks":
-        out = []
-        for i in blocks:
-            j = i + num_blocks if i < 0 else i
-            if not 0 <= j < num_blocks:
-                raise ValueError(f"config key 'parallel.ac_blocks': block {i} is out of range for a "
-                                 f"{num_blocks}-block model")
-            out.append(j)
-        return sorted(set(out))
-    raise ValueError(f"config key 'parallel.activation_checkpointing': {mode!r} is not allowed; "
-                     "allowed values: 'none', 'all', 'every_k', 'blocks'")
