@@ -1,0 +1,141 @@
+"""Load what inference needs: the transformer from any export kind, and the VAE.
+
+Checkpoint kinds (``--kind auto`` recognises them by their files):
+
+- ``full``: a diffusers-layout transformer folder (``config.json`` + safetensors, or a pipeline
+  root with ``transformer/``), as written by ``framer_dist.models.save_model``.
+- ``control``: ``dit4sr_control.safetensors`` (the DiT4SR layers only) on top of ``--base``, the
+  stock SD3/SD3.5 folder it was trained from.
+- ``lora``: ``pytorch_lora_weights.safetensors`` on top of ``--base``; a control file in the same
+  folder (LoRA mode trains the control layers too) is loaded as well.
+
+A folder holding several exports (e.g. ``export/diffusers``, ``export/control``) resolves to the
+full one first.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .io import InferenceError
+
+CONTROL_FILE = "dit4sr_control.safetensors"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+KINDS = ("auto", "full", "control", "lora")
+
+
+def _is_full(p: Path) -> bool:
+    return (p / "config.json").is_file() or (p / "transformer" / "config.json").is_file()
+
+
+def detect_kind(path: str | Path) -> tuple[str, Path]:
+    """(kind, the path to load) for a checkpoint file or folder; raises naming what was looked for."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise InferenceError(f"checkpoint not found: {p}")
+    if p.is_file():
+        if p.name.endswith(".safetensors"):
+            return ("lora" if "lora" in p.name else "control"), p
+        raise InferenceError(f"checkpoint {p} is a file but not .safetensors")
+    candidates = [p] + sorted(d for d in p.iterdir() if d.is_dir())
+    for c in candidates:
+        if _is_full(c):
+            return "full", c
+    for c in candidates:
+        if (c / LORA_FILE).is_file():
+            return "lora", c / LORA_FILE
+    for c in candidates:
+        if (c / CONTROL_FILE).is_file():
+            return "control", c / CONTROL_FILE
+    raise InferenceError(f"{p} holds no checkpoint: looked for config.json (full transformer), "
+                         f"{LORA_FILE} (LoRA) or {CONTROL_FILE} (control layers) in it and its "
+                         "sub-folders")
+
+
+def load_transformer(checkpoint: str | Path, *, kind: str = "auto", base: str | Path | None = None,
+                     device: Any = None, dtype: torch.dtype | None = None):
+    """The DiT4SR transformer of ``checkpoint`` in eval mode."""
+    from framer_dist.models import PretrainedLoadError, load_control, load_lora, load_pretrained
+
+    if kind not in KINDS:
+        raise InferenceError(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    found_kind, path = detect_kind(checkpoint)
+    if kind != "auto" and kind != found_kind:
+        raise InferenceError(f"--kind {kind}: {checkpoint} looks like a {found_kind} checkpoint ({path})")
+    try:
+        if found_kind == "full":
+            model = load_pretrained(path)
+        else:
+            if not base:
+                raise InferenceError(f"{path} is a {found_kind} checkpoint: it needs --base, the "
+                                     "pretrained SD3/SD3.5 folder (or full checkpoint) it was trained on")
+            if not Path(base).exists():
+                raise InferenceError(f"--base folder not found: {base}")
+            model = load_pretrained(base)
+            control = path if found_kind == "control" else path.parent / CONTROL_FILE
+            if control.is_file():
+                load_control(model, control)
+            if found_kind == "lora":
+                load_lora(model, path)
+    except PretrainedLoadError as e:
+        raise InferenceError(str(e)) from None
+    except (ValueError, FileNotFoundError) as e:
+        raise InferenceError(f"cannot load {found_kind} checkpoint {path}: {e}") from None
+    model.requires_grad_(False)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+class VaeCodec:
+    """Pixels in [0, 1] <-> SD3-scaled latents with a diffusers ``AutoencoderKL``."""
+
+    def __init__(self, vae):
+        self.vae = vae.eval().requires_grad_(False)
+        cfg = vae.config
+        self.scaling = float(getattr(cfg, "scaling_factor", 1.0) or 1.0)
+        self.shift = float(getattr(cfg, "shift_factor", 0.0) or 0.0)
+        self.factor = 2 ** (len(cfg.block_out_channels) - 1)
+        self.channels = int(cfg.latent_channels)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.vae.parameters()).device
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        lat = self.vae.encode((x * 2 - 1).to(self.device, self.dtype)).latent_dist.mode()
+        return ((lat.float() - self.shift) * self.scaling)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.vae.decode((z / self.scaling + self.shift).to(self.device, self.dtype)).sample
+        return (x.float() + 1) / 2
+
+
+def load_vae(path: str | Path | None, device: Any = None, dtype: torch.dtype | None = None) -> VaeCodec:
+    """A local diffusers VAE folder (or a pipeline root with ``vae/``); ``None``/'' = the project's
+    tiny random VAE (``framer_dist.data.load_vae`` with ``data.vae = ''``, as in training)."""
+    if path:
+        from diffusers import AutoencoderKL
+
+        p = Path(path).expanduser()
+        folder = p / "vae" if (p / "vae" / "config.json").is_file() else p
+        if not (folder / "config.json").is_file():
+            raise InferenceError(f"VAE folder not found or without config.json: {p}")
+        vae = AutoencoderKL.from_pretrained(folder, torch_dtype=dtype)
+    else:
+        try:
+            from framer_dist.config import DataConfig
+            from framer_dist.data import load_vae as data_load_vae
+        except ImportError:
+            raise InferenceError("no --vae given and framer_dist.data has no tiny VAE builder; "
+                                 "pass --vae DIR (a diffusers AutoencoderKL folder)") from None
+        vae = data_load_vae(DataConfig(vae=""), device=device)
+        vae = getattr(vae, "vae", vae)
+    return VaeCodec(vae.to(device=device, dtype=dtype))

@@ -1,0 +1,135 @@
+"""The SR pipeline and the framer-sr CLI end to end on the tiny model (CPU, 2 sampling steps)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from framer_dist.config import ModelConfig
+from framer_dist.infer.cli import main
+from framer_dist.infer.io import InferenceError
+from framer_dist.infer.loading import VaeCodec, detect_kind
+from framer_dist.infer.pipeline import InferenceOptions, SRPipeline
+from framer_dist.infer.prompts import HashedPromptEncoder, read_captions, with_suffix
+from framer_dist.infer.tiling import seam_score, tile_borders
+from framer_dist.models import build_model, save_control, save_model
+
+SEAM_THRESHOLD = 1.3   # docs/inference.md: border/median gradient ratio of the sampled latent
+
+
+def _tiny_vae():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16,
+                         down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
+                         layers_per_block=1, norm_num_groups=8, sample_size=32)
+
+
+@pytest.fixture(scope="module")
+def parts():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(preset="tiny")).eval()
+    with torch.no_grad():  # the DiT4SR layers start at zero: give them weight so the LR matters
+        for n, p in model.named_parameters():
+            if "_control" in n:
+                p.add_(torch.randn_like(p) * 0.05)
+    vae = _tiny_vae().eval()
+    text = HashedPromptEncoder(model.config.joint_attention_dim, model.config.pooled_projection_dim)
+    return model, vae, text
+
+
+def _pipe(parts, **kw):
+    model, vae, text = parts
+    opts = dict(steps=2, guidance=4.0, scale=2.0, process_size=0, tile=64, overlap=24)
+    opts.update(kw)
+    return SRPipeline(model, VaeCodec(vae), text, InferenceOptions(**opts))
+
+
+def _lr(h, w, seed=0):
+    return torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def test_same_seed_same_output_and_seed_matters(parts):
+    pipe = _pipe(parts)
+    lr = _lr(8, 12)
+    a = pipe(lr, ["a cat"], seed=3)
+    b = pipe(lr, ["a cat"], seed=3)
+    c = pipe(lr, ["a cat"], seed=4)
+    assert a.shape == (1, 3, 16, 24)
+    assert torch.equal(a, b)
+    assert (a - c).abs().max() > 1e-3
+    assert float(a.min()) >= 0 and float(a.max()) <= 1
+
+
+def test_tiled_and_untiled_agree_when_the_image_fits_one_tile(parts):
+    lr = _lr(8, 12, seed=1)          # x2 -> 16x24 px -> latent 8x12 (tiny VAE factor 2)
+    untiled = _pipe(parts, tile=64, overlap=24)(lr, ["x"], seed=0)
+    exact_tile = _pipe(parts, tile=12, overlap=4)(lr, ["x"], seed=0)
+    assert torch.equal(untiled, exact_tile)
+
+
+def test_large_non_square_image_is_tiled_to_the_right_size_without_seams(parts):
+    pipe = _pipe(parts, tile=8, overlap=4, tile_batch=16, scale=1.5, color_fix="wavelet")
+    lr = _lr(16, 30, seed=2)         # x1.5 -> 24x45 px -> padded 24x48 -> latent 12x24: 2x5 tiles
+    assert pipe.tiles_for(16, 30) == 10
+    out = pipe(lr, ["a wide landscape"], seed=0)
+    assert out.shape == (1, 3, 24, 45)
+    assert torch.isfinite(out).all()
+    z = pipe.last_latent
+    assert z.shape[-2:] == (12, 24)
+    score = seam_score(z, tile_borders(12, 8, 4), tile_borders(24, 8, 4))
+    assert score < SEAM_THRESHOLD, score
+
+
+def test_prompt_helpers(tmp_path):
+    assert with_suffix("a dog", "HQ.") == "a dog HQ."
+    assert with_suffix("", "HQ.") == "HQ."
+    f = tmp_path / "caps.jsonl"
+    f.write_text('{"id": "img1.png", "caption": "a cat"}\n{"image": "b", "text": "a bus"}\n')
+    caps = read_captions(f)
+    assert caps["img1"] == "a cat" and caps["b"] == "a bus"
+    f.write_text('{"foo": 1}\n')
+    with pytest.raises(InferenceError, match="caps.jsonl:1"):
+        read_captions(f)
+
+
+def _write_png(path, h, w, seed):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+
+
+def test_cli_full_and_control_exports_and_clear_errors(parts, tmp_path, capsys):
+    model, vae, _ = parts
+    ckpt = save_model(model, tmp_path / "export" / "diffusers")
+    vae.save_pretrained(tmp_path / "vae")
+    ctrl = save_control(model, tmp_path / "ctrl")
+    _write_png(tmp_path / "in" / "a.png", 8, 12, 0)
+    _write_png(tmp_path / "in" / "b.png", 10, 6, 1)
+    common = ["--vae", str(tmp_path / "vae"), "--text-encoders", "hashed", "--steps", "2",
+              "--scale", "2", "--process-size", "0", "--tile", "8", "--tile-overlap", "4",
+              "--no-progress", "--prompt", "a test"]
+    assert detect_kind(tmp_path / "export") == ("full", ckpt)
+    assert main([str(tmp_path / "in"), str(tmp_path / "out"), "--checkpoint",
+                 str(tmp_path / "export")] + common) == 0
+    sizes = {p.name: Image.open(p).size for p in sorted((tmp_path / "out").iterdir())}
+    assert sizes == {"a.png": (24, 16), "b.png": (12, 20)}
+    # a control-layer export on top of a base gives the same model, so the same pixels
+    assert main([str(tmp_path / "in" / "a.png"), str(tmp_path / "out_ctrl"), "--checkpoint", str(ctrl),
+                 "--base", str(ckpt)] + common) == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "a.png")),
+                          np.asarray(Image.open(tmp_path / "out_ctrl" / "a.png")))
+    capsys.readouterr()
+    # clear errors, exit code 2, no traceback
+    assert main([str(tmp_path / "in"), str(tmp_path / "o2"), "--checkpoint", str(tmp_path / "nope")] + common) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    assert main([str(tmp_path / "in"), str(tmp_path / "o2"), "--checkpoint", str(ctrl)] + common) == 2
+    assert "needs --base" in capsys.readouterr().err
+    (tmp_path / "in" / "c.png").write_bytes(b"garbage")
+    assert main([str(tmp_path / "in"), str(tmp_path / "o3"), "--checkpoint", str(ckpt)] + common) == 2
+    err = capsys.readouterr().err
+    assert "cannot read image" in err and "c.png" in err
+    assert not (tmp_path / "o3").exists()   # nothing sampled before the bad file was found
