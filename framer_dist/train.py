@@ -123,6 +123,7 @@ class RunResult:
     log_dir: Path | None = None
     history: list[dict[str, float]] = field(default_factory=list)
     preempted: bool = False
+    model: Any = None            # the trained module (backend.model), for tests and the demo
 
 
 def infinite_batches(cfg: Config, rank: int, world: int, start_sample: int) -> Iterator[dict[str, Any]]:
@@ -331,7 +332,8 @@ def train(cfg: Config) -> RunResult:
         bar.close()
         tb.close()
     return RunResult(steps_done=step, out_dir=out_dir, checkpoint=last_ckpt, exports=exports,
-                     log_dir=log_dir, history=history, preempted=preempted)
+                     log_dir=log_dir, history=history, preempted=preempted,
+                     model=backend.model)
 
 
 def export(cfg: Config, backend: Any, out_dir: Path) -> dict[str, Path]:
