@@ -12,8 +12,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
 
 from framer_dist.data.captioning import (DEFAULT_INSTRUCTION, DIT4SR_BANNED_WORDS, LlavaCaptioner,
                                          ModelFolderError, caption_images)
@@ -35,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="keep sentences with DiT4SR's banned words (" + ", ".join(DIT4SR_BANNED_WORDS) + ")")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=list(DTYPES), default="bf16" if torch.cuda.is_available() else "fp32")
-    ap.add_argument("--limit", type=int, default=None, help="caption at most this many new images")
+    ap.add_argument("--limit", type=int, default=None, help="look at most this many not-yet-captioned images")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

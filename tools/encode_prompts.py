@@ -12,8 +12,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
 
 from framer_dist.data.captioning import ModelFolderError
 from framer_dist.data.text_encode import DTYPES, SD3TextEncoders, encode_captions

@@ -15,8 +15,11 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
 import torch.multiprocessing as mp
 
 from framer_dist.data.captioning import ModelFolderError

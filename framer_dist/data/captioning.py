@@ -56,6 +56,17 @@ def read_done(path: str | Path) -> dict[str, str]:
     return out
 
 
+def _drop_partial_line(path: Path) -> None:
+    """Cut a last line left without its newline by an interruption (else the next record would be
+    appended to it and lost)."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as fh:
+            fh.truncate(data.rfind(b"\n") + 1)
+
+
 def open_images(path: str) -> FolderSource | TarSource:
     """A folder, or tar shards (a ``.tar`` path, brace range or glob)."""
     if Path(path).is_dir():
@@ -121,6 +132,7 @@ def caption_images(images: str, out: str | Path, captioner: Callable[[list[Image
         todo = todo[:limit]
     report = report or DataReport()
     Path(out).parent.mkdir(parents=True, exist_ok=True)
+    _drop_partial_line(Path(out))
     n = 0
     with open(out, "a", encoding="utf-8") as fh:
         for s in range(0, len(todo), batch_size):
