@@ -1,0 +1,292 @@
+"""The layer-hierarchy study of the FRAMER paper (supplement Fig. 7 and Fig. 9).
+
+For each checkpoint and each chosen timestep ``t`` (default 300 and 700; ``sigma = t / 1000``), the
+HR images are noised (``x_t = (1 - sigma) x0 + sigma eps``, the same ``eps`` for every
+checkpoint), the model runs once with the per-layer readout, and for every block ``i`` we report,
+averaged over the images:
+
+- ``cos_lf``, ``cos_hf``: cosine similarity of block i's LF / HF band vector to the final layer's
+  (Fig. 7; 1 at the last layer by construction);
+- ``w_lf``, ``w_hf`` (FAW) and ``a_lf``, ``a_hf`` (FAM), the adaptive weights the FRAMER loss
+  would give that layer (Fig. 9).
+
+The band maths is *not* re-implemented here: every number comes from
+``framer_dist.framer.framer_objective`` (its per-layer metrics), run with the ``framer`` section of
+the config (feature kind, mask, radius, FAW denominator, ...), every block as a student and the
+final block as the teacher. Outputs: ``hierarchy.json``, ``layer_similarity.png`` (Fig. 7: LF blue,
+HF red; the first checkpoint solid, the next dashed) and ``faw_fam_weights.png`` (Fig. 9).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from framer_dist.config import ConfigError, FramerConfig, load_config
+from framer_dist.framer import framer_objective, select_layers
+from framer_dist.infer.io import InferenceError, list_images, read_image, to_tensor
+
+METRICS = ("cos_lf", "cos_hf", "w_lf", "w_hf", "a_lf", "a_hf")
+
+
+def layer_band_metrics(features: Tensor, cfg: FramerConfig, teacher_index: int = -1) -> dict[str, Tensor]:
+    """Per-layer ``cos/w/a`` for LF and HF of ``features`` ``[L, B, C, H, W]`` vs one of its layers.
+
+    Every layer is a student; the teacher is ``features[teacher_index]``. In-batch negatives are
+    switched off (they change only the loss, not these metrics, and would need B >= 2).
+    """
+    n = features.shape[0]
+    c = dataclasses.replace(cfg, in_batch_negatives=False, nonfinite="error",
+                            random_negatives=cfg.random_negatives and n >= 2)
+    if not c.random_negatives and "intra" in (c.lf_loss, c.hf_loss):
+        c = dataclasses.replace(c, lf_loss="inter", hf_loss="inter")  # a one-key IntraCL only warns
+    res = framer_objective(features, features[teacher_index], c, torch.Generator().manual_seed(0))
+    return {k: res.metrics[k].detach().float().cpu() for k in METRICS}
+
+
+@torch.no_grad()
+def layer_features(model, x0: Tensor, lr_latent: Tensor, sigma: float, noise: Tensor,
+                   prompt_embeds: Tensor, pooled: Tensor, feature: str) -> Tensor:
+    """Every block's feature ``F^(i)`` (FRAMER_SPEC.md section 1) at noise level ``sigma``."""
+    dt = next(model.parameters()).dtype
+    dev = next(model.parameters()).device
+    x_t = ((1 - sigma) * x0 + sigma * noise).to(dev)
+    b = x0.shape[0]
+    out = model(hidden_states=x_t.to(dt), lr_latent=lr_latent.to(dev, dt),
+                timestep=torch.full((b,), sigma * 1000.0, device=dev, dtype=dt),
+                encoder_hidden_states=prompt_embeds.expand(b, -1, -1).to(dev, dt),
+                pooled_projections=pooled.expand(b, -1).to(dev, dt),
+                readout="hidden" if feature == "hidden" else "velocity")
+    f = out.features.float()
+    if feature == "x0":
+        f = x_t.float()[None] - sigma * f
+    return f
+
+
+def _prepare_image(img: np.ndarray, multiple: int, max_size: int) -> Tensor:
+    """Centre crop to at most ``max_size`` per side and to a multiple of ``multiple``."""
+    h, w = img.shape[:2]
+    th, tw = min(h, max_size), min(w, max_size)
+    th, tw = th - th % multiple, tw - tw % multiple
+    if th < multiple or tw < multiple:
+        raise InferenceError(f"image of {w}x{h} px is too small (needs at least {multiple} px per side)")
+    y, x = (h - th) // 2, (w - tw) // 2
+    return to_tensor(np.ascontiguousarray(img[y:y + th, x:x + tw]))
+
+
+def degrade_bicubic(hr: Tensor, scale: int) -> Tensor:
+    """The analysis LR: bicubic x1/scale then back to the HR size (DiT4SR's condition layout)."""
+    h, w = hr.shape[-2:]
+    lr = F.interpolate(hr, size=(max(1, h // scale), max(1, w // scale)), mode="bicubic",
+                       align_corners=False, antialias=True)
+    return F.interpolate(lr, size=(h, w), mode="bicubic", align_corners=False).clamp(0, 1)
+
+
+def analyze(models: Sequence[tuple[str, Any]], images: Sequence[np.ndarray], vae, cfg: FramerConfig,
+            timesteps: Sequence[int] = (300, 700), prompt: tuple[Tensor, Tensor] | None = None,
+            scale: int = 4, max_size: int = 512, seed: int = 0,
+            lr_images: Sequence[np.ndarray] | None = None) -> dict[str, Any]:
+    """Per-layer band metrics for every (model, timestep), averaged over ``images``."""
+    if not images:
+        raise InferenceError("no images to analyse")
+    for t in timesteps:
+        if not 0 < t <= 1000:
+            raise InferenceError(f"timesteps must be in (0, 1000], got {t}")
+    result: dict[str, Any] = {
+        "timesteps": list(timesteps), "feature": cfg.feature, "mask": cfg.mask, "radius": cfg.radius,
+        "cutoff": cfg.cutoff, "faw_denominator": cfg.faw_denominator, "num_images": len(images),
+        "models": {}}
+    for label, model in models:
+        cfg_model = model.config
+        multiple = vae.factor * int(cfg_model.patch_size)
+        e, p = prompt if prompt is not None else (
+            torch.zeros(1, 1, cfg_model.joint_attention_dim), torch.zeros(1, cfg_model.pooled_projection_dim))
+        _, teacher = select_layers(model.num_blocks, dataclasses.replace(cfg, students="all"))
+        sums: dict[str, dict[str, Tensor]] = {}
+        for k, img in enumerate(images):
+            hr = _prepare_image(img, multiple, max_size)
+            if lr_images is not None:
+                lr = F.interpolate(to_tensor(lr_images[k]), size=hr.shape[-2:], mode="bicubic",
+                                   align_corners=False).clamp(0, 1)
+            else:
+                lr = degrade_bicubic(hr, scale)
+            x0, lr_lat = vae.encode(hr), vae.encode(lr)
+            for t in timesteps:
+                g = torch.Generator().manual_seed(seed * 1_000_003 + k * 1009 + t)  # same for every model
+                noise = torch.randn(x0.shape, generator=g)
+                feats = layer_features(model, x0, lr_lat, t / 1000.0, noise, e, p, cfg.feature)
+                m = layer_band_metrics(feats, cfg, teacher)
+                acc = sums.setdefault(f"t{t}", {})
+                for key, v in m.items():
+                    acc[key] = acc.get(key, 0) + v
+        result["models"][label] = {
+            tk: {key: (v / len(images)).tolist() for key, v in acc.items()} for tk, acc in sums.items()}
+        result["models"][label]["num_blocks"] = int(model.num_blocks)
+        result["models"][label]["teacher_layer"] = int(teacher)
+    return result
+
+
+_STYLES = ("-", "--", ":", "-.")
+
+
+def plot_similarity(result: dict[str, Any], path: str | Path) -> Path:
+    """Fig. 7: per-layer cosine similarity to the final layer, LF blue / HF red, one panel per t."""
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    ts = result["timesteps"]
+    fig, axes = plt.subplots(1, len(ts), figsize=(5.2 * len(ts), 3.8), squeeze=False)
+    for ax, t in zip(axes[0], ts):
+        for i, (label, r) in enumerate(result["models"].items()):
+            layers = np.arange(1, r["num_blocks"] + 1)
+            ls = _STYLES[i % len(_STYLES)]
+            ax.plot(layers, r[f"t{t}"]["cos_lf"], ls, color="tab:blue", marker=".", label=f"{label} LF")
+            ax.plot(layers, r[f"t{t}"]["cos_hf"], ls, color="tab:red", marker=".", label=f"{label} HF")
+        ax.set_title(f"t = {t}")
+        ax.set_xlabel("layer")
+        ax.set_ylabel("cosine similarity to final layer")
+        ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"Layer-wise LF/HF similarity ({result['feature']} features, {result['mask']} mask)")
+    fig.tight_layout()
+    p = Path(path)
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return p
+
+
+def plot_weights(result: dict[str, Any], path: str | Path) -> Path:
+    """Fig. 9: FAW (w), FAM (a) and their product per layer, LF blue / HF red, a row per t."""
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    ts = result["timesteps"]
+    fig, axes = plt.subplots(len(ts), 3, figsize=(14, 3.4 * len(ts)), squeeze=False)
+    for row, t in zip(axes, ts):
+        for i, (label, r) in enumerate(result["models"].items()):
+            layers = np.arange(1, r["num_blocks"] + 1)
+            ls = _STYLES[i % len(_STYLES)]
+            d = r[f"t{t}"]
+            for band, color in (("lf", "tab:blue"), ("hf", "tab:red")):
+                w, a = np.asarray(d[f"w_{band}"]), np.asarray(d[f"a_{band}"])
+                for ax, y in zip(row, (w, a, w * a)):
+                    ax.plot(layers, y, ls, color=color, marker=".", label=f"{label} {band.upper()}")
+        for ax, name in zip(row, ("FAW weight w", "FAM weight a", "w x a")):
+            ax.set_title(f"{name}, t = {t}")
+            ax.set_xlabel("layer")
+            ax.set_ylim(-0.05, 1.05)
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    p = Path(path)
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return p
+
+
+def write_outputs(result: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "hierarchy.json"}
+    paths["json"].write_text(json.dumps(result, indent=2))
+    paths["similarity"] = plot_similarity(result, out / "layer_similarity.png")
+    paths["weights"] = plot_weights(result, out / "faw_fam_weights.png")
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------
+# command line (tools/analyze_hierarchy.py)
+
+
+def _default_images() -> Path:
+    return Path(__file__).resolve().parent / "assets" / "photos"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tools/analyze_hierarchy.py",
+        description="Per-layer LF/HF similarity to the final layer (paper Fig. 7) and FAW/FAM "
+                    "weights (Fig. 9) for one or more checkpoints, as PNG + JSON.")
+    p.add_argument("--checkpoint", action="append", required=True, metavar="[LABEL=]PATH",
+                   help="repeat: the first is drawn solid (e.g. baseline=...), the next dashed (FRAMER=...)")
+    p.add_argument("--kind", default="auto", help="checkpoint kind for all (auto/full/control/lora)")
+    p.add_argument("--base", default=None, help="base SD3 folder under control/LoRA checkpoints")
+    p.add_argument("--images", default=None, help="HR image folder (default: the bundled photos)")
+    p.add_argument("--lr", default=None, help="optional folder of matching LR images (same stems); "
+                                               "default: bicubic x1/scale of the HR")
+    p.add_argument("--max-images", type=int, default=8)
+    p.add_argument("--max-size", type=int, default=512, help="centre crop of at most this many px")
+    p.add_argument("--scale", type=int, default=4)
+    p.add_argument("--timesteps", default="300,700", help="comma list, sigma = t / 1000")
+    p.add_argument("--config", default=None, help="run config TOML: its [framer] section sets the bands")
+    p.add_argument("--override", action="append", default=[], help="dotted config override, e.g. framer.radius=0.1")
+    p.add_argument("--vae", default=None, help="diffusers VAE folder ('' = the tiny random VAE)")
+    p.add_argument("--text-encoders", default=None, help="SD3 folder for --prompt ('hashed' for tiny models)")
+    p.add_argument("--prompt", default=None, help="caption for every image (default: empty embeddings)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--out", default="hierarchy", help="output folder")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from framer_dist.infer.loading import load_transformer, load_vae
+    from framer_dist.infer.prompts import HashedPromptEncoder, SD3TextEncoder
+
+    args = build_parser().parse_args(argv)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if args.device == "auto" else args.device))
+    try:
+        cfg = load_config(args.config, args.override).framer
+        timesteps = [int(t) for t in args.timesteps.split(",") if t.strip()]
+        folder = Path(args.images) if args.images else _default_images()
+        files = list_images(folder)[: args.max_images]
+        images = [read_image(f) for f in files]
+        lr_images = None
+        if args.lr:
+            lr_by_stem = {f.stem: f for f in list_images(args.lr)}
+            missing = [f.name for f in files if f.stem not in lr_by_stem]
+            if missing:
+                raise InferenceError(f"no LR image in {args.lr} for: {', '.join(missing[:5])}")
+            lr_images = [read_image(lr_by_stem[f.stem]) for f in files]
+        models = []
+        for spec in args.checkpoint:
+            label, _, path = spec.rpartition("=")
+            models.append((label or Path(path).name,
+                           load_transformer(path, kind=args.kind, base=args.base, device=device, dtype=dtype)))
+        vae = load_vae(args.vae if args.vae is not None else (args.base or ""), device=device, dtype=dtype)
+        prompt = None
+        if args.prompt is not None:
+            m0 = models[0][1].config
+            enc = (HashedPromptEncoder(m0.joint_attention_dim, m0.pooled_projection_dim)
+                   if args.text_encoders == "hashed" else
+                   SD3TextEncoder(args.text_encoders or args.base or "", device=device, dtype=dtype))
+            prompt = enc([args.prompt])
+        result = analyze(models, images, vae, cfg, timesteps, prompt, args.scale, args.max_size,
+                         args.seed, lr_images)
+        result["images"] = [f.name for f in files]
+        result["checkpoints"] = {label: spec.rpartition("=")[2] for (label, _), spec in zip(models, args.checkpoint)}
+        paths = write_outputs(result, args.out)
+    except (InferenceError, ConfigError) as e:
+        print(f"analyze_hierarchy: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {paths['json']}, {paths['similarity']}, {paths['weights']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
