@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-DIM = 16
+DIM = 64  # 64x64 = 4096: bitsandbytes gives parameters this large real 8-bit state
 
 
 class TinyBlock(nn.Module):
@@ -38,7 +38,10 @@ class TinyModel(nn.Module):
         self._ac = set(indices)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.embed(x) + self.pos
+        # like diffusers' PatchEmbed: the fp32 buffer (DeepSpeed keeps buffers fp32 in bf16) is
+        # cast back to the compute dtype
+        h = self.embed(x)
+        h = (h + self.pos).to(h.dtype)
         for i, b in enumerate(self.transformer_blocks):
             h = checkpoint(b, h, use_reentrant=False) if i in self._ac and self.training else b(h)
         return self.head(h)

@@ -6,11 +6,12 @@ bitsandbytes is already the 8-bit optimizer of the DeepSpeed path, so both backe
 update rule and state format. bitsandbytes rejects DTensors, so it is built on each parameter's
 local shard (a view of FSDP2's sharded storage, so its in-place update is the parameter's update).
 
-Checkpoints: the blockwise-quantised moments are dequantised to fp32 and wrapped as DTensors with
-the parameter's sharding, so DCP saves them like any AdamW state and reshards them on a world-size
-change; loading quantises them again. On the same world size that round trip is exact (each block's
-absmax is attained by an element whose code is +-1, so re-quantisation finds the same absmax and
-codes; the resume test checks it bit for bit).
+Checkpoints hold the state twice, small as it is: (1) each rank's raw bitsandbytes state (uint8
+codes + block absmax) in a per-rank file, loaded bit for bit when the world size is unchanged; (2)
+the moments dequantised to fp32 and wrapped as DTensors with the parameter's sharding, which DCP
+reshards on a world-size change and which are quantised again on load. (2) alone is not exact: the
+signed 8-bit map has no code for -1.0, so a block whose largest moment is negative gets a slightly
+different absmax after a dequantise/quantise round trip.
 """
 
 from __future__ import annotations
@@ -137,3 +138,21 @@ class ShardedAdamW8bit:
                         st[f"absmax{i}"].copy_(qs.absmax)
                     else:
                         st[f"state{i}"].copy_(val.view_as(st[f"state{i}"]))
+
+    # -- raw per-rank state (exact resume on the same world size) ---------------------------------
+    def raw_state(self) -> dict[str, dict[str, Any]]:
+        out: dict[str, dict[str, Any]] = {}
+        for n, loc in self.locals.items():
+            st = self.opt.state.get(loc)
+            if st:
+                out[n] = {k: (v.detach().clone() if isinstance(v, Tensor) else v) for k, v in st.items()}
+        return out
+
+    @torch.no_grad()
+    def load_raw_state(self, raw: dict[str, dict[str, Any]]) -> None:
+        if set(raw) - set(self.locals):
+            raise KeyError(f"8-bit optimizer state for unknown parameters {sorted(set(raw) - set(self.locals))[:5]}")
+        for n, st in raw.items():
+            loc = self.locals[n]
+            self.opt.state[loc] = {k: (v.to(loc.device).clone() if isinstance(v, Tensor) else v)
+                                   for k, v in st.items()}

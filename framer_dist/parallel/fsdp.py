@@ -132,6 +132,8 @@ class FSDP2Backend(Backend):
     def save(self, path: str | Path, client_state: dict[str, Any]) -> None:
         path = Path(path)
         dcp.save(self._state(), checkpoint_id=str(path / DCP_DIR))
+        if self.cfg.train.optimizer == "adamw8bit":
+            torch.save(self.optimizer.raw_state(), path / f"optim8_rank{self.rank:05d}.pt")
         if self.is_main:
             torch.save({"scheduler": self.scheduler.state_dict(),
                         "optimizer_step": self.optimizer_step}, path / "fsdp_extra.pt")
@@ -151,7 +153,11 @@ class FSDP2Backend(Backend):
         dcp.load(state, checkpoint_id=str(path / DCP_DIR))
         set_model_state_dict(self.model, state["model"], options=StateDictOptions(strict=False))
         if "optim8" in state:
-            self.optimizer.load_dcp_state(state["optim8"])
+            raw = path / f"optim8_rank{self.rank:05d}.pt"
+            if meta["world_size"] == self.world_size and raw.is_file():
+                self.optimizer.load_raw_state(torch.load(raw, map_location="cpu", weights_only=False))
+            else:
+                self.optimizer.load_dcp_state(state["optim8"])  # resharded, re-quantised
         else:
             set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
         if self.ema is not None:
