@@ -138,6 +138,16 @@ def analyze(models: Sequence[tuple[str, Any]], images: Sequence[np.ndarray], vae
 _STYLES = ("-", "--", ":", "-.")
 
 
+def _layer_axis(ax) -> None:
+    """Integer layer ticks; y from 0 (or below, for negative cosines) to 1."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    lo = min([0.0] + [float(np.min(line.get_ydata())) for line in ax.get_lines()])
+    ax.set_ylim(lo - 0.05, 1.05)
+    ax.grid(alpha=0.3)
+
+
 def plot_similarity(result: dict[str, Any], path: str | Path) -> Path:
     """Fig. 7: per-layer cosine similarity to the final layer, LF blue / HF red, one panel per t."""
     import matplotlib
@@ -155,8 +165,7 @@ def plot_similarity(result: dict[str, Any], path: str | Path) -> Path:
         ax.set_title(f"t = {t}")
         ax.set_xlabel("layer")
         ax.set_ylabel("cosine similarity to final layer")
-        ax.set_ylim(-0.05, 1.05)
-        ax.grid(alpha=0.3)
+        _layer_axis(ax)
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"Layer-wise LF/HF similarity ({result['feature']} features, {result['mask']} mask)")
     fig.tight_layout()
@@ -186,8 +195,7 @@ def plot_weights(result: dict[str, Any], path: str | Path) -> Path:
         for ax, name in zip(row, ("FAW weight w", "FAM weight a", "w x a")):
             ax.set_title(f"{name}, t = {t}")
             ax.set_xlabel("layer")
-            ax.set_ylim(-0.05, 1.05)
-            ax.grid(alpha=0.3)
+            _layer_axis(ax)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     p = Path(path)

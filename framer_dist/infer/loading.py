@@ -85,6 +85,8 @@ def load_transformer(checkpoint: str | Path, *, kind: str = "auto", base: str | 
     except (ValueError, FileNotFoundError) as e:
         raise InferenceError(f"cannot load {found_kind} checkpoint {path}: {e}") from None
     model.requires_grad_(False)
+    if dtype is not None and dtype == next(model.parameters()).dtype:
+        dtype = None  # no-op cast; diffusers warns on any dtype cast
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -138,4 +140,6 @@ def load_vae(path: str | Path | None, device: Any = None, dtype: torch.dtype | N
                                  "pass --vae DIR (a diffusers AutoencoderKL folder)") from None
         vae = data_load_vae(DataConfig(vae=""), device=device)
         vae = getattr(vae, "vae", vae)
+    if dtype is not None and dtype == next(vae.parameters()).dtype:
+        dtype = None
     return VaeCodec(vae.to(device=device, dtype=dtype))
