@@ -254,3 +254,13 @@ def test_wrong_inputs_raise_clear_errors(tiny):
         tiny(**x, readout="x0")
     with pytest.raises(ValueError, match="out of range"):
         tiny.set_activation_checkpointing([4])
+
+
+def test_bf16_model_takes_fp32_inputs_with_readout_and_checkpointing():
+    torch.manual_seed(0)
+    m = build_model(ModelConfig(preset="tiny"), dtype=torch.bfloat16)
+    m.set_activation_checkpointing([0, 2])
+    out = m(**_inputs(b=1), readout="velocity")
+    assert out.sample.dtype == torch.bfloat16 and out.features.shape == (4, 1, 16, 6, 10)
+    out.features.float().mean().backward()
+    assert m.transformer_blocks[0].attn.to_k_control.weight.grad is not None

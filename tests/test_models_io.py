@@ -208,3 +208,18 @@ def test_lora_export_reload_reproduces_outputs(stock, tmp_path):
     assert torch.equal(got.sample, want.sample) and torch.equal(got.features, want.features)
     with pytest.raises(ValueError, match="LoRA adapters"):
         save_model(m, tmp_path / "whole")
+
+
+def test_bf16_release_folder_is_upcast_to_fp32_master_weights(stock, tmp_path):
+    model, _ = stock
+    bf = SD3Transformer2DModel.from_config(model.config)
+    bf.load_state_dict(model.state_dict())
+    bf.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    ours = build_model(ModelConfig(preset="tiny", pretrained=str(tmp_path / "bf16")))
+    assert all(p.dtype == torch.float32 for p in ours.parameters())
+    w = ours.transformer_blocks[2].attn.to_out[0].weight
+    assert torch.equal(w, model.transformer_blocks[2].attn.to_out[0].weight.bfloat16().float())
+    assert torch.equal(ours.transformer_blocks[2].attn.to_out_control.weight, w)
+    kept = load_pretrained(tmp_path / "bf16")  # the direct loader keeps the file's dtype
+    assert kept.proj_out.weight.dtype == torch.bfloat16
+    assert kept.transformer_blocks[0].conv_control.weight.dtype == torch.bfloat16

@@ -165,10 +165,15 @@ def _norm(v: Any) -> Any:
 
 def build_model(cfg: ModelConfig, *, device: Any = None,
                 dtype: torch.dtype | None = None) -> DiT4SRTransformer:
-    """The backbone of ``cfg.preset``; with ``cfg.pretrained`` the weights come from that folder."""
+    """The backbone of ``cfg.preset``; with ``cfg.pretrained`` the weights come from that folder.
+
+    Parameters are fp32 unless ``dtype`` says otherwise (master weights; a bf16 release file is
+    upcast), so random and pretrained models start alike.
+    """
     if cfg.pretrained:
         return load_pretrained(cfg.pretrained, preset=cfg.preset,
-                               lr_injection_scale=cfg.lr_injection_scale, device=device, dtype=dtype)
+                               lr_injection_scale=cfg.lr_injection_scale, device=device,
+                               dtype=dtype or torch.float32)
     geometry = preset_geometry(cfg.preset)
     with torch.device(device if device is not None else "cpu"):
         model = DiT4SRTransformer(**geometry, lr_injection_scale=cfg.lr_injection_scale)

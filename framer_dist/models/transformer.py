@@ -180,6 +180,10 @@ class DiT4SRTransformer(SD3Transformer2DModel):
     ) -> DiT4SROutput:
         self._check_inputs(hidden_states, lr_latent, timestep, encoder_hidden_states,
                            pooled_projections, readout)
+        # Inputs follow the compute dtype of the weights (e.g. fp32 latents into a bf16 model).
+        dt = self.pos_embed.proj.weight.dtype
+        hidden_states, lr_latent = hidden_states.to(dt), lr_latent.to(dt)
+        encoder_hidden_states, pooled_projections = encoder_hidden_states.to(dt), pooled_projections.to(dt)
         b = hidden_states.shape[0]
         p = self.config.patch_size
         grid = (hidden_states.shape[-2] // p, hidden_states.shape[-1] // p)
