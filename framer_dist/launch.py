@@ -1,0 +1,340 @@
+"""Submit FRAMER training through submitit: a SLURM job (AutoExecutor) or this machine (--local).
+
+    python tools/submit.py --config configs/sd35m_framer.toml --nodes 4 --gpus-per-node 8 \
+        --partition gpu --constraint h200 --time 24:00:00 [section.key=value ...]
+    python tools/submit.py --local --tasks 2 --config configs/tiny_cpu_demo.toml train.device=cpu
+
+Each submitit task (one per GPU) runs the trainer (framer_dist/train.py) as a child process with
+RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from submitit's TorchDistributedEnvironment and
+`--resume auto`. Preemption, the order that matters:
+
+1. SLURM sends the preemption signal (USR2, `signal_delay_s` before the time limit) to every
+   process of the job; the local executor sends it to every task. While the trainer runs, each
+   task forwards it to its trainer instead of letting submitit's handler requeue at once (that
+   handler runs on global rank 0 only and would requeue before anything is saved).
+2. The trainer's own handler sets a flag; the ranks agree on it at the next step, save one
+   collective checkpoint, pass a barrier, and every rank exits with checkpoint.requeue_exit_code.
+3. Only then does the rank-0 task hand over to submitit's handler, which calls
+   :meth:`TrainJob.checkpoint` (the same job again: it always resumes with `--resume auto`) and
+   requeues (`scontrol requeue`, or the local controller's restart). The other tasks just exit.
+
+A SIGTERM (scancel, or SLURM preemption with PreemptMode=REQUEUE, which requeues by itself) also
+makes the trainer save, but the job is not requeued by us. Resubmitting with another node or task
+count resumes from the newest checkpoint (the trainer reshards).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import submitit
+from submitit.core.utils import UncompletedJobError
+from submitit.helpers import Checkpointable, DelayedSubmission, TorchDistributedEnvironment
+
+from framer_dist.config import ConfigError, load_config
+
+TRAIN_SCRIPT = Path(__file__).resolve().parent / "train.py"
+
+
+@dataclass
+class TrainSpec:
+    """Everything a task needs to start the trainer; pickled into the job."""
+
+    config: str                      # absolute path of the run config
+    backend_args: list[str]          # ["--backend", "fsdp2"] or ["--ds", "<abs json>"]
+    overrides: list[str]             # dotted config overrides
+    workdir: str                     # cwd of the submission: relative paths resolve as there
+    python: str = sys.executable
+    requeue_exit_code: int = 75      # checkpoint.requeue_exit_code of the validated config
+    local: bool = False              # local executor: rendezvous on 127.0.0.1
+    env: dict[str, str] = field(default_factory=dict)   # extra environment for the trainer
+
+
+def trainer_command(spec: TrainSpec, preempt_signal: str) -> list[str]:
+    """The trainer's command line for one task (always `--resume auto`)."""
+    return [spec.python, str(TRAIN_SCRIPT), "--config", spec.config, *spec.backend_args,
+            "--resume", "auto", f"checkpoint.preempt_signal={preempt_signal}",
+            f"checkpoint.requeue_exit_code={spec.requeue_exit_code}", *spec.overrides]
+
+
+def _usr_signal() -> signal.Signals:
+    """The signal submitit treats as preemption (USR2 unless SUBMITIT_PREEMPT_SIGNAL says else)."""
+    name = "SIG" + submitit.JobEnvironment.USR_SIG
+    if name not in ("SIGUSR1", "SIGUSR2"):
+        raise RuntimeError(f"SUBMITIT_PREEMPT_SIGNAL={submitit.JobEnvironment.USR_SIG!r}: the "
+                           "trainer handles only USR1 or USR2")
+    return signal.Signals[name]
+
+
+class TrainJob(Checkpointable):
+    """The submitit callable: one call per task runs that task's trainer process."""
+
+    def __init__(self, spec: TrainSpec, attempt: int = 0) -> None:
+        self.spec = spec
+        self.attempt = attempt
+
+    def _child_env(self) -> dict[str, str]:
+        dist = TorchDistributedEnvironment()
+        env = dict(os.environ)
+        env.update(self.spec.env)
+        env.update(RANK=str(dist.rank), WORLD_SIZE=str(dist.world_size),
+                   LOCAL_RANK=str(dist.local_rank), LOCAL_WORLD_SIZE=str(dist.local_world_size),
+                   MASTER_ADDR="127.0.0.1" if self.spec.local else dist.master_addr,
+                   MASTER_PORT=str(dist.master_port))
+        # Both executors hand every task all of the node's GPUs; the trainer picks cuda:LOCAL_RANK.
+        cores = len(os.sched_getaffinity(0))
+        env.setdefault("OMP_NUM_THREADS", str(max(1, cores // max(1, dist.local_world_size))))
+        env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        return env
+
+    def __call__(self) -> dict[str, Any]:
+        job_env = submitit.JobEnvironment()
+        rank = job_env.global_rank
+        usr = _usr_signal()
+        cmd = trainer_command(self.spec, usr.name)
+        print(f"[framer_dist.launch] task {rank}/{job_env.num_tasks} attempt {self.attempt}: "
+              + " ".join(cmd), flush=True)
+        child = subprocess.Popen(cmd, cwd=self.spec.workdir, env=self._child_env())
+
+        seen: set[int] = set()
+
+        def forward(signum: int, frame: Any) -> None:
+            # SLURM signals the trainer directly too; a second copy only sets the same flag.
+            seen.add(signum)
+            try:
+                child.send_signal(signum)
+            except ProcessLookupError:
+                pass
+
+        submitit_handler = signal.getsignal(usr)
+        previous = {s: signal.signal(s, forward) for s in (usr, signal.SIGTERM)}
+        try:
+            rc = child.wait()
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+        if rc == 0:
+            return {"rank": rank, "exit_code": 0, "attempt": self.attempt}
+        # The requeue code, or killed by the preemption signal before its handler was installed
+        # (nothing new to save then: the newest checkpoint stands).
+        preempted = rc == self.spec.requeue_exit_code or (rc == -usr and usr in seen)
+        if not preempted:
+            raise RuntimeError(f"trainer on rank {rank} failed with exit code {rc} "
+                               f"(attempt {self.attempt}); its output is in this task's log")
+        if signal.SIGTERM in seen:
+            raise UncompletedJobError(
+                f"rank {rank}: stopped by SIGTERM (scancel or preemption); the checkpoint is saved "
+                "and the job is not requeued by us: resubmit to resume")
+        print(f"[framer_dist.launch] task {rank}: trainer saved and exited for requeue", flush=True)
+        if rank == 0:
+            if not callable(submitit_handler):
+                raise RuntimeError("not running under a submitit executor: cannot requeue")
+            # submitit's own handler: checkpoint() -> requeue -> exit. It does not return.
+            submitit_handler(usr, None)
+        # Other ranks leave quietly (exit 0 keeps srun from killing rank 0 before it requeues).
+        sys.exit(0)
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
+        """Resubmit the same training; the trainer finds its checkpoint with --resume auto."""
+        return DelayedSubmission(TrainJob(replace(self.spec), self.attempt + 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+
+def parse_time_minutes(text: str) -> int:
+    """'90' (minutes), 'HH:MM:SS', 'MM:SS' or 'D-HH:MM:SS' -> minutes (rounded up)."""
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"--time {text!r}: expected minutes, HH:MM:SS or D-HH:MM:SS")
+    days, a, b, c = (int(x) if x else None for x in m.groups())
+    if b is None and c is None:  # 'M', or 'D-H' (SLURM reads the number after a day as hours)
+        seconds = a * 3600 + days * 86400 if days is not None else a * 60
+    elif c is None:
+        seconds = (days or 0) * 86400 + (a * 3600 + b * 60 if days is not None else a * 60 + b)
+    else:
+        seconds = (days or 0) * 86400 + a * 3600 + b * 60 + c
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"--time {text!r} must be positive")
+    return -(-seconds // 60)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="submit.py", description="Submit FRAMER training with submitit (SLURM or --local).",
+        epilog="Trailing section.key=value arguments are passed to the trainer as config overrides.")
+    p.add_argument("--config", required=True, help="run config (TOML, see configs/)")
+    p.add_argument("--backend", choices=["fsdp2", "deepspeed", "none"], default=None,
+                   help="data-parallel backend (default fsdp2; --ds implies deepspeed)")
+    p.add_argument("--ds", metavar="JSON", help="DeepSpeed config, e.g. ds_configs/zero3.json")
+    g = p.add_argument_group("SLURM")
+    g.add_argument("--nodes", type=int, default=1)
+    g.add_argument("--gpus-per-node", type=int, default=8, help="one task per GPU")
+    g.add_argument("--cpus-per-task", type=int, default=None)
+    g.add_argument("--partition")
+    g.add_argument("--account")
+    g.add_argument("--qos")
+    g.add_argument("--constraint", help="node feature, e.g. h200")
+    g.add_argument("--mem", help="memory per node as SLURM spells it, e.g. 0 (all) or 900G")
+    g.add_argument("--time", type=parse_time_minutes, default=24 * 60,
+                   help="time limit: minutes, HH:MM:SS or D-HH:MM:SS (default 24:00:00)")
+    g.add_argument("--signal-delay", type=int, default=300, metavar="S",
+                   help="send USR2 this many seconds before the time limit; must cover a step "
+                        "plus the collective save (SLURM may send it up to 60 s earlier)")
+    g.add_argument("--max-requeues", type=int, default=100,
+                   help="time-limit requeues submitit allows before it gives up")
+    g.add_argument("--job-name", default="framer")
+    g.add_argument("--exclusive", action="store_true", help="whole nodes")
+    l = p.add_argument_group("this machine")
+    l.add_argument("--local", action="store_true", help="run here with submitit's local executor")
+    l.add_argument("--tasks", type=int, default=None,
+                   help="--local: number of ranks (default: --gpus-per-node if GPUs are used, else 1)")
+    l.add_argument("--cpu", action="store_true", help="--local: no GPUs (tests, CPU demo)")
+    p.add_argument("--folder", help="submitit logs and pickles (default <train.out_dir>/submitit)")
+    p.add_argument("--python", default=sys.executable, help="python on the compute nodes")
+    p.add_argument("--wait", action="store_true", help="block until the job ends (default with --local)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate and print the sbatch script the SLURM executor would submit")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    return p
+
+
+@dataclass
+class Plan:
+    """A validated submission: what to run and how to queue it."""
+
+    spec: TrainSpec
+    folder: Path
+    cluster: str
+    parameters: dict[str, Any]
+    max_requeues: int
+
+
+def plan_submission(args: argparse.Namespace) -> Plan:
+    """Validate everything (config, paths, sizes) before anything is queued; ConfigError if bad."""
+    cwd = Path.cwd()
+    cfg_path = Path(args.config)
+    if not cfg_path.is_file():
+        raise ConfigError(f"config file not found: {cfg_path}")
+    backend = args.backend or ("deepspeed" if args.ds else "fsdp2")
+    if backend == "deepspeed":
+        if not args.ds:
+            raise ConfigError("--backend deepspeed needs --ds <DeepSpeed JSON> (e.g. ds_configs/zero3.json)")
+        if not Path(args.ds).is_file():
+            raise ConfigError(f"DeepSpeed config not found: {args.ds}")
+        backend_args = ["--ds", str(Path(args.ds).resolve())]
+        extra = ['parallel.backend="deepspeed"', f'parallel.ds_config="{Path(args.ds).resolve()}"']
+    else:
+        if args.ds:
+            raise ConfigError(f"--ds given with --backend {backend}: drop one of them")
+        backend_args = ["--backend", backend]
+        extra = [f'parallel.backend="{backend}"']
+    cfg = load_config(cfg_path, [*args.overrides, *extra])  # names the bad key
+
+    for name in ("nodes", "gpus_per_node", "cpus_per_task", "tasks", "signal_delay", "max_requeues"):
+        v = getattr(args, name)
+        if v is not None and v < (0 if name in ("gpus_per_node", "max_requeues") else 1):
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {v}")
+    if args.local and args.nodes != 1:
+        raise ConfigError("--local runs on one machine: --nodes must be 1")
+    if not args.local and args.gpus_per_node < 1:
+        raise ConfigError("--gpus-per-node must be at least 1 on SLURM (one task per GPU)")
+    if args.time * 60 <= args.signal_delay:
+        raise ConfigError(f"--signal-delay {args.signal_delay}s is not shorter than --time "
+                          f"({args.time} min)")
+
+    out_dir = Path(cfg.train.out_dir)
+    folder = Path(args.folder) if args.folder else out_dir / "submitit"
+    spec = TrainSpec(config=str(cfg_path.resolve()), backend_args=backend_args,
+                     overrides=list(args.overrides), workdir=str(cwd), python=args.python,
+                     requeue_exit_code=cfg.checkpoint.requeue_exit_code, local=args.local)
+    params: dict[str, Any] = {"name": args.job_name, "timeout_min": args.time, "nodes": args.nodes}
+    if args.local:
+        gpus = 0 if args.cpu else args.gpus_per_node
+        params.update(tasks_per_node=args.tasks or max(gpus, 1), gpus_per_node=gpus)
+        if args.cpus_per_task:
+            params["cpus_per_task"] = args.cpus_per_task
+        cluster = "local"
+    else:
+        params.update(tasks_per_node=args.gpus_per_node, gpus_per_node=args.gpus_per_node,
+                      slurm_signal_delay_s=args.signal_delay,
+                      slurm_additional_parameters={"requeue": True})
+        for key in ("cpus_per_task",):
+            if getattr(args, key):
+                params[key] = getattr(args, key)
+        for key in ("partition", "account", "qos", "constraint", "mem"):
+            if getattr(args, key):
+                params[f"slurm_{key}"] = getattr(args, key)
+        if args.exclusive:
+            params["slurm_exclusive"] = True
+        cluster = "slurm"
+    return Plan(spec=spec, folder=folder, cluster=cluster, parameters=params,
+                max_requeues=args.max_requeues)
+
+
+def make_executor(plan: Plan) -> submitit.AutoExecutor:
+    kw = {f"{plan.cluster}_max_num_timeout": plan.max_requeues}
+    if plan.cluster == "slurm" and not shutil.which("srun"):
+        raise ConfigError("SLURM not found (no srun on PATH): submit from a login node, or use "
+                          "--local to run on this machine")
+    ex = submitit.AutoExecutor(folder=plan.folder, cluster=plan.cluster, **kw)
+    ex.update_parameters(**plan.parameters)
+    return ex
+
+
+def submit(plan: Plan) -> submitit.Job:
+    """Queue the job (nothing is queued before the plan validated)."""
+    return make_executor(plan).submit(TrainJob(plan.spec))
+
+
+def sbatch_preview(plan: Plan) -> str:
+    """The sbatch script submitit would write for this plan (nothing is submitted)."""
+    ex = make_executor(plan)
+    return ex._executor._make_submission_file_text(ex._executor._submitit_command_str, "preview")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # a missing --config stops here (exit 2), nothing queued
+    try:
+        plan = plan_submission(args)
+        if args.dry_run:
+            if plan.cluster == "slurm":
+                print(sbatch_preview(plan))
+            print("trainer command per task:",
+                  " ".join(trainer_command(plan.spec, "SIG" + submitit.JobEnvironment.USR_SIG)))
+            return 0
+        job = submit(plan)
+    except ConfigError as e:
+        parser.error(str(e))
+    print(f"submitted job {job.job_id} ({plan.cluster}); logs: {plan.folder}")
+    if not (args.wait or args.local):
+        return 0
+    try:
+        while not job.done():
+            time.sleep(2)
+        job.results()
+    except KeyboardInterrupt:
+        job.cancel()
+        return 130
+    except Exception as e:  # a failed job: say where its logs are
+        print(f"job {job.job_id} failed: {e}\nlogs: {plan.folder}", file=sys.stderr)
+        return 1
+    print(f"job {job.job_id} finished")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

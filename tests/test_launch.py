@@ -1,0 +1,354 @@
+"""Cluster launch: slurm/*.sh lint, the sbatch script under a fake SLURM, submitit jobs.
+
+The distributed tests run the real trainer (tiny model, fp32, 2 ranks over gloo) through the real
+launchers: `slurm/train_dit.sh` -> fake srun -> torchrun (c10d) -> slurm/worker.sh -> trainer, and
+submitit's LocalExecutor -> framer_dist.launch.TrainJob -> trainer. Preemption is simulated the way
+SLURM does it: the signal goes to the job step's processes (fake scancel) or to submitit's task
+processes; the batch shell / controller is not signalled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from framer_dist import launch
+
+REPO = Path(__file__).resolve().parent.parent
+FAKE_SLURM = REPO / "tests" / "fake_slurm"
+SCRIPTS = sorted((REPO / "slurm").glob("*.sh")) + sorted(p for p in FAKE_SLURM.iterdir() if p.is_file())
+STEPS = 16
+TINY_TOML = """
+[model]
+preset = "tiny"
+[data]
+source = "synthetic"
+resolution = 32
+scale = 4
+batch_size = 1
+[train]
+mode = "control"
+steps = {steps}
+lr = 1e-3
+precision = "fp32"
+device = "cpu"
+seed = 3
+out_dir = "{out}"
+[checkpoint]
+every = 0
+keep_last = 3
+[log]
+every = 4
+heatmap_every = 0
+progress = false
+"""
+
+
+def _write_config(tmp: Path, out: Path, steps: int = STEPS) -> Path:
+    cfg = tmp / "tiny.toml"
+    cfg.write_text(TINY_TOML.format(steps=steps, out=out))
+    return cfg
+
+
+def _shellcheck() -> str | None:
+    venv_bin = Path(sys.executable).parent / "shellcheck"
+    return str(venv_bin) if venv_bin.exists() else shutil.which("shellcheck")
+
+
+def _steps_logged(out: Path) -> list[int]:
+    f = out / "metrics.jsonl"
+    if not f.exists():
+        return []
+    return [json.loads(line)["step"] for line in f.read_text().splitlines() if line.strip()]
+
+
+def _wait_for_steps(out: Path, n: int, proc_alive, timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    while len(_steps_logged(out)) < n:
+        assert proc_alive(), "the run ended before it could be preempted"
+        assert time.monotonic() < end, f"no progress in {out}"
+        time.sleep(0.05)
+
+
+def _checkpoint_steps(out: Path) -> list[int]:
+    return sorted(int(p.name.split("_")[1]) for p in (out / "checkpoints").glob("step_*")
+                  if (p / "COMPLETE").exists())
+
+
+def _load_state(out: Path, step: int, tmp: Path) -> dict:
+    """Model + optimizer tensors of a DCP checkpoint, flattened."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dst = tmp / f"flat_{out.name}_{step}.pt"
+    dcp_to_torch_save(out / "checkpoints" / f"step_{step:08d}" / "dcp", dst)
+    flat: dict = {}
+
+    def walk(d: dict, prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                flat[prefix + str(k)] = v
+
+    walk(torch.load(dst, weights_only=False), "")
+    return flat
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    import torch
+
+    assert a.keys() == b.keys()
+    n_tensors = 0
+    for k in a:
+        if isinstance(a[k], torch.Tensor):
+            n_tensors += 1
+            assert torch.equal(a[k], b[k]), f"{k} differs"
+        else:
+            assert a[k] == b[k], f"{k}: {a[k]} != {b[k]}"
+    assert n_tensors > 10
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# static checks and argument handling (fast)
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_scripts_parse_and_are_shellcheck_clean(script: Path) -> None:
+    assert os.access(script, os.X_OK), f"{script} is not executable"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    sc = _shellcheck()
+    if sc is None:
+        pytest.skip("shellcheck is not installed")
+    r = subprocess.run([sc, "-x", str(script)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_sbatch_header_requeues_and_signals_early() -> None:
+    text = (REPO / "slurm" / "train_dit.sh").read_text()
+    header = [ln for ln in text.splitlines() if ln.startswith("#SBATCH")]
+    assert "#SBATCH --requeue" in header
+    assert "#SBATCH --gpus-per-node=8" in header
+    sig = [ln for ln in header if ln.startswith("#SBATCH --signal=")]
+    assert len(sig) == 1 and not sig[0].split("=", 1)[1].startswith("B:")  # the steps, not the shell
+    assert int(sig[0].rsplit("@", 1)[1]) >= 120
+
+
+def test_submit_without_config_fails_before_queueing(tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "submitit"
+    with pytest.raises(SystemExit) as e:
+        launch.main(["--local", "--cpu", "--tasks", "2", "--folder", str(folder)])
+    assert e.value.code == 2
+    assert "--config" in capsys.readouterr().err
+    assert not folder.exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--config", "nope.toml"], "config file not found: nope.toml"),
+    (["--config", "{cfg}", "train.stepz=3"], "unknown config key 'train.stepz'"),
+    (["--config", "{cfg}", "--backend", "deepspeed"], "needs --ds"),
+    (["--config", "{cfg}", "--ds", "missing.json"], "DeepSpeed config not found: missing.json"),
+    (["--config", "{cfg}", "--nodes", "2"], "--nodes must be 1"),
+    (["--config", "{cfg}", "--time", "4", "--signal-delay", "300"], "--signal-delay"),
+])
+def test_submit_bad_options_fail_before_queueing(tmp_path: Path, capsys, argv, message) -> None:
+    cfg = _write_config(tmp_path, tmp_path / "run")
+    folder = tmp_path / "submitit"
+    argv = [a.replace("{cfg}", str(cfg)) for a in argv]
+    with pytest.raises(SystemExit) as e:
+        launch.main([*argv, "--local", "--cpu", "--folder", str(folder)])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not folder.exists()
+
+
+def test_slurm_plan_maps_every_option(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("PATH", f"{FAKE_SLURM}{os.pathsep}{os.environ['PATH']}")  # submitit wants srun
+    cfg = _write_config(tmp_path, tmp_path / "run")
+    folder = tmp_path / "submitit"
+    rc = launch.main(["--config", str(cfg), "--nodes", "4", "--gpus-per-node", "8",
+                      "--partition", "gpu", "--account", "proj", "--qos", "high",
+                      "--constraint", "h200", "--mem", "0", "--time", "1-00:00:00",
+                      "--cpus-per-task", "12", "--folder", str(folder), "--dry-run",
+                      "framer.weight=0.05"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    for line in ["--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8", "--partition=gpu",
+                 "--account=proj", "--qos=high", "--constraint=h200", "--mem=0", "--time=1440",
+                 "--cpus-per-task=12", "--requeue", "--signal=USR2@300"]:
+        assert f"#SBATCH {line}\n" in out, line
+    assert "--resume auto checkpoint.preempt_signal=SIGUSR2" in out
+    assert out.rstrip().endswith("framer.weight=0.05")
+    assert not folder.exists()  # a dry run queues nothing
+
+
+@pytest.mark.parametrize("text, minutes", [("90", 90), ("1:30:00", 90), ("10:30", 11),
+                                           ("2-00:00:00", 2880), ("1-6", 1800)])
+def test_time_parsing(text: str, minutes: int) -> None:
+    assert launch.parse_time_minutes(text) == minutes
+
+
+def test_batch_script_refuses_a_missing_config(tmp_path: Path) -> None:
+    env = dict(os.environ, PATH=f"{FAKE_SLURM}{os.pathsep}{os.environ['PATH']}",
+               FAKE_SLURM_STATE=str(tmp_path / "state"), LOG_DIR=str(tmp_path / "logs"))
+    env.pop("CONFIG", None)
+    out = tmp_path / "batch.out"
+    r = subprocess.run(["sbatch", f"--output={out}", "slurm/train_dit.sh"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert "CONFIG is not set" in out.read_text()
+    assert not (tmp_path / "state" / "steps.0").exists() and not list((tmp_path / "state").glob("steps.*"))
+
+
+# ----------------------------------------------------------------------------------------------
+# end to end (real trainer, 2 ranks over gloo)
+
+
+def _submit_local(tmp: Path, cfg: Path, folder: Path, tasks: int, *extra: str):
+    args = launch.build_parser().parse_args(
+        ["--config", str(cfg), "--local", "--cpu", "--tasks", str(tasks), "--folder", str(folder),
+         *extra])
+    return launch.submit(launch.plan_submission(args))
+
+
+def _task_processes(job) -> list[psutil.Process]:
+    """submitit's task processes: the children of the local controller (not the trainers)."""
+    end = time.monotonic() + 30
+    while time.monotonic() < end:
+        kids = psutil.Process(job._process.pid).children()
+        if kids:
+            return kids
+        time.sleep(0.05)
+    raise AssertionError("no submitit task processes")
+
+
+def _wait_job(job, timeout: float = 240):
+    end = time.monotonic() + timeout
+    while not job.done():
+        assert time.monotonic() < end, "submitit job did not finish"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> tuple[Path, dict]:
+    """An uninterrupted 2-task submitit run: its step log and final state."""
+    tmp = tmp_path_factory.mktemp("ref")
+    out = tmp / "run"
+    job = _submit_local(tmp, _write_config(tmp, out), tmp / "submitit", 2, "--time", "30")
+    _wait_job(job)
+    results = job.results()
+    assert [r["exit_code"] for r in results] == [0, 0] and results[0]["attempt"] == 0
+    assert _steps_logged(out) == list(range(1, STEPS + 1))
+    assert _checkpoint_steps(out)[-1] == STEPS
+    return out, _load_state(out, STEPS, tmp)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_submitit_local_preemption_requeues_and_matches_uninterrupted(tmp_path, reference) -> None:
+    ref_out, ref_state = reference
+    out = tmp_path / "run"
+    folder = tmp_path / "submitit"
+    job = _submit_local(tmp_path, _write_config(tmp_path, out), folder, 2, "--time", "30")
+    tasks = _task_processes(job)
+    _wait_for_steps(out, 3, lambda: not job.done())
+    for p in tasks:  # SLURM signals every task of the job; so does the local controller
+        p.send_signal(signal.SIGUSR2)
+    _wait_job(job)
+
+    results = job.results()
+    assert [r["exit_code"] for r in results] == [0, 0]
+    assert results[0]["attempt"] == 1, "the job was not requeued through TrainJob.checkpoint"
+    ckpts = _checkpoint_steps(out)
+    assert len(ckpts) == 2 and 3 <= ckpts[0] < STEPS and ckpts[1] == STEPS, ckpts
+    # every step exactly once across the two attempts, with the reference run's losses
+    assert _steps_logged(out) == list(range(1, STEPS + 1))
+    ref_rows = (ref_out / "metrics.jsonl").read_text().splitlines()
+    assert (out / "metrics.jsonl").read_text().splitlines() == ref_rows
+    _assert_same_state(_load_state(out, STEPS, tmp_path), ref_state)
+    log0 = (folder / f"{job.job_id}_0_log.out").read_text()
+    assert "trainer saved and exited for requeue" in log0 and "attempt 1" in log0
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_submitit_resubmit_with_other_task_count_resumes_same_checkpoint(tmp_path) -> None:
+    out = tmp_path / "run"
+    cfg = _write_config(tmp_path, out)
+    # --time < 10 min: submitit counts the signal as a time-out; with no requeues left the job
+    # stops after the trainer's save
+    job = _submit_local(tmp_path, cfg, tmp_path / "sub2", 2, "--time", "5", "--max-requeues", "0")
+    tasks = _task_processes(job)
+    _wait_for_steps(out, 3, lambda: not job.done())
+    for p in tasks:
+        p.send_signal(signal.SIGUSR2)
+    _wait_job(job)
+    with pytest.raises(Exception, match="timed-out too many times"):
+        job.results()
+    (saved,) = _checkpoint_steps(out)
+    assert 3 <= saved < STEPS
+
+    job = _submit_local(tmp_path, cfg, tmp_path / "sub1", 1, "--time", "30")
+    _wait_job(job)
+    (result,) = job.results()
+    assert result["exit_code"] == 0
+    assert _steps_logged(out) == list(range(1, saved + 1)) + list(range(saved + 1, STEPS + 1))
+    assert _checkpoint_steps(out)[-2:] == [saved, STEPS]
+    meta = json.loads((out / "checkpoints" / f"step_{STEPS:08d}" / "backend_meta.json").read_text())
+    assert meta["world_size"] == 1
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_sbatch_script_trains_preempts_and_requeues_under_fake_slurm(tmp_path, reference) -> None:
+    ref_out, ref_state = reference
+    out = tmp_path / "run"
+    cfg = _write_config(tmp_path, out)
+    state, logs = tmp_path / "state", tmp_path / "logs"
+    job_id = "4242"
+    env = dict(os.environ, PATH=f"{FAKE_SLURM}{os.pathsep}{os.environ['PATH']}",
+               FAKE_SLURM_STATE=str(state), FAKE_SLURM_JOB_ID=job_id, CONFIG=str(cfg),
+               PYTHON=sys.executable, GPUS_PER_NODE="1", LOG_DIR=str(logs),
+               RDZV_PORT=str(_free_port()), OMP_NUM_THREADS="1")
+    batch_out = tmp_path / "batch-%j.out"
+    # 2 nodes x 1 GPU: two srun tasks, each a torchrun agent, one c10d rendezvous -> 2 ranks
+    proc = subprocess.Popen(["sbatch", "--nodes=2", f"--output={batch_out}", "slurm/train_dit.sh"],
+                            cwd=REPO, env=env)
+    try:
+        _wait_for_steps(out, 3, lambda: proc.poll() is None)
+        subprocess.run(["scancel", "--signal=USR1", job_id], env=env, check=True)
+        assert proc.wait(timeout=240) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    batch_log = (tmp_path / f"batch-{job_id}.out").read_text()
+    assert (state / "requeued").read_text().split() == [job_id], batch_log
+    assert "scontrol requeue 4242" in batch_log
+    restart0 = logs / f"framer-dit-{job_id}" / "restart0"
+    restart1 = logs / f"framer-dit-{job_id}" / "restart1"
+    assert sorted(p.name for p in restart0.glob("node*.log")) == ["node0.log", "node1.log"]
+    assert {p.read_text().strip() for p in (restart0 / "exit").glob("rank*.code")} == {"75"}
+    assert sorted(p.name for p in (restart1 / "exit").glob("rank*.code")) == ["rank0.code", "rank1.code"]
+    assert {p.read_text().strip() for p in (restart1 / "exit").glob("rank*.code")} == {"0"}
+    ckpts = _checkpoint_steps(out)
+    assert len(ckpts) == 2 and 3 <= ckpts[0] < STEPS and ckpts[1] == STEPS, ckpts
+    # torchrun/c10d ranks train exactly like submitit's: same losses, same final state
+    assert (out / "metrics.jsonl").read_text().splitlines() == \
+        (ref_out / "metrics.jsonl").read_text().splitlines()
+    _assert_same_state(_load_state(out, STEPS, tmp_path), ref_state)
