@@ -264,3 +264,45 @@ def test_bf16_model_takes_fp32_inputs_with_readout_and_checkpointing():
     assert out.sample.dtype == torch.bfloat16 and out.features.shape == (4, 1, 16, 6, 10)
     out.features.float().mean().backward()
     assert m.transformer_blocks[0].attn.to_k_control.weight.grad is not None
+
+
+def _saved_bytes(model, x, ac, readout):
+    """Bytes autograd keeps for backward outside checkpointed regions (unique storages)."""
+    model.set_activation_checkpointing(ac)
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(**x, readout=readout)
+        loss = out.sample.square().mean()
+        if readout:
+            loss = loss + out.features[:-1].square().mean()
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    model.set_activation_checkpointing([])
+    return sum(seen.values()), out
+
+
+def test_checkpointed_readout_keeps_no_per_layer_tokens():
+    from framer_dist.models import DiT4SRTransformer, preset_geometry
+
+    geo = preset_geometry("tiny")
+    geo.update(num_attention_heads=4, attention_head_dim=32, caption_projection_dim=128)  # D=128
+    torch.manual_seed(0)
+    m = DiT4SRTransformer(**geo)
+    b, h, w = 2, 8, 8
+    x = _inputs(b=b, h=h, w=w)
+    per_layer_tokens = b * (h // 2) * (w // 2) * 128 * 4  # one fp32 [B, N, D]
+    every = list(range(m.num_blocks))
+    base_ac, _ = _saved_bytes(m, x, every, None)
+    with_ac, out = _saved_bytes(m, x, every, "velocity")
+    # With AC the readout costs at most its own small output, nothing per layer at width D.
+    assert with_ac - base_ac <= out.features.numel() * 4
+    # Without AC the same measure does see the head's kept per-layer tokens (the test is sensitive).
+    base, _ = _saved_bytes(m, x, [], None)
+    without_ac, _ = _saved_bytes(m, x, [], "velocity")
+    assert without_ac - base >= (m.num_blocks - 1) * per_layer_tokens
