@@ -90,7 +90,7 @@ def test_sampled_parameters_stay_in_table6_ranges():
 
 
 def test_same_seed_same_lr_bit_for_bit_other_seed_differs():
-    img = torch.from_numpy(_photo(64, 64)).permute(2, 0, 1).float() / 255
+    img = torch.from_numpy(_photo(48, 48)).permute(2, 0, 1).float() / 255
     hr = torch.stack([img, img.flip(-1), img])
     a = degrade(hr, [5, 6, 7])
     b = degrade(hr, [5, 6, 7])
@@ -106,16 +106,16 @@ def test_same_seed_same_lr_bit_for_bit_other_seed_differs():
 
 def test_sizes_512_to_128_to_512_for_mixed_batch():
     from skimage import data
-    imgs = [data.astronaut(), data.coffee(), np.stack([data.camera()] * 3, -1)]
+    imgs = [data.coffee(), np.stack([data.camera()] * 3, -1)]   # different sizes and content
     hr = []
     for im in imgs:
         t = torch.from_numpy(im).permute(2, 0, 1).float()[None] / 255
         t = F.interpolate(t, size=(512, 512), mode="bilinear", antialias=True, align_corners=False)
         hr.append(t[0])
-    out = degrade(torch.stack(hr), [1, 2, 3])
-    assert out["hr"].shape == (3, 3, 512, 512)
-    assert out["lr"].shape == (3, 3, 128, 128)
-    assert out["lr_up"].shape == (3, 3, 512, 512)
+    out = degrade(torch.stack(hr), [1, 2])
+    assert out["hr"].shape == (2, 3, 512, 512)
+    assert out["lr"].shape == (2, 3, 128, 128)
+    assert out["lr_up"].shape == (2, 3, 512, 512)
     for k in out:
         assert out[k].min() >= 0 and out[k].max() <= 1 and torch.isfinite(out[k]).all()
     # LR is 8-bit and degraded (not a copy of the downsampled HR)

@@ -22,6 +22,18 @@ def mix(*keys: int) -> int:
     return int(ss.generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def splitmix64(seed: int, n: int) -> np.ndarray:
+    """``n`` 64-bit words of the SplitMix64 sequence started at ``seed`` (fast, vectorised)."""
+    with np.errstate(over="ignore"):
+        x = np.uint64(int(seed) & (2 ** 64 - 1)) + _GOLDEN * np.arange(1, n + 1, dtype=np.uint64)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
 @lru_cache(maxsize=2)
 def _perm(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng(np.random.SeedSequence([seed, epoch, 0xDA7A])).permutation(n)
