@@ -199,6 +199,12 @@ def test_lora_export_reload_reproduces_outputs(stock, tmp_path):
     assert lora_file.is_file() and ctrl_file.is_file()
     keys = load_file(lora_file)
     assert keys and all(k.startswith("transformer.") and ".lora_" in k for k in keys)
+    # the same file from plain parameter names (what a backend's gathered state dict holds)
+    trainable = {n: p.detach() for n, p in m.named_parameters() if p.requires_grad}
+    again = load_file(save_lora(m, tmp_path / "from_params", state_dict=trainable))
+    assert again.keys() == keys.keys() and all(torch.equal(again[k], keys[k]) for k in keys)
+    ctrl_again = load_file(save_control(m, tmp_path / "from_params", state_dict=trainable))
+    assert ctrl_again.keys() == load_file(ctrl_file).keys()
 
     fresh = build_model(cfg)  # the same base weights, new process-equivalent state
     load_control(fresh, ctrl_file)

@@ -102,12 +102,18 @@ def lora_state_dict(model: DiT4SRTransformer) -> dict[str, torch.Tensor]:
 
 def save_lora(model: DiT4SRTransformer, out_dir: str | Path,
               state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write ``pytorch_lora_weights.safetensors``. Under ZeRO-3/FSDP2 pass the gathered
-    ``state_dict`` (peft layout, see :func:`lora_state_dict`); never call this on sharded
-    parameters directly."""
+    """Write ``pytorch_lora_weights.safetensors``. Under ZeRO-3/FSDP2 pass a gathered
+    ``state_dict``: peft's layout (:func:`lora_state_dict`) or plain parameter names such as a
+    backend's ``full_trainable_state_dict()`` (non-LoRA entries are ignored); never call this on
+    sharded parameters directly."""
     if not has_lora(model):
         raise ValueError("save_lora: the model has no LoRA adapter (train.mode must be 'lora')")
-    sd = state_dict if state_dict is not None else lora_state_dict(model)
+    if state_dict is None:
+        sd = lora_state_dict(model)
+    else:  # parameter names carry the adapter name: "...to_q.lora_A.default.weight"
+        sd = {k.replace(f".{ADAPTER}.", "."): v for k, v in state_dict.items() if is_lora_key(k)}
+        if not sd:
+            raise ValueError("save_lora: the given state_dict holds no LoRA tensors")
     cfg = model.peft_config[ADAPTER].to_dict()
     cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
     meta = {"format": "pt",
@@ -140,8 +146,10 @@ def control_state_dict(model: DiT4SRTransformer) -> dict[str, torch.Tensor]:
 
 def save_control(model: DiT4SRTransformer, path: str | Path,
                  state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-    """The DiT4SR layers alone (what ``control`` mode trains), as one safetensors file."""
-    sd = state_dict if state_dict is not None else control_state_dict(model)
+    """The DiT4SR layers alone (what ``control`` mode trains), as one safetensors file; a given
+    ``state_dict`` (e.g. gathered from a sharded backend) is filtered to the control tensors."""
+    sd = control_state_dict(model) if state_dict is None else {
+        k: v for k, v in state_dict.items() if is_control_key(k)}
     p = Path(path)
     if p.suffix != ".safetensors":
         p = p / CONTROL_FILE
