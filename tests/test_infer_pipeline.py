@@ -133,3 +133,46 @@ def test_cli_full_and_control_exports_and_clear_errors(parts, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "cannot read image" in err and "c.png" in err
     assert not (tmp_path / "o3").exists()   # nothing sampled before the bad file was found
+
+
+def test_cli_lora_export_and_cached_prompt_embeddings(parts, tmp_path, capsys):
+    from framer_dist.config import LoraConfig
+    from framer_dist.data.prompts import write_empty, write_shard
+    from framer_dist.models import apply_training_mode, load_pretrained, save_lora
+
+    model, vae, _ = parts
+    full = save_model(model, tmp_path / "full")
+    lora_model = load_pretrained(full)
+    apply_training_mode(lora_model, "lora", LoraConfig(rank=2, alpha=2.0))
+    with torch.no_grad():   # LoRA B starts at zero: give the adapter an effect
+        for n, p in lora_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    save_lora(lora_model, tmp_path / "lora")
+    save_control(lora_model, tmp_path / "lora")
+    vae.save_pretrained(tmp_path / "vae")
+    _write_png(tmp_path / "in" / "a.png", 8, 12, 0)
+    # embeddings cached by tools/encode_prompts.py's format (ids = image stems)
+    cfg = model.config
+    g = torch.Generator().manual_seed(0)
+    emb = tmp_path / "emb"
+    emb.mkdir()
+    write_shard(emb / "prompts-00000.safetensors", ["a"], torch.randn(1, 6, cfg.joint_attention_dim, generator=g),
+                torch.randn(1, cfg.pooled_projection_dim, generator=g))
+    write_empty(emb, torch.randn(6, cfg.joint_attention_dim, generator=g),
+                torch.randn(cfg.pooled_projection_dim, generator=g))
+    common = ["--vae", str(tmp_path / "vae"), "--steps", "2", "--scale", "2", "--process-size", "0",
+              "--no-progress", "--prompt-embeddings", str(emb)]
+    assert main([str(tmp_path / "in"), str(tmp_path / "o_full"), "--checkpoint", str(full)] + common) == 0
+    assert main([str(tmp_path / "in"), str(tmp_path / "o_lora"), "--checkpoint", str(tmp_path / "lora"),
+                 "--base", str(full)] + common) == 0
+    a = np.asarray(Image.open(tmp_path / "o_full" / "a.png")).astype(int)
+    b = np.asarray(Image.open(tmp_path / "o_lora" / "a.png")).astype(int)
+    assert a.shape == b.shape == (16, 24, 3)
+    assert np.abs(a - b).max() > 0          # the adapter was applied
+    # an image without a cached embedding is named
+    _write_png(tmp_path / "in" / "zz.png", 8, 12, 1)
+    capsys.readouterr()
+    assert main([str(tmp_path / "in"), str(tmp_path / "o3"), "--checkpoint", str(full)] + common) == 2
+    assert "no cached prompt embedding for image zz.png" in capsys.readouterr().err
+    assert not (tmp_path / "o3").exists()   # found before any sampling

@@ -18,7 +18,7 @@ from .io import InferenceError, list_images, read_image, to_tensor, to_uint8, wr
 from .loading import KINDS, load_transformer, load_vae
 from .pipeline import InferenceOptions, SRPipeline
 from .prompts import (NEGATIVE_PROMPT, POSITIVE_SUFFIX, CachedEmbeddings, HashedPromptEncoder,
-                      SD3TextEncoder, caption_for, read_captions)
+                      caption_for, read_captions, sd3_text_encoder)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -42,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SD3 folder with text_encoder(_2,_3) + tokenizers; 'hashed' = a fixed random "
                         "embedding per text (tiny test models only)")
     g.add_argument("--prompt-embeddings", default=None,
-                   help="precomputed embeddings: one .safetensors for all images or a folder of "
-                        "<stem>.safetensors + negative.safetensors (replaces the text encoders)")
+                   help="folder written by tools/encode_prompts.py (ids = image file names/stems; "
+                        "optional negative.safetensors for the CFG branch, else the empty prompt)")
     src = g.add_mutually_exclusive_group()
     src.add_argument("--prompt", default=None, help="one caption for every image")
     src.add_argument("--captions", default=None, help="captions JSONL keyed by image file name/stem")
@@ -91,7 +91,7 @@ def _text_encoder(args, model, device, dtype):
     if src == "hashed":
         cfg = model.config
         return HashedPromptEncoder(cfg.joint_attention_dim, cfg.pooled_projection_dim)
-    return SD3TextEncoder(src, device=device, dtype=dtype)
+    return sd3_text_encoder(src, device=device, dtype=dtype)
 
 
 def run(args: argparse.Namespace) -> list[Path]:
@@ -110,8 +110,11 @@ def run(args: argparse.Namespace) -> list[Path]:
     cached = CachedEmbeddings(args.prompt_embeddings) if args.prompt_embeddings else None
     llava = None
     if args.llava:
-        from .llava import LlavaCaptioner
-        llava = LlavaCaptioner(args.llava, device=device, dtype=dtype)
+        from framer_dist.data.captioning import LlavaCaptioner, ModelFolderError
+        try:
+            llava = LlavaCaptioner(args.llava, device=str(device), dtype=dtype)
+        except ModelFolderError as e:
+            raise InferenceError(str(e).replace("--model", "--llava")) from None
     opts = InferenceOptions(steps=args.steps, guidance=args.cfg, scale=args.scale, tile=args.tile,
                             overlap=args.tile_overlap, tile_batch=args.tile_batch,
                             color_fix=args.color_fix, process_size=args.process_size, seed=args.seed,
@@ -121,8 +124,15 @@ def run(args: argparse.Namespace) -> list[Path]:
     pipe = SRPipeline(model, vae, text, opts, dtype=dtype)
     uncond = cached.uncond() if cached is not None and opts.guidance != 1.0 else None
 
-    # read everything first: an unreadable image fails before minutes of sampling
+    # read everything first: an unreadable image, a missing caption or embedding fails before
+    # minutes of sampling
     lrs = [(f, read_image(f)) for f in images]
+    conds = {f: cached.cond_for(f) for f in images} if cached is not None else {}
+    given = {}
+    if cached is None and llava is None:
+        for f in images:
+            given[f] = (args.prompt if args.prompt is not None else
+                        caption_for(f, captions) if captions is not None else "")
     batches: list[list[tuple[Path, object]]] = []
     for f, img in lrs:
         if batches and len(batches[-1]) < args.batch_size and batches[-1][0][1].shape == img.shape:
@@ -142,18 +152,16 @@ def run(args: argparse.Namespace) -> list[Path]:
         n = len(files)
         step_cb = (lambda i, n=n: bar.update(n))  # noqa: E731
         if cached is not None:
-            conds = [cached.cond_for(f) for f in files]
-            cond = (torch.cat([c[0] for c in conds]), torch.cat([c[1] for c in conds]))
+            cond = (torch.cat([conds[f][0] for f in files]), torch.cat([conds[f][1] for f in files]))
             sr = pipe(lr, seed=args.seed, progress=step_cb, embeddings=(cond, uncond))
         else:
-            if args.prompt is not None:
-                caps = [args.prompt] * n
-            elif captions is not None:
-                caps = [caption_for(f, captions) for f in files]
-            elif llava is not None:
-                caps = [llava(img) for _, img in batch]
+            if llava is not None:
+                from PIL import Image
+
+                from framer_dist.data.captioning import filter_sentences
+                caps = [filter_sentences(c) for c in llava([Image.fromarray(img) for _, img in batch])]
             else:
-                caps = [""] * n  # the positive suffix alone
+                caps = [given[f] for f in files]  # "" = the positive suffix alone
             sr = pipe(lr, caps, seed=args.seed, progress=step_cb)
         for f, x in zip(files, sr):
             dst = out_dir / f"{f.stem}.png"

@@ -96,8 +96,6 @@ class VaeCodec:
     def __init__(self, vae):
         self.vae = vae.eval().requires_grad_(False)
         cfg = vae.config
-        self.scaling = float(getattr(cfg, "scaling_factor", 1.0) or 1.0)
-        self.shift = float(getattr(cfg, "shift_factor", 0.0) or 0.0)
         self.factor = 2 ** (len(cfg.block_out_channels) - 1)
         self.channels = int(cfg.latent_channels)
 
@@ -111,18 +109,21 @@ class VaeCodec:
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        lat = self.vae.encode((x * 2 - 1).to(self.device, self.dtype)).latent_dist.mode()
-        return ((lat.float() - self.shift) * self.scaling)
+        """Pixels in [0, 1] -> SD3-normalised latents (the data module's encoding, as in training)."""
+        from framer_dist.data import encode_pixels
+
+        return encode_pixels(self.vae, x * 2 - 1).float()
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.vae.decode((z / self.scaling + self.shift).to(self.device, self.dtype)).sample
-        return (x.float() + 1) / 2
+        from framer_dist.data.vae import decode_pixels
+
+        return (decode_pixels(self.vae, z).float() + 1) / 2
 
 
 def load_vae(path: str | Path | None, device: Any = None, dtype: torch.dtype | None = None) -> VaeCodec:
     """A local diffusers VAE folder (or a pipeline root with ``vae/``); ``None``/'' = the project's
-    tiny random VAE (``framer_dist.data.load_vae`` with ``data.vae = ''``, as in training)."""
+    tiny random VAE (``framer_dist.data.tiny_vae()``, what training uses with ``data.vae = ''``)."""
     if path:
         from diffusers import AutoencoderKL
 
@@ -132,14 +133,9 @@ def load_vae(path: str | Path | None, device: Any = None, dtype: torch.dtype | N
             raise InferenceError(f"VAE folder not found or without config.json: {p}")
         vae = AutoencoderKL.from_pretrained(folder, torch_dtype=dtype)
     else:
-        try:
-            from framer_dist.config import DataConfig
-            from framer_dist.data import load_vae as data_load_vae
-        except ImportError:
-            raise InferenceError("no --vae given and framer_dist.data has no tiny VAE builder; "
-                                 "pass --vae DIR (a diffusers AutoencoderKL folder)") from None
-        vae = data_load_vae(DataConfig(vae=""), device=device)
-        vae = getattr(vae, "vae", vae)
+        from framer_dist.data import tiny_vae
+
+        vae = tiny_vae()
     if dtype is not None and dtype == next(vae.parameters()).dtype:
         dtype = None
     return VaeCodec(vae.to(device=device, dtype=dtype))

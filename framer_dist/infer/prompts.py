@@ -2,11 +2,13 @@
 
 Text (one per image): a given ``--prompt``; a captions JSONL (one object per line with an image id
 under ``id``/``image``/``file``/``name`` and the text under ``caption``/``prompt``/``text``; the id
-matches the image file name or stem); or LLaVA from a local folder (see ``llava.py``). DiT4SR's
+matches the image file name or stem); or LLaVA from a local folder (``framer_dist.data.captioning``, the training captioner). DiT4SR's
 fixed positive suffix is appended and its negative prompt drives the unconditional CFG branch.
 
-Embeddings: SD3's three text encoders from a local folder (``SD3TextEncoder``), or, for tiny test
-models trained on random embeddings, ``HashedPromptEncoder`` (a fixed random embedding per text).
+Embeddings: SD3's three text encoders from a local folder (``sd3_text_encoder``, the data
+module's encoder), embeddings cached by ``tools/encode_prompts.py`` (``CachedEmbeddings``), or, for
+tiny test models trained on random embeddings, ``HashedPromptEncoder`` (a fixed random embedding
+per text).
 """
 
 from __future__ import annotations
@@ -96,90 +98,55 @@ class HashedPromptEncoder:
         return torch.stack(es), torch.stack(ps)
 
 
-class SD3TextEncoder:
-    """SD3's prompt encoding with CLIP-L, CLIP-G and T5-XXL from a local diffusers folder.
+def sd3_text_encoder(folder: str | Path, device: str | torch.device = "cpu",
+                     dtype: torch.dtype = torch.float32) -> PromptEncoder:
+    """SD3's CLIP-L, CLIP-G and T5 from a local folder: ``framer_dist.data.text_encode``'s
+    encoder (the one that wrote the training cache, so train and test prompts match)."""
+    from framer_dist.data.captioning import ModelFolderError
+    from framer_dist.data.text_encode import SD3TextEncoders
 
-    ``prompt_embeds`` = [CLIP-L | CLIP-G penultimate hidden states, zero-padded to the T5 width]
-    followed by the T5 tokens along the sequence; ``pooled`` = [CLIP-L | CLIP-G] text embeddings.
-    Without ``text_encoder_3`` the T5 part is zeros (as SD3 allows).
-    """
-
-    def __init__(self, folder: str | Path, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, t5_tokens: int = 256):
-        from transformers import (AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel)
-
-        root = Path(folder)
-        need = ["text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"]
-        missing = [n for n in need if not (root / n).is_dir()]
-        if missing:
-            raise InferenceError(f"text encoder folder {root} lacks {', '.join(missing)} (expected "
-                                 "the SD3/SD3.5 diffusers layout: text_encoder, text_encoder_2, "
-                                 "text_encoder_3 and their tokenizers)")
-        self.device, self.dtype, self.t5_tokens = torch.device(device), dtype, t5_tokens
-        self.clips = [(AutoTokenizer.from_pretrained(root / t),
-                       CLIPTextModelWithProjection.from_pretrained(root / e, torch_dtype=dtype).to(self.device).eval())
-                      for t, e in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))]
-        self.t5 = None
-        if (root / "text_encoder_3").is_dir() and (root / "tokenizer_3").is_dir():
-            self.t5 = (AutoTokenizer.from_pretrained(root / "tokenizer_3"),
-                       T5EncoderModel.from_pretrained(root / "text_encoder_3", torch_dtype=dtype).to(self.device).eval())
-        self.joint_dim = self.t5[1].config.d_model if self.t5 else 4096
-
-    @torch.no_grad()
-    def __call__(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
-        hidden, pooled = [], []
-        for tok, enc in self.clips:
-            ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids.to(self.device)
-            out = enc(ids, output_hidden_states=True)
-            hidden.append(out.hidden_states[-2])
-            pooled.append(out.text_embeds)
-        clip = torch.cat(hidden, dim=-1)
-        clip = torch.nn.functional.pad(clip, (0, self.joint_dim - clip.shape[-1]))
-        if self.t5 is not None:
-            tok, enc = self.t5
-            ids = tok(prompts, padding="max_length", max_length=self.t5_tokens, truncation=True,
-                      add_special_tokens=True, return_tensors="pt").input_ids.to(self.device)
-            t5 = enc(ids)[0]
-        else:
-            t5 = torch.zeros(len(prompts), self.t5_tokens, self.joint_dim, device=self.device, dtype=clip.dtype)
-        return torch.cat([clip, t5.to(clip.dtype)], dim=1), torch.cat(pooled, dim=-1)
+    try:
+        return SD3TextEncoders(folder, device=str(device), dtype=dtype)
+    except ModelFolderError as e:
+        raise InferenceError(str(e).replace("--model", "--text-encoders")) from None
 
 
 class CachedEmbeddings:
-    """Precomputed prompt embeddings (safetensors with ``prompt_embeds`` [1|B, T, D], ``pooled``).
+    """Prompt embeddings cached by ``tools/encode_prompts.py`` (``framer_dist.data.prompts``
+    layout: ``prompts-*.safetensors`` keyed by image id + ``empty.safetensors``).
 
-    ``path`` is one file used for every image, or a folder of ``<image stem>.safetensors``. The
-    unconditional (negative-prompt) branch reads ``negative.safetensors`` next to them (or the
-    keys ``negative_prompt_embeds`` / ``negative_pooled`` of the single file).
+    An image's id is its file name or stem. The unconditional branch uses
+    ``negative.safetensors`` in the same folder if present (same keys as ``empty.safetensors``),
+    else the cached empty prompt.
     """
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if not self.path.exists():
-            raise InferenceError(f"prompt embeddings not found: {self.path}")
+    def __init__(self, folder: str | Path):
+        from framer_dist.data.prompts import PromptStore
+        from framer_dist.data.sources import DataSourceError
 
-    @staticmethod
-    def _read(f: Path, keys: tuple[str, str] = ("prompt_embeds", "pooled")) -> tuple[Tensor, Tensor]:
-        from safetensors.torch import load_file
-
-        if not f.is_file():
-            raise InferenceError(f"prompt embedding file not found: {f}")
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise InferenceError(f"--prompt-embeddings folder not found: {self.folder}")
         try:
-            sd = load_file(f)
-        except Exception as e:  # safetensors raises its own error types
-            raise InferenceError(f"cannot read prompt embeddings {f}: {e}") from None
-        if keys[0] not in sd or keys[1] not in sd:
-            raise InferenceError(f"{f} lacks '{keys[0]}'/'{keys[1]}' (has {sorted(sd)})")
-        e, p = sd[keys[0]], sd[keys[1]]
-        return (e[None] if e.ndim == 2 else e), (p[None] if p.ndim == 1 else p)
+            self.store = PromptStore(self.folder)
+        except DataSourceError as e:
+            raise InferenceError(str(e).replace("config key 'data.prompt_embeddings'",
+                                                "--prompt-embeddings")) from None
 
     def cond_for(self, image: Path) -> tuple[Tensor, Tensor]:
-        if self.path.is_file():
-            return self._read(self.path)
-        return self._read(self.path / f"{image.stem}.safetensors")
+        for key in (image.name, image.stem):
+            got = self.store.get(key)
+            if got is not None:
+                return got[0][None].float(), got[1][None].float()
+        raise InferenceError(f"no cached prompt embedding for image {image.name} (ids tried: "
+                             f"{image.name}, {image.stem}) in {self.folder}")
 
     def uncond(self) -> tuple[Tensor, Tensor]:
-        if self.path.is_file():
-            return self._read(self.path, ("negative_prompt_embeds", "negative_pooled"))
-        return self._read(self.path / "negative.safetensors")
+        neg = self.folder / "negative.safetensors"
+        if neg.is_file():
+            from safetensors.torch import load_file
+
+            sd = load_file(neg)
+            return sd["prompt_embeds"][None].float(), sd["pooled"][None].float()
+        e, p = self.store.empty
+        return e[None].float(), p[None].float()
