@@ -194,3 +194,19 @@ def test_torch_jpeg_close_to_pillow_and_monotone_in_quality():
     both = jpeg(xb, torch.tensor([40, 90]))
     assert torch.equal(both[1:], jpeg(xb[1:], torch.tensor([90])))
     assert torch.equal(both[:1], jpeg(xb[:1], torch.tensor([40])))
+
+
+def test_bench_tiny_mode(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("bench_degrade", root / "bench" / "degrade.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "r.json"
+    assert mod.main(["--tiny", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["batched_equals_loop"] is True and r["batch"] == 4 and r["resolution"] == 64
+    assert r["batched_images_per_s"] > 0 and r["loop_images_per_s"] > 0
