@@ -198,6 +198,9 @@ def test_bad_config_errors_name_the_key(tmp_path):
     with pytest.raises(DataSourceError, match="data.resolution"):
         build_dataloader(_cfg("data.source='folder'", f"data.path='{tmp_path}/empty'",
                               "data.resolution=40"), 0, 1, 0)
+    with pytest.raises(DataSourceError, match="data.degrade_online"):
+        build_dataloader(_cfg("data.source='folder'", f"data.path='{tmp_path}/empty'",
+                              "data.degrade_online=false"), 0, 1, 0)
     # a folder where every image is unusable: a clear error, not an endless loop
     bad = tmp_path / "bad"
     bad.mkdir()

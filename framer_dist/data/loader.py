@@ -204,6 +204,10 @@ def build_dataloader(cfg: Config, rank: int, world_size: int, start_sample: int 
     if d.source in ("folder", "webdataset") and (d.resolution % (d.scale * LATENT_FACTOR)):
         raise DataSourceError(f"config key 'data.resolution': {d.resolution} must be a multiple of "
                               f"data.scale x {LATENT_FACTOR} = {d.scale * LATENT_FACTOR}")
+    if not d.degrade_online and d.source in ("folder", "webdataset"):
+        raise DataSourceError(f"config key 'data.degrade_online': false means training from cached "
+                              f"pairs, but data.source={d.source!r}; use data.source='cached' with "
+                              "shards from tools/prepare_data.py, or degrade_online=true")
     source = open_source(d)
     prompts = PromptStore(d.prompt_embeddings) if d.prompt_embeddings else None
     stream = SampleStream(cfg, rank, world_size, start_sample, source, prompts)
