@@ -20,23 +20,25 @@ STEPS = 6
 
 
 def _launches(backend: str, out: Path) -> dict:
-    fp32 = {"backend": backend}
+    fp32 = {"backend": backend, "ema": True}  # EMA on: it must survive every resume too
     l1 = [
         {**fp32, "name": "A", "steps": STEPS, "ckpt": "ckA", "every": 3},
         {**fp32, "name": "Q1", "optimizer": "adamw8bit", "steps": 4, "ckpt": "ckQ", "every": 2},
         {**fp32, "name": "Q2", "optimizer": "adamw8bit", "steps": 4, "ckpt": "ckQ2",
          "resume": "ckQ/step_00000002"},
-        {**fp32, "name": "BF", "precision": "bf16", "steps": 3, "ckpt": "ckBF",
-         "ema": backend != "deepspeed"},
+        {**fp32, "name": "BF", "precision": "bf16", "steps": 3, "ckpt": "ckBF"},
     ]
     if backend == "deepspeed":
-        l1.append({**fp32, "name": "Z2", "stage": 2, "steps": 3, "ckpt": "ckZ2"})
+        l1.append({**fp32, "name": "Z2", "stage": 2, "steps": 3, "ckpt": "ckZ2", "every": 2})
     l1.append({**fp32, "name": "B1", "steps": STEPS, "ckpt": "ckB", "every": 2, "kill_at_save": 4})
     l2 = [
         {**fp32, "name": "C", "steps": STEPS, "ckpt": "ckC", "every": 2, "resume": "ckA/step_00000003"},
         {**fp32, "name": "Q3", "optimizer": "adamw8bit", "steps": 5, "ckpt": "ckQ3",
          "resume": "ckQ/step_00000004"},
     ]
+    if backend == "deepspeed":  # ZeRO-2 universal conversion 2 -> 1
+        l2.append({**fp32, "name": "Z2C", "stage": 2, "steps": 3, "ckpt": "ckZ2C",
+                   "resume": "ckZ2/step_00000002"})
     l3 = [
         {**fp32, "name": "B2", "steps": STEPS, "ckpt": "ckB", "resume": "auto", "every": 2},
         {**fp32, "name": "E", "steps": STEPS, "ckpt": "ckE", "resume": "ckC/step_00000004"},
@@ -56,9 +58,10 @@ def reference(tmp_path_factory):
     import _parallel_worker as w
 
     out = tmp_path_factory.mktemp("single")
-    w.run_phase(out, {"name": "S", "backend": "none", "steps": STEPS, "ckpt": "ckS", "every": 3})
+    w.run_phase(out, {"name": "S", "backend": "none", "steps": STEPS, "ckpt": "ckS", "every": 3,
+                      "ema": True})
     w.run_phase(out, {"name": "S2", "backend": "none", "steps": STEPS, "ckpt": "ckS2",
-                      "resume": "ckS/step_00000003"})
+                      "resume": "ckS/step_00000003", "ema": True})
     return out
 
 
@@ -80,6 +83,10 @@ def _weights(d: Path) -> dict[str, torch.Tensor]:
     return torch.load(d / "weights.pt", weights_only=True)
 
 
+def _ema(d: Path) -> dict[str, torch.Tensor]:
+    return torch.load(d / "ema.pt", weights_only=True)
+
+
 def _info(d: Path) -> dict:
     return json.loads((d / "info.json").read_text())
 
@@ -98,6 +105,7 @@ def test_single_process_resume_is_exact(reference):
     s, s2 = reference / "S", reference / "S2"
     _close({k: v for k, v in _losses(s).items() if k >= 3}, _losses(s2), 0.0, "none resume losses")
     _close(_weights(s), _weights(s2), 0.0, "none resume weights")
+    _close(_ema(s), _ema(s2), 0.0, "none resume EMA")
 
 
 def test_parity_with_single_process(dist_run, reference):
@@ -106,24 +114,30 @@ def test_parity_with_single_process(dist_run, reference):
     assert len(la) == STEPS, dist_run["log1"]
     _close(la, _losses(reference / "S"), 1e-5, f"{dist_run['backend']} vs single losses")
     _close(_weights(out / "A"), _weights(reference / "S"), 1e-5, "weights vs single")
+    _close(_ema(out / "A"), _ema(reference / "S"), 1e-5, "EMA vs single")
     assert _info(out / "A")["grad_accum"] == 2  # global batch 4 = micro 1 x 2 ranks x 2
 
 
-def test_zero2_parity(dist_run, reference):
+def test_zero2_parity_and_elastic(dist_run, reference):
     if dist_run["backend"] != "deepspeed":
         pytest.skip("ZeRO-2 is a DeepSpeed stage")
+    out = dist_run["out"]
     ref = _losses(reference / "S")
-    _close(_losses(dist_run["out"] / "Z2"), {k: ref[k] for k in range(3)}, 1e-5, "ZeRO-2 losses")
+    _close(_losses(out / "Z2"), {k: ref[k] for k in range(3)}, 1e-5, "ZeRO-2 losses")
+    assert _info(out / "Z2C")["resumed_from"] == "step_00000002"
+    _close(_losses(out / "Z2C"), {2: ref[2]}, 1e-5, "ZeRO-2 2->1 loss")
+    _close(_weights(out / "Z2C"), _weights(out / "Z2"), 1e-5, "ZeRO-2 2->1 weights")
+    _close(_ema(out / "Z2C"), _ema(out / "Z2"), 1e-5, "ZeRO-2 2->1 EMA")
 
 
 def test_bf16_trains(dist_run):
     d = dist_run["out"] / "BF"
     losses = _losses(d)
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
-    if dist_run["backend"] == "fsdp2":
-        ema, w = torch.load(d / "ema.pt", weights_only=True), _weights(d)
-        assert set(ema) == set(w) and all(torch.isfinite(v).all() for v in ema.values())
-        assert any((ema[k] - w[k]).abs().max() > 0 for k in w)  # an average, not a copy
+    ema, w = _ema(d), _weights(d)
+    assert set(ema) == set(w) and all(torch.isfinite(v).all() for v in ema.values())
+    assert all(ema[k].shape == w[k].shape for k in w)
+    assert any((ema[k] - w[k]).abs().max() > 0 for k in w)  # an average, not a copy
 
 
 def test_kill_during_save_keeps_previous_and_auto_resume_is_exact(dist_run):
@@ -137,6 +151,7 @@ def test_kill_during_save_keeps_previous_and_auto_resume_is_exact(dist_run):
     ref = _losses(out / "A")
     _close(_losses(out / "B2"), {k: ref[k] for k in range(2, STEPS)}, 0.0, "resumed losses")
     _close(_weights(out / "B2"), _weights(out / "A"), 0.0, "resumed weights")
+    _close(_ema(out / "B2"), _ema(out / "A"), 0.0, "resumed EMA")
     assert (ck / "latest").read_text().strip() == "step_00000006"  # B2's later saves
     assert not list(ck.glob(".tmp-*")), "dead temporary dirs are swept by the next save"
 
@@ -150,10 +165,12 @@ def test_elastic_2_to_1_to_2(dist_run):
     assert not c["rng_exact"]  # reseeded from (seed, step, rank) on a new world size
     _close(_losses(out / "C"), {k: ref_l[k] for k in range(3, STEPS)}, 1e-5, "2->1 losses")
     _close(_weights(out / "C"), ref_w, 1e-5, "2->1 weights")
+    _close(_ema(out / "C"), _ema(out / "A"), 1e-5, "2->1 EMA")
     e = _info(out / "E")
     assert e["world"] == 2 and e["resumed_from"] == "step_00000004"
     _close(_losses(out / "E"), {k: ref_l[k] for k in range(4, STEPS)}, 1e-5, "1->2 losses")
     _close(_weights(out / "E"), ref_w, 1e-5, "1->2 weights")
+    _close(_ema(out / "E"), _ema(out / "A"), 1e-5, "1->2 EMA")
 
 
 def test_preemption_signal_to_one_rank(dist_run):

@@ -109,9 +109,6 @@ class DeepSpeedBackend(Backend):
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                    auto_mpi_discovery=False)
         self = cls(cfg, model, rank, world, local_rank, device)
-        if cfg.train.ema:
-            raise ConfigError("config key 'train.ema': EMA is not implemented for the deepspeed "
-                              "backend yet; use parallel.backend='fsdp2' or 'none'")
         self.ds_config = build_ds_config(cfg, self.grad_accum, world)
         self.stage = int(self.ds_config["zero_optimization"].get("stage", 0))
         ids = {id(p) for p in params}
@@ -126,6 +123,8 @@ class DeepSpeedBackend(Backend):
         self.engine = engine
         self.model = engine
         self._micro = 0
+        if cfg.train.ema:
+            self.ema = _DSEma(self, cfg.train.ema_decay)  # type: ignore[assignment]
         return self
 
     # -- training ------------------------------------------------------------------------------
@@ -144,6 +143,8 @@ class DeepSpeedBackend(Backend):
         self.engine.step()
         self._micro = 0
         self.optimizer_step += 1
+        if self.ema is not None:
+            self.ema.update()
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
@@ -156,6 +157,8 @@ class DeepSpeedBackend(Backend):
         path = Path(path)
         self.engine.save_checkpoint(str(path), tag=TAG, client_state={"optimizer_step": self.optimizer_step},
                                     save_latest=False)
+        if self.ema is not None:
+            self.ema.save(path)
         self._write_meta(path, client_state, {"optimizer": self.cfg.train.optimizer,
                                               "zero_stage": self.stage})
 
@@ -169,6 +172,8 @@ class DeepSpeedBackend(Backend):
         else:
             cs = self._load_universal(path, meta)
         self.optimizer_step = int((cs or {}).get("optimizer_step", 0))
+        if self.ema is not None:
+            self.ema.load(path, meta)
         return self._read_client_state(path)
 
     def _load_universal(self, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
@@ -182,7 +187,10 @@ class DeepSpeedBackend(Backend):
             shutil.rmtree(out, ignore_errors=True)
             args = argparse.Namespace(input_folder=str(path / TAG), output_folder=str(tmp),
                                       num_extract_workers=1, num_merge_workers=1,
-                                      keep_temp_folder=False, strict=True, inject_missing_state=False)
+                                      keep_temp_folder=False, strict=True,
+                                      # ZeRO-1/2 checkpoints lack the Megatron-style
+                                      # universal_checkpoint_info; let DeepSpeed add it
+                                      inject_missing_state=True)
             print(f"[framer_dist] checkpoint {path} was written on {meta['world_size']} ranks, "
                   f"resuming on {self.world_size}: converting it to a DeepSpeed universal checkpoint")
             ds_to_universal.main(args)
@@ -269,3 +277,90 @@ class DeepSpeedBackend(Backend):
             for n, b in module.named_buffers():
                 out[strip_wrapper_prefixes(n)] = b.detach().cpu().clone()
         return out if self.is_main else {}
+
+    def ema_state_dict(self) -> dict[str, Tensor]:
+        return {} if self.ema is None else self.ema.full()
+
+
+class _DSEma:
+    """EMA of the trainable parameters under DeepSpeed.
+
+    ZeRO-3: each rank averages its own fp32 master partition (safe_get_local_fp32_param), saved
+    per rank; a world-size change re-slices the concatenated partitions (ZeRO-3 splits every
+    flattened parameter into equal, end-padded chunks in rank order). ZeRO-0/1/2: the module
+    weights are full on every rank after the step; they are averaged in fp32 (in bf16 runs the
+    source is the bf16 copy of the weights) and rank 0 saves them.
+    """
+
+    def __init__(self, be: "DeepSpeedBackend", decay: float) -> None:
+        self.be, self.decay = be, decay
+        names = set(be.trainable_names)
+        self.params = [(n, p) for n, p in be.engine.module.named_parameters() if n in names]
+        self.z3 = be.stage == 3
+        self.shadow = {n: self._source(p).detach().float().clone() for n, p in self.params}
+
+    def _source(self, p: nn.Parameter) -> Tensor:
+        if self.z3:
+            from deepspeed.utils import safe_get_local_fp32_param
+
+            return safe_get_local_fp32_param(p).reshape(-1)
+        return p.data
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for n, p in self.params:
+            self.shadow[n].lerp_(self._source(p).float(), 1.0 - self.decay)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return dict(self.shadow)
+
+    def save(self, path: Path) -> None:
+        if self.z3:
+            torch.save({n: t.cpu() for n, t in self.shadow.items()}, path / f"ema_rank{self.be.rank:05d}.pt")
+        elif self.be.is_main:
+            torch.save({n: t.cpu() for n, t in self.shadow.items()}, path / "ema_full.pt")
+
+    @torch.no_grad()
+    def load(self, path: Path, meta: dict[str, Any]) -> None:
+        old_world = meta["world_size"]
+        if not (path / "ema_full.pt").is_file() and not (path / "ema_rank00000.pt").is_file():
+            if self.be.is_main:
+                print(f"[framer_dist] WARNING: {path} has no EMA state; EMA restarts from the weights")
+            self.shadow = {n: self._source(p).detach().float().clone() for n, p in self.params}
+            return
+        if (path / "ema_full.pt").is_file():
+            full = torch.load(path / "ema_full.pt", map_location="cpu", weights_only=True)
+        elif old_world == self.be.world_size and self.z3:
+            own = torch.load(path / f"ema_rank{self.be.rank:05d}.pt", map_location="cpu", weights_only=True)
+            for n, t in self.shadow.items():
+                t.copy_(own[n])
+            return
+        else:
+            parts = [torch.load(path / f"ema_rank{r:05d}.pt", map_location="cpu", weights_only=True)
+                     for r in range(old_world)]
+            full = {n: torch.cat([pt[n] for pt in parts]) for n in parts[0]}
+        for n, p in self.params:
+            flat = full[n].reshape(-1)
+            if self.z3:
+                numel = int(p.ds_numel)
+                part = self.shadow[n].numel()
+                flat = torch.nn.functional.pad(flat[:numel], (0, part * self.be.world_size - numel))
+                self.shadow[n].copy_(flat[self.be.rank * part:(self.be.rank + 1) * part])
+            else:
+                self.shadow[n].copy_(flat[:p.numel()].view_as(self.shadow[n]))
+
+    def full(self) -> dict[str, Tensor]:
+        """Full EMA tensors on rank 0 (collective under ZeRO-3)."""
+        import torch.distributed as dist
+
+        out: dict[str, Tensor] = {}
+        for n, p in self.params:
+            t = self.shadow[n]
+            if self.z3 and self.be.world_size > 1:
+                parts = [torch.empty_like(t) for _ in range(self.be.world_size)]
+                dist.all_gather(parts, t.contiguous())
+                t = torch.cat(parts)
+            if self.be.is_main:
+                shape = p.ds_shape if self.z3 else p.shape
+                out[strip_wrapper_prefixes(n)] = t[: int(torch.Size(shape).numel())].reshape(shape).cpu().clone()
+        return out
