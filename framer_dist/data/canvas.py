@@ -9,6 +9,8 @@ with one gather, so every sample's result equals processing it alone at its own 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -69,7 +71,8 @@ def _cubic(t: Tensor, a: float = -0.75) -> Tensor:
     return torch.where(t <= 1, near, torch.where(t < 2, far, torch.zeros_like(t)))
 
 
-def resize_matrix(n_in: Tensor, n_out: Tensor, mode: Tensor, len_in: int, len_out: int) -> Tensor:
+def resize_matrix(n_in: Tensor, n_out: Tensor, mode: Tensor, len_in: int, len_out: int,
+                  max_ratio: float | None = None) -> Tensor:
     """``[B, len_out, len_in]`` matrices that resize each sample along one axis.
 
     Matches ``F.interpolate(size=...)`` (no antialias, ``align_corners=False``) for 'bilinear' and
@@ -103,7 +106,8 @@ def resize_matrix(n_in: Tensor, n_out: Tensor, mode: Tensor, len_in: int, len_ou
     il = torch.arange(len_out, device=dev)[None, :]
     start = (il * n_in[:, None]) // n_out[:, None]
     end = ((il + 1) * n_in[:, None] + n_out[:, None] - 1) // n_out[:, None]
-    kmax = int((torch.ceil(ratio.max()) + 1).item())
+    # taps of the widest area window; from the caller's CPU-side sizes when given (no device sync)
+    kmax = int(math.ceil(max_ratio) + 1) if max_ratio is not None else int((torch.ceil(ratio.max()) + 1).item())
     taps = torch.arange(kmax, device=dev)
     area_idx = start[..., None] + taps
     area_w = ((area_idx < end[..., None]).to(f64) / (end - start).clamp_min(1)[..., None].to(f64))
@@ -133,15 +137,20 @@ def resize_matrix(n_in: Tensor, n_out: Tensor, mode: Tensor, len_in: int, len_ou
 
 
 def resize(x: Tensor, h: Tensor, w: Tensor, new_h: Tensor, new_w: Tensor, mode: Tensor,
-           out_h: int | None = None, out_w: int | None = None) -> Tensor:
+           out_h: int | None = None, out_w: int | None = None,
+           min_out: tuple[int, int] | None = None) -> Tensor:
     """Resize every sample from its (h, w) to its own (new_h, new_w) with its own mode.
 
-    The canvas of the result is ``out_h x out_w`` (default: the largest new size).
+    The canvas of the result is ``out_h x out_w`` (default: the largest new size). ``min_out``
+    (smallest new height and width, known on the CPU) avoids reading sizes back from the device.
     """
     oh = int(new_h.max()) if out_h is None else out_h
     ow = int(new_w.max()) if out_w is None else out_w
-    my = resize_matrix(h, new_h, mode, x.shape[2], oh).to(x.dtype)      # [B, oh, Hc]
-    mx = resize_matrix(w, new_w, mode, x.shape[3], ow).to(x.dtype)      # [B, ow, Wc]
+    # a bound on in/out over the batch without reading device tensors: canvas / smallest output
+    ry = x.shape[2] / max(1, min_out[0]) if min_out else None
+    rx = x.shape[3] / max(1, min_out[1]) if min_out else None
+    my = resize_matrix(h, new_h, mode, x.shape[2], oh, ry).to(x.dtype)      # [B, oh, Hc]
+    mx = resize_matrix(w, new_w, mode, x.shape[3], ow, rx).to(x.dtype)      # [B, ow, Wc]
     return torch.matmul(torch.matmul(my[:, None], x), mx[:, None].transpose(-1, -2))
 
 

@@ -189,26 +189,27 @@ def stage_kernels(draws: list[dict], k: int, device: torch.device) -> Tensor:
     return torch.where(apply, kern, pulse_kernels(len(draws), k, device))
 
 
-def _add_noise(x: Tensor, h: Tensor, w: Tensor, draws: list[dict]) -> Tensor:
+def _add_noise(x: Tensor, h: Tensor, w: Tensor, draws: list[dict], hs: list[int], ws: list[int]) -> Tensor:
     """Gaussian or Poisson noise per sample, generated at the sample's own size (so it does not
     depend on the canvas), from a device generator seeded by the sample's draw."""
     dev = x.device
     noise = torch.zeros_like(x)
-    hs, ws = h.tolist(), w.tolist()
-    # Poisson needs the number of distinct 8-bit values per sample (Real-ESRGAN's rule):
-    # one batched histogram over the valid regions instead of B torch.unique calls
     q = torch.clamp(torch.round(x * 255.0), 0, 255)
     gray = (0.299 * q[:, 0] + 0.587 * q[:, 1] + 0.114 * q[:, 2]).round().clamp(0, 255)
-    valid = cv.valid_mask(h, w, x.shape[2], x.shape[3])[:, 0]
     b = x.shape[0]
-    counts = []
-    for plane, rep in ((q, 3), (gray[:, None], 1)):
-        bins = plane.long() + 256 * torch.arange(b, device=dev)[:, None, None, None]
-        m = valid[:, None].expand_as(plane)
-        hist = torch.bincount(bins[m], minlength=256 * b).view(b, 256)
-        counts.append((hist > 0).sum(1))
-    vals = [2.0 ** torch.ceil(torch.log2(c.double())).clamp_min(0) for c in counts]
-    vals_rgb, vals_gray = vals[0].tolist(), vals[1].tolist()
+    vals_rgb = vals_gray = None
+    if not all(d["gaussian"] for d in draws):
+        # Poisson needs the number of distinct 8-bit values per sample (Real-ESRGAN's rule): one
+        # batched histogram over the valid regions (invalid pixels go to a spare bin: no sync)
+        valid = cv.valid_mask(h, w, x.shape[2], x.shape[3])
+        vals = []
+        for plane in (q, gray[:, None]):
+            bins = plane.long() + 256 * torch.arange(b, device=dev)[:, None, None, None]
+            bins = torch.where(valid, bins, torch.full_like(bins, 256 * b))
+            hist = torch.bincount(bins.flatten(), minlength=256 * b + 1)[:256 * b].view(b, 256)
+            count = (hist > 0).sum(1).to(torch.float64)
+            vals.append((2.0 ** torch.ceil(torch.log2(count)).clamp_min(0)).to(x.dtype))
+        vals_rgb, vals_gray = vals
     for i, d in enumerate(draws):
         hh, ww = hs[i], ws[i]
         g = torch.Generator(device=dev)
@@ -229,15 +230,15 @@ def _add_noise(x: Tensor, h: Tensor, w: Tensor, draws: list[dict]) -> Tensor:
 
 
 def _stage(x: Tensor, h: Tensor, w: Tensor, draws: list[dict], name: str, k: int,
-           target: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+           target: tuple[list[int], list[int]]) -> tuple[Tensor, Tensor, Tensor]:
     dev = x.device
     x = cv.filter2d(x, h, w, stage_kernels([d[name]["blur"] for d in draws], k, dev))
-    nh, nw = target
+    hs, ws = target
+    nh, nw = _t(hs, dev, torch.long), _t(ws, dev, torch.long)
     mode = _t([d[name]["resize"]["mode"] for d in draws], dev, torch.long)
-    x = cv.resize(x, h, w, nh, nw, mode)
-    h, w = nh, nw
-    x = _add_noise(x, h, w, [d[name]["noise"] for d in draws])
-    return x, h, w
+    x = cv.resize(x, h, w, nh, nw, mode, max(hs), max(ws), (min(hs), min(ws)))
+    x = _add_noise(x, nh, nw, [d[name]["noise"] for d in draws], hs, ws)
+    return x, nh, nw
 
 
 def usm_sharp(img: Tensor, p: DegradeParams) -> Tensor:
@@ -293,14 +294,12 @@ def degrade(hr: Tensor, seeds: list[int] | Tensor, p: DegradeParams | None = Non
     w = torch.full((b,), W, device=dev, dtype=torch.long)
 
     f1 = [d["stage1"]["resize"]["factor"] for d in draws]
-    t1 = (_t([max(1, int(H * f)) for f in f1], dev, torch.long),
-          _t([max(1, int(W * f)) for f in f1], dev, torch.long))
+    t1 = ([max(1, int(H * f)) for f in f1], [max(1, int(W * f)) for f in f1])
     x, h, w = _stage(x, h, w, draws, "stage1", p.stage1.kernel_size, t1)
     x = jpeg(x, _t([d["stage1"]["jpeg"] for d in draws], dev, torch.long), h, w)
 
     f2 = [d["stage2"]["resize"]["factor"] for d in draws]
-    t2 = (_t([max(1, int(lh * f)) for f in f2], dev, torch.long),
-          _t([max(1, int(lw * f)) for f in f2], dev, torch.long))
+    t2 = ([max(1, int(lh * f)) for f in f2], [max(1, int(lw * f)) for f in f2])
     x, h, w = _stage(x, h, w, draws, "stage2", p.stage2.kernel_size, t2)
 
     fin = [d["final"] for d in draws]
@@ -315,11 +314,11 @@ def degrade(hr: Tensor, seeds: list[int] | Tensor, p: DegradeParams | None = Non
     lw_t = torch.full((b,), lw, device=dev, dtype=torch.long)
 
     # both orders are computed for the whole batch and selected per sample: branch-free batching
-    a = cv.resize(x, h, w, lh_t, lw_t, fmode, lh, lw)
+    a = cv.resize(x, h, w, lh_t, lw_t, fmode, lh, lw, (lh, lw))
     a = cv.filter2d(a, lh_t, lw_t, fkern)
     a = jpeg(a.clamp(0, 1), fq)
     bb = jpeg(x.clamp(0, 1), fq, h, w)
-    bb = cv.resize(bb, h, w, lh_t, lw_t, fmode, lh, lw)
+    bb = cv.resize(bb, h, w, lh_t, lw_t, fmode, lh, lw, (lh, lw))
     bb = cv.filter2d(bb, lh_t, lw_t, fkern)
     lr = torch.where(jpeg_first, bb, a)
     lr = torch.clamp(torch.round(lr * 255.0), 0, 255) / 255.0
