@@ -24,9 +24,10 @@ def setup_backend(cfg: Config, model: nn.Module, params: list[nn.Parameter]) -> 
     name = cfg.parallel.backend
     apply_activation_checkpointing(cfg, model)
     if name == "none":
+        import os
+
         from framer_dist.parallel.single import SingleBackend
 
-        import os
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ConfigError("config key 'parallel.backend': 'none' is single-process, but this "
                               f"was launched with WORLD_SIZE={os.environ['WORLD_SIZE']}; use "
@@ -36,6 +37,7 @@ def setup_backend(cfg: Config, model: nn.Module, params: list[nn.Parameter]) -> 
     if name == "deepspeed":
         from framer_dist.parallel.ds import DeepSpeedBackend
 
+        _maybe_compile(cfg, model)
         return DeepSpeedBackend.create(cfg, model, params)
     if name == "fsdp2":
         from framer_dist.parallel.fsdp import FSDP2Backend
