@@ -251,7 +251,7 @@ def plan_submission(args: argparse.Namespace) -> Plan:
         raise ConfigError("--local runs on one machine: --nodes must be 1")
     if not args.local and args.gpus_per_node < 1:
         raise ConfigError("--gpus-per-node must be at least 1 on SLURM (one task per GPU)")
-    if args.time * 60 <= args.signal_delay:
+    if not args.local and args.time * 60 <= args.signal_delay:
         raise ConfigError(f"--signal-delay {args.signal_delay}s is not shorter than --time "
                           f"({args.time} min)")
 

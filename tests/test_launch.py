@@ -35,9 +35,10 @@ preset = "tiny"
 source = "synthetic"
 resolution = 32
 scale = 4
-batch_size = 1
+batch_size = 2
 [train]
 mode = "control"
+global_batch_size = 4        # 2 ranks x 2, or 1 rank x 2 x 2 accumulation after a resize
 steps = {steps}
 lr = 1e-3
 precision = "fp32"
@@ -165,7 +166,6 @@ def test_submit_without_config_fails_before_queueing(tmp_path: Path, capsys) -> 
     (["--config", "{cfg}", "--backend", "deepspeed"], "needs --ds"),
     (["--config", "{cfg}", "--ds", "missing.json"], "DeepSpeed config not found: missing.json"),
     (["--config", "{cfg}", "--nodes", "2"], "--nodes must be 1"),
-    (["--config", "{cfg}", "--time", "4", "--signal-delay", "300"], "--signal-delay"),
 ])
 def test_submit_bad_options_fail_before_queueing(tmp_path: Path, capsys, argv, message) -> None:
     cfg = _write_config(tmp_path, tmp_path / "run")
@@ -196,6 +196,10 @@ def test_slurm_plan_maps_every_option(tmp_path: Path, monkeypatch, capsys) -> No
     assert "--resume auto checkpoint.preempt_signal=SIGUSR2" in out
     assert out.rstrip().endswith("framer.weight=0.05")
     assert not folder.exists()  # a dry run queues nothing
+
+    with pytest.raises(SystemExit):
+        launch.main(["--config", str(cfg), "--time", "4", "--signal-delay", "300", "--dry-run"])
+    assert "--signal-delay 300s is not shorter than --time" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("text, minutes", [("90", 90), ("1:30:00", 90), ("10:30", 11),
