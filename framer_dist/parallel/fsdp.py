@@ -60,7 +60,11 @@ class FSDP2Backend(Backend):
             if cfg.parallel.compile:
                 b.compile()
             fully_shard(b, mesh=self.mesh, mp_policy=mp, reshard_after_forward=reshard)
-        fully_shard(model, mesh=self.mesh, mp_policy=mp, reshard_after_forward=reshard)
+        # The root keeps its parameters (embedders, the output head) unsharded until the end of
+        # backward: the FRAMER readout calls the head inside every block's checkpointed region, so
+        # activation-checkpoint recomputation needs them after the root's forward has returned.
+        # (The root's pre-backward hook cannot re-gather them: the model returns a dataclass.)
+        fully_shard(model, mesh=self.mesh, mp_policy=mp, reshard_after_forward=False)
         by_name = dict(model.named_parameters())
         self.params = [by_name[n] for n in self.trainable_names]
         if cfg.train.optimizer == "adamw8bit":

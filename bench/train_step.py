@@ -1,0 +1,260 @@
+"""Training-step benchmark: FRAMER step vs. DiT4SR baseline step, img/s, MFU, peak memory.
+
+One process, synthetic latents and prompt embeddings at the model's real shapes (no data
+pipeline). For each (mode, backend) combination the same model, optimizer and batch run
+baseline steps (framer.enabled=false: no readout, no FRAMER loss) and FRAMER steps alternately
+(ABBA order, after warm-up), so both see the same clocks, allocator state and thermal state; the
+figures are medians. Peak memory is read per step type (CUDA only: reset_peak_memory_stats before
+each step). MFU uses framer_dist.flops (documented there): useful model FLOPs / step time / peak.
+
+Examples:
+    python bench/train_step.py --preset tiny --batch 2 --resolution 64 --steps 4    # CPU smoke
+    python bench/train_step.py --preset sd3.5-medium --batch 16 --resolution 512 \\
+        --modes control,lora,full --backends none,zero3,fsdp2 --ac all --out bench/results/x.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from framer_dist import flow  # noqa: E402
+from framer_dist.config import Config, load_config  # noqa: E402
+from framer_dist.flops import geometry_from_model, peak_flops, train_flops_per_sample  # noqa: E402
+from framer_dist.framer import select_layers  # noqa: E402
+from framer_dist.models import apply_training_mode, build_model  # noqa: E402
+from framer_dist.objective import micro_batch_loss  # noqa: E402
+from framer_dist.parallel import setup_backend  # noqa: E402
+
+BACKENDS = {"none": ("none", ""), "zero3": ("deepspeed", "ds_configs/zero3.json"),
+            "zero2": ("deepspeed", "ds_configs/zero2.json"), "fsdp2": ("fsdp2", "")}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--modes", default="control", help="comma list of control,lora,full")
+    p.add_argument("--backends", default="none", help=f"comma list of {','.join(BACKENDS)}")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--resolution", type=int, default=64, help="pixels; latent = resolution / 8")
+    p.add_argument("--text-tokens", type=int, default=None, help="default 154 (77 CLIP + 77 T5); tiny: 8")
+    p.add_argument("--ac", default="none", choices=["none", "all", "every_k"])
+    p.add_argument("--compile", action="store_true", help="torch.compile each block")
+    p.add_argument("--precision", default=None, choices=["bf16", "fp32"],
+                   help="default bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"])
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps of each kind first")
+    p.add_argument("--steps", type=int, default=10, help="timed steps of each kind")
+    p.add_argument("--profile", default=None,
+                   help="also profile 2 steps of each kind with torch.profiler; write the kernel table here")
+    p.add_argument("--out", default=None, help="JSON result path (a .md summary is written beside)")
+    p.add_argument("overrides", nargs="*", help="extra dotted config overrides (framer.use_rfft=false)")
+    return p.parse_args(argv)
+
+
+def make_config(a: argparse.Namespace, mode: str, backend: str, device: str) -> Config:
+    name, ds_json = BACKENDS[backend]
+    precision = a.precision or ("bf16" if device == "cuda" else "fp32")
+    ov = [f"model.preset=\"{a.preset}\"", f"train.mode=\"{mode}\"", f"parallel.backend=\"{name}\"",
+          f"train.precision=\"{precision}\"", f"data.batch_size={a.batch}",
+          f"data.resolution={a.resolution}", f"parallel.activation_checkpointing=\"{a.ac}\"",
+          f"parallel.compile={'true' if a.compile else 'false'}", f"train.device=\"{device}\"",
+          f"train.optimizer=\"{a.optimizer}\"", "framer.enabled=true"]
+    if ds_json:
+        ov.append(f"parallel.ds_config=\"{ROOT / ds_json}\"")
+    return load_config(None, ov + list(a.overrides))
+
+
+def synthetic_batch(model: Any, batch: int, resolution: int, text_tokens: int,
+                    device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    c = model.config
+    hw = resolution // 8
+    shapes = {"hr_latent": (batch, c.in_channels, hw, hw), "lr_latent": (batch, c.in_channels, hw, hw),
+              "prompt_embeds": (batch, text_tokens, c.joint_attention_dim),
+              "pooled": (batch, c.pooled_projection_dim)}
+    return {k: torch.randn(s, generator=g).to(device) for k, s in shapes.items()}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_combo(a: argparse.Namespace, mode: str, backend_key: str, device_type: str) -> dict[str, Any]:
+    cfg = make_config(a, mode, backend_key, device_type)
+    base_cfg = dataclasses.replace(cfg, framer=dataclasses.replace(cfg.framer, enabled=False))
+    torch.manual_seed(0)
+    model = build_model(cfg.model, device="cuda" if device_type == "cuda" else None)
+    params = apply_training_mode(model, mode, cfg.lora)
+    students, teacher = select_layers(model.num_blocks, cfg.framer)
+    geometry = geometry_from_model(model)
+    text_tokens = a.text_tokens or (154 if a.preset != "tiny" else 8)
+    backend = setup_backend(cfg, model, params)
+    device = backend.device
+    batch = synthetic_batch(model, a.batch, a.resolution, text_tokens, device)
+    gen = torch.Generator().manual_seed(0)
+    positions = list(range(a.batch))
+    sigma, noise = flow.sample_sigma_and_noise(positions, tuple(batch["hr_latent"].shape[1:]),
+                                               cfg.flow, 0, device=device)
+
+    def one_step(c: Config) -> tuple[float, float | None]:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        _sync(device)
+        t0 = time.perf_counter()
+        losses = micro_batch_loss(backend.model, batch, sigma, noise, c, students, teacher, gen,
+                                  gather=backend.gather, rank=backend.rank, autocast=backend.autocast())
+        backend.backward(losses.total)
+        backend.step()
+        _sync(device)
+        dt_s = time.perf_counter() - t0
+        mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        return dt_s, mem
+
+    times: dict[str, list[float]] = {"baseline": [], "framer": []}
+    mems: dict[str, list[float]] = {"baseline": [], "framer": []}
+    for _ in range(a.warmup):
+        one_step(base_cfg)
+        one_step(cfg)
+    for i in range(a.steps):  # ABBA: neither kind always runs first
+        order = (("baseline", base_cfg), ("framer", cfg)) if i % 2 == 0 else \
+                (("framer", cfg), ("baseline", base_cfg))
+        for kind, c in order:
+            t, m = one_step(c)
+            times[kind].append(t)
+            if m is not None:
+                mems[kind].append(m)
+
+    if a.profile:
+        from torch.profiler import ProfilerActivity, profile
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        with open(a.profile, "a") as fh:
+            for kind, c in (("baseline", base_cfg), ("framer", cfg)):
+                with profile(activities=acts) as prof:
+                    one_step(c)
+                    one_step(c)
+                fh.write(f"## {mode} / {backend_key} / {kind} (2 steps)\n")
+                fh.write(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70))
+                fh.write("\n")
+
+    precision = cfg.train.precision
+    peak = peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", precision)
+    lora_rank = cfg.lora.rank if mode == "lora" else 0
+    res: dict[str, Any] = {"mode": mode, "backend": backend_key, "precision": precision,
+                           "batch": a.batch, "resolution": a.resolution, "text_tokens": text_tokens,
+                           "activation_checkpointing": a.ac, "compile": a.compile,
+                           "trainable_params": sum(p.numel() for p in params),
+                           "total_params": sum(p.numel() for p in model.parameters())}
+    for kind in ("baseline", "framer"):
+        med = statistics.median(times[kind])
+        flops = train_flops_per_sample(geometry, (a.resolution // 8,) * 2, text_tokens, mode,
+                                       readout=kind == "framer", lora_rank=lora_rank)["total"]
+        res[kind] = {"step_s_median": med, "step_s_all": times[kind], "img_per_s": a.batch / med,
+                     "model_tflop_per_step": flops * a.batch / 1e12,
+                     "mfu": (flops * a.batch / med / peak) if peak else None,
+                     "peak_mem_gib": max(mems[kind]) if mems[kind] else None}
+    b, f = res["baseline"], res["framer"]
+    res["framer_time_overhead"] = f["step_s_median"] / b["step_s_median"] - 1.0
+    res["framer_mem_overhead"] = (f["peak_mem_gib"] / b["peak_mem_gib"] - 1.0
+                                  if b["peak_mem_gib"] else None)
+    del backend, model, params, batch
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return res
+
+
+def environment() -> dict[str, Any]:
+    import importlib.metadata as md
+    versions = {}
+    for pkg in ("torch", "deepspeed", "diffusers", "transformers", "peft"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = None
+    dev = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
+           else f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    return {"device": dev, "versions": versions, "python": platform.python_version(),
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    env = result["environment"]
+    lines = [f"# Train-step benchmark: {result['preset']}", "",
+             f"Device: {env['device']}; {', '.join(f'{k} {v}' for k, v in env['versions'].items())}; "
+             f"{env['date']}", "", f"Command: `{result['command']}`", "",
+             "| mode | backend | AC | base s/step | FRAMER s/step | time overhead | base GiB | FRAMER GiB "
+             "| mem overhead | base img/s | FRAMER img/s | base MFU | FRAMER MFU |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["runs"]:
+        if "error" in r:
+            lines.append(f"| {r['mode']} | {r['backend']} | | error: {r['error']} |||||||||")
+            continue
+        b, f = r["baseline"], r["framer"]
+        lines.append(
+            f"| {r['mode']} | {r['backend']} | {r['activation_checkpointing']} "
+            f"| {b['step_s_median']:.4f} | {f['step_s_median']:.4f} | {r['framer_time_overhead']:+.2%} "
+            f"| {_fmt(b['peak_mem_gib'], '.2f')} | {_fmt(f['peak_mem_gib'], '.2f')} "
+            f"| {_fmt(r['framer_mem_overhead'], '+.2%')} | {b['img_per_s']:.2f} | {f['img_per_s']:.2f} "
+            f"| {_fmt(b['mfu'], '.1%')} | {_fmt(f['mfu'], '.1%')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    a = parse_args(argv)
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    # The distributed backends run here as a one-rank process group.
+    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                 ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29533")):
+        os.environ.setdefault(k, v)
+    runs = []
+    for backend_key in a.backends.split(","):
+        if backend_key not in BACKENDS:
+            raise SystemExit(f"--backends: unknown backend {backend_key!r}; allowed: {', '.join(BACKENDS)}")
+        for mode in a.modes.split(","):
+            try:
+                r = run_combo(a, mode, backend_key, device_type)
+            except torch.OutOfMemoryError as e:  # record it; the other combinations still run
+                r = {"mode": mode, "backend": backend_key, "error": f"out of memory: {str(e)[:120]}"}
+                gc.collect()
+                torch.cuda.empty_cache()
+            runs.append(r)
+            print(json.dumps({k: v for k, v in r.items() if k not in ("baseline", "framer")}
+                             | {"base_s": r.get("baseline", {}).get("step_s_median"),
+                                "framer_s": r.get("framer", {}).get("step_s_median")}), flush=True)
+    result = {"benchmark": "train_step", "preset": a.preset, "environment": environment(),
+              "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + (argv or sys.argv[1:])),
+              "runs": runs}
+    md = markdown(result)
+    print(md)
+    if a.out:
+        out = Path(a.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+        out.with_suffix(".md").write_text(md)
+    return result
+
+
+if __name__ == "__main__":
+    main()
