@@ -207,8 +207,9 @@ class DiT4SRTransformer(SD3Transformer2DModel):
         if readout is None:
             return DiT4SROutput(sample=self._head(h[:, : grid[0] * grid[1]], temb, grid))
         features = torch.stack(feats)
-        # With the velocity readout the last block's readout *is* the output: reuse it.
-        sample = features[-1] if readout == "velocity" else self._head(
+        # With the velocity readout the last block's readout *is* the output: reuse it (the
+        # block's own tensor, not a view of the stack: FSDP2 warns on view outputs).
+        sample = feats[-1] if readout == "velocity" else self._head(
             h[:, : grid[0] * grid[1]], temb, grid)
         return DiT4SROutput(sample=sample, features=features)
 
