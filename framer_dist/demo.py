@@ -6,7 +6,7 @@ A few tens of optimizer steps of the tiny preset on the real photos in
 ``framer_dist/assets/photos`` (online Real-ESRGAN degradation, a tiny random VAE), then: a
 checkpoint, TensorBoard logs (losses, throughput, the per-layer FRAMER heat map), the exported
 control weights, one photo super-resolved x4 with the inference sampler, and the layer-hierarchy
-plot when the analysis module is present. Prints where everything went. The model is tiny and
+plots (framer_dist.analysis, initialisation vs trained). Prints where everything went. The model is tiny and
 random-initialised, so the upscaled image shows the plumbing, not quality.
 """
 
@@ -58,7 +58,7 @@ def upscale_photo(cfg: Config, model: torch.nn.Module, photo: Path, out_png: Pat
     """Super-resolve one bundled photo x``data.scale`` with the trained model.
 
     The photo's centre crop is made the LR input (``resolution / scale`` pixels), bicubic-upsampled
-    and VAE-encoded as in training; FlowMatch Euler sampling with the empty-prompt embedding."""
+    and VAE-encoded as in training; FlowMatch Euler sampling with the empty-prompt embedding, AdaIN colour fix."""
     import numpy as np
     from PIL import Image
 
@@ -82,7 +82,9 @@ def upscale_photo(cfg: Config, model: torch.nn.Module, photo: Path, out_png: Pat
     lat = euler_sample(lambda z, sig: denoise(z, lr_lat, sig), noise,
                        flow_sigmas(steps, cfg.flow.shift))
     model.train(was)
-    sr = decode_latents(cfg.data, lat)[0]
+    from framer_dist.infer.colorfix import adain_color_fix
+    # the authors' AdaIN colour fix against the bicubic input, as the inference pipeline does
+    sr = adain_color_fix((decode_latents(cfg.data, lat) + 1) / 2, (x + 1) / 2)[0] * 2 - 1
     panel = torch.cat([x[0], sr], dim=2)  # bicubic | super-resolved, side by side
     arr = ((panel.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
     out_png.parent.mkdir(parents=True, exist_ok=True)
@@ -91,13 +93,26 @@ def upscale_photo(cfg: Config, model: torch.nn.Module, photo: Path, out_png: Pat
     return out_png
 
 
-def layer_hierarchy_plot(cfg: Config, model: torch.nn.Module, out_png: Path) -> Path | None:
-    """The paper's Fig. 7-style plot from framer_dist.analysis, if that module is installed."""
-    try:
-        from framer_dist.analysis import demo_hierarchy_plot  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return demo_hierarchy_plot(cfg, model, out_png)
+def layer_hierarchy_plot(cfg: Config, model: torch.nn.Module, photos: list[Path],
+                         out_dir: Path) -> dict[str, Path]:
+    """The paper's Fig. 7 / Fig. 9 study (framer_dist.analysis) on the bundled photos, comparing
+    the untrained initialisation with the trained model."""
+    from framer_dist import analysis
+    from framer_dist.infer.io import read_image
+    from framer_dist.infer.loading import load_vae as load_codec
+    from framer_dist.models import apply_training_mode, build_model
+
+    torch.manual_seed(cfg.train.seed)  # the trainer's initialisation, untrained
+    init = build_model(cfg.model)
+    apply_training_mode(init, cfg.train.mode, cfg.lora)
+    was = model.training
+    model.eval()
+    images = [read_image(p) for p in photos[:3]]
+    result = analysis.analyze([("init", init.eval()), ("trained", model)], images,
+                              load_codec(cfg.data.vae or None), cfg.framer,
+                              scale=cfg.data.scale, max_size=cfg.data.resolution, seed=cfg.train.seed)
+    model.train(was)
+    return analysis.write_outputs(result, out_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     model = result.model
     sr = upscale_photo(cfg, model, photos[0], out / "samples" / f"{photos[0].stem}_x{cfg.data.scale}.png",
                        steps=args.sample_steps)
-    plot = layer_hierarchy_plot(cfg, model, out / "samples" / "layer_hierarchy.png")
+    plots = layer_hierarchy_plot(cfg, model, photos, out / "analysis")
 
     print(f"[demo] done: {result.steps_done} steps in {t_train:.0f} s, final loss "
           f"{last.get('loss/total', float('nan')):.4f} (noise {last.get('loss/noise', float('nan')):.4f}, "
@@ -140,10 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[demo] TensorBoard logs: {result.log_dir}   (tensorboard --logdir {result.log_dir})")
     print(f"[demo] loss history:     {out / 'metrics.jsonl'}")
     print(f"[demo] upscaled photo:   {sr}  (bicubic | super-resolved)")
-    if plot is not None:
-        print(f"[demo] layer hierarchy:  {plot}")
-    else:
-        print("[demo] layer hierarchy:  skipped (framer_dist.analysis not available)")
+    print(f"[demo] layer hierarchy:  {plots['similarity']}  (Fig. 7: LF/HF cosine to the teacher per "
+          f"layer, init vs trained)")
+    print(f"[demo] FAW/FAM weights:  {plots['weights']}")
     return 0
 
 
