@@ -85,9 +85,7 @@ def load_transformer(checkpoint: str | Path, *, kind: str = "auto", base: str | 
     except (ValueError, FileNotFoundError) as e:
         raise InferenceError(f"cannot load {found_kind} checkpoint {path}: {e}") from None
     model.requires_grad_(False)
-    if dtype is not None and dtype == next(model.parameters()).dtype:
-        dtype = None  # no-op cast; diffusers warns on any dtype cast
-    return model.to(device=device, dtype=dtype).eval()
+    return _to(model, device, dtype).eval()
 
 
 class VaeCodec:
@@ -136,6 +134,11 @@ def load_vae(path: str | Path | None, device: Any = None, dtype: torch.dtype | N
         from framer_dist.data import tiny_vae
 
         vae = tiny_vae()
-    if dtype is not None and dtype == next(vae.parameters()).dtype:
-        dtype = None
-    return VaeCodec(vae.to(device=device, dtype=dtype))
+    return VaeCodec(_to(vae, device, dtype))
+
+
+def _to(module, device: Any, dtype: torch.dtype | None):
+    """``module.to`` without a no-op dtype argument (diffusers warns on any dtype cast)."""
+    if dtype is not None and dtype != next(module.parameters()).dtype:
+        module = module.to(dtype=dtype)
+    return module.to(device) if device is not None else module
