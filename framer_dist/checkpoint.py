@@ -128,6 +128,17 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _broadcast_from_rank0(obj: Any, backend: Backend) -> Any:
+    """Rank 0's value on every rank."""
+    import torch.distributed as dist
+
+    if backend.world_size == 1 or not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 # ----------------------------------------------------------------------------------------------
 # the manager
 
@@ -225,10 +236,11 @@ class CheckpointManager:
         RNGs: on the same world size every rank gets its exact saved state back; on another world
         size they are reseeded from (seed, step, rank) and `rng_restored_exactly` is False.
         """
-        path = self.find(spec)
+        be = self.backend
+        path = self.find(spec)  # on every rank: a bad path raises everywhere, no hang
+        path = _broadcast_from_rank0(path, be)  # "auto": every rank loads rank 0's choice
         if path is None:
             return None
-        be = self.backend
         client = be.load(path)
         saved_world = json.loads((path / MARKER).read_text())["world_size"]
         rng_file = path / "rng" / f"rank_{be.rank:05d}.pt"

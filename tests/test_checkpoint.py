@@ -217,3 +217,16 @@ def test_ds_config_injection_and_disagreements(tmp_path):
     with pytest.raises(ConfigError, match="file not found"):
         build_ds_config(load_config(None, ["parallel.backend='deepspeed'",
                                            "parallel.ds_config='missing.json'"]), 1, 1)
+
+
+def test_resume_with_another_optimizer_or_backend_is_a_clear_error(tmp_path):
+    a = _backend()
+    _train(a, range(1))
+    CheckpointManager(tmp_path / "ck", a).save(1, {"step": 1})
+    b = _backend("train.optimizer='adamw8bit'")
+    with pytest.raises(RuntimeError, match="train.optimizer"):
+        CheckpointManager(tmp_path / "ck", b).resume("auto")
+    meta = tmp_path / "ck" / "step_00000001" / "backend_meta.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "backend": "fsdp2"}))
+    with pytest.raises(RuntimeError, match="written by the 'fsdp2' backend"):
+        CheckpointManager(tmp_path / "ck", _backend()).resume("auto")

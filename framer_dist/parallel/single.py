@@ -69,7 +69,10 @@ class SingleBackend(Backend):
 
     def load(self, path: str | Path) -> dict[str, Any]:
         path = Path(path)
-        self._check_meta(path)
+        meta = self._check_meta(path)
+        if meta.get("optimizer") != self.cfg.train.optimizer:
+            raise RuntimeError(f"checkpoint {path} holds {meta.get('optimizer')!r} optimizer state but "
+                               f"train.optimizer is {self.cfg.train.optimizer!r}")
         state = torch.load(path / STATE_FILE, map_location=self.device, weights_only=False)
         by_name = dict(self._named_trainable())
         missing = set(by_name) - set(state["model"])
