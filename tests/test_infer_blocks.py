@@ -71,6 +71,19 @@ def test_cfg_guides_text_only_and_feeds_lr_to_both_branches():
     torch.testing.assert_close(v2, v_u2 + 8.0 * (v_c - v_u2))
 
 
+def test_stacked_tiles_keep_each_images_prompt():
+    # two images with different prompts; tiles stacked 3 per call must see their own image's text
+    g = torch.Generator().manual_seed(6)
+    z, lr = torch.randn(2, 4, 12, 20, generator=g), torch.randn(2, 4, 12, 20, generator=g)
+    cond = (torch.randn(2, 5, 8, generator=g), torch.randn(2, 3, generator=g))
+    uncond = (torch.randn(1, 5, 8, generator=g), torch.randn(1, 3, generator=g))
+    fn = guided_denoiser(_ToyModel(), cond, uncond, 3.0)
+    one = tiled_denoiser(fn, 8, 4, multiple=2, tile_batch=1)(z, lr, torch.tensor(0.4))
+    three = tiled_denoiser(fn, 8, 4, multiple=2, tile_batch=3)(z, lr, torch.tensor(0.4))
+    torch.testing.assert_close(three, one)
+    torch.testing.assert_close(tiled_denoiser(fn, 64, 4)(z, lr, torch.tensor(0.4)), fn(z, lr, torch.tensor(0.4)))
+
+
 def test_tile_starts_cover_and_overlap():
     assert tile_starts(50, 64, 24) == [0]
     s = tile_starts(150, 64, 24)

@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pretrained SD3/SD3.5 folder under a control/LoRA checkpoint; also the default "
                         "source of --vae, --text-encoders and the scheduler config")
     g.add_argument("--vae", default=None, help="diffusers VAE folder ('' = the project's tiny random VAE)")
+    g.add_argument("--vae-tiling", action="store_true",
+                   help="tiled VAE encode/decode (diffusers' enable_tiling) for very large images")
     g = p.add_argument_group("prompts")
     g.add_argument("--text-encoders", default=None,
                    help="SD3 folder with text_encoder(_2,_3) + tokenizers; 'hashed' = a fixed random "
@@ -105,7 +107,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     captions = read_captions(args.captions) if args.captions else None  # fail early on a bad file
     model = load_transformer(args.checkpoint, kind=args.kind, base=args.base, device=device, dtype=dtype)
     vae_src = args.vae if args.vae is not None else (args.base or "")
-    vae = load_vae(vae_src, device=device, dtype=dtype)
+    vae = load_vae(vae_src, device=device, dtype=dtype, tiling=args.vae_tiling)
     text = _text_encoder(args, model, device, dtype)
     cached = CachedEmbeddings(args.prompt_embeddings) if args.prompt_embeddings else None
     llava = None

@@ -91,8 +91,10 @@ def load_transformer(checkpoint: str | Path, *, kind: str = "auto", base: str | 
 class VaeCodec:
     """Pixels in [0, 1] <-> SD3-scaled latents with a diffusers ``AutoencoderKL``."""
 
-    def __init__(self, vae):
+    def __init__(self, vae, tiling: bool = False):
         self.vae = vae.eval().requires_grad_(False)
+        if tiling:  # diffusers' tiled encode/decode (tiles of the VAE's sample_size) for huge images
+            self.vae.enable_tiling()
         cfg = vae.config
         self.factor = 2 ** (len(cfg.block_out_channels) - 1)
         self.channels = int(cfg.latent_channels)
@@ -119,7 +121,8 @@ class VaeCodec:
         return (decode_pixels(self.vae, z).float() + 1) / 2
 
 
-def load_vae(path: str | Path | None, device: Any = None, dtype: torch.dtype | None = None) -> VaeCodec:
+def load_vae(path: str | Path | None, device: Any = None, dtype: torch.dtype | None = None,
+             tiling: bool = False) -> VaeCodec:
     """A local diffusers VAE folder (or a pipeline root with ``vae/``); ``None``/'' = the project's
     tiny random VAE (``framer_dist.data.tiny_vae()``, what training uses with ``data.vae = ''``)."""
     if path:
@@ -134,7 +137,7 @@ def load_vae(path: str | Path | None, device: Any = None, dtype: torch.dtype | N
         from framer_dist.data import tiny_vae
 
         vae = tiny_vae()
-    return VaeCodec(_to(vae, device, dtype))
+    return VaeCodec(_to(vae, device, dtype), tiling=tiling)
 
 
 def _to(module, device: Any, dtype: torch.dtype | None):

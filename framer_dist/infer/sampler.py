@@ -70,8 +70,7 @@ def model_denoiser(model: VelocityModel, prompt_embeds: Tensor, pooled: Tensor,
     def fn(z: Tensor, lr: Tensor, sigma: Tensor) -> Tensor:
         b = z.shape[0]
         dt = dtype or z.dtype
-        e = prompt_embeds.expand(b, *prompt_embeds.shape[1:]) if prompt_embeds.shape[0] == 1 else prompt_embeds
-        p = pooled.expand(b, *pooled.shape[1:]) if pooled.shape[0] == 1 else pooled
+        e, p = _expand(prompt_embeds, b), _expand(pooled, b)
         t = (sigma.float() * 1000.0).expand(b).to(z.device)
         out = model(hidden_states=z.to(dt), lr_latent=lr.to(dt), timestep=t.to(dt),
                     encoder_hidden_states=e.to(z.device, dt), pooled_projections=p.to(z.device, dt))
@@ -112,8 +111,16 @@ def guided_denoiser(model: VelocityModel, cond: tuple[Tensor, Tensor],
 
 
 def _expand(t: Tensor, b: int) -> Tensor:
-    if t.shape[0] == b:
+    """Broadcast per-image embeddings ``[n, ...]`` to a latent batch of ``b``.
+
+    ``b`` may be a multiple of ``n``: stacked tiles (``tiling.py``) are ``[tile0 images, tile1
+    images, ...]``, so the embeddings repeat in that order.
+    """
+    n = t.shape[0]
+    if n == b:
         return t
-    if t.shape[0] != 1:
-        raise ValueError(f"prompt embedding batch {t.shape[0]} does not match latent batch {b}")
-    return t.expand(b, *t.shape[1:])
+    if n == 1:
+        return t.expand(b, *t.shape[1:])
+    if b % n:
+        raise ValueError(f"prompt embedding batch {n} does not match latent batch {b}")
+    return t.repeat(b // n, *([1] * (t.ndim - 1)))
