@@ -15,7 +15,7 @@ is block + head, so backward recomputes the full-width per-layer tokens instead 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Literal
+from typing import Iterable, Literal, NamedTuple
 
 import torch
 from diffusers.configuration_utils import register_to_config
@@ -27,8 +27,9 @@ from .block import DiT4SRBlock
 Readout = Literal["velocity", "hidden"] | None
 
 
-@dataclass
-class DiT4SROutput:
+class DiT4SROutput(NamedTuple):
+    """A named tuple so ZeRO-3 and FSDP2 hooks see the tensors inside (they walk tuples)."""
+
     sample: torch.Tensor                    # [B, 16, H, W] velocity
     features: torch.Tensor | None = None    # [L, B, C, h, w] per-block readout, or None
 
