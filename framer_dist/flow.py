@@ -68,9 +68,10 @@ def velocity_target(x0: Tensor, noise: Tensor) -> Tensor:
 
 
 def x0_from_velocity(x_t: Tensor, v: Tensor, sigma: Tensor) -> Tensor:
-    """Clean-latent estimate x0 = x_t - sigma v; ``v`` may carry leading layer dims ([L, B, ...])."""
-    s = sigma.reshape(-1, *([1] * (x_t.dim() - 1))).to(v.dtype)
-    return x_t.to(v.dtype) - s * v
+    """Clean-latent estimate x0 = x_t - sigma v in fp32 (a bf16 readout would lose the small
+    difference); ``v`` may carry leading layer dims ([L, B, ...])."""
+    s = sigma.reshape(-1, *([1] * (x_t.dim() - 1))).float()
+    return x_t.float() - s * v.float()
 
 
 def timesteps(sigma: Tensor) -> Tensor:

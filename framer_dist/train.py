@@ -160,14 +160,6 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def framer_features(out_features: torch.Tensor, x_t: torch.Tensor, sigma: torch.Tensor,
-                    feature: str) -> torch.Tensor:
-    """The per-block readout -> F^(i) of FRAMER_SPEC.md section 1 (x0_i = x_t - sigma v_i)."""
-    if feature == "x0":
-        return flow.x0_from_velocity(x_t, out_features, sigma)
-    return out_features
-
-
 # ----------------------------------------------------------------------------------------------
 # the run
 
@@ -177,8 +169,9 @@ def train(cfg: Config) -> RunResult:
     from framer_dist import metrics
     from framer_dist.checkpoint import CheckpointManager, seed_rng
     from framer_dist.flops import geometry_from_model, peak_flops, train_flops_per_sample
-    from framer_dist.framer import framer_objective, select_layers
+    from framer_dist.framer import select_layers
     from framer_dist.models import apply_training_mode, build_model
+    from framer_dist.objective import micro_batch_loss, readout_kind
     from framer_dist.parallel import setup_backend
     from framer_dist.preempt import PreemptionHandler
 
@@ -193,7 +186,7 @@ def train(cfg: Config) -> RunResult:
         raise ConfigError(f"config key 'train.mode': {t_cfg.mode!r} leaves no trainable parameter")
     num_blocks = model.num_blocks
     students, teacher = select_layers(num_blocks, f_cfg) if f_cfg.enabled else ([], -1)
-    readout = None if not f_cfg.enabled else ("hidden" if f_cfg.feature == "hidden" else "velocity")
+    readout = readout_kind(cfg)
     geometry = geometry_from_model(model)
     backend = setup_backend(cfg, model, params)
     rank, world, device = backend.rank, backend.world_size, backend.device
@@ -244,7 +237,7 @@ def train(cfg: Config) -> RunResult:
         while step < t_cfg.steps:
             # Every random stream of this step is a function of (seed, step, rank) only.
             seed_rng(t_cfg.seed, step, rank, framer_gen)
-            sums = torch.zeros(3, dtype=torch.float64)  # noise, framer, total (micro-batch sums)
+            sums = torch.zeros(3, dtype=torch.float64, device=device)  # noise, framer, total
             layer_metrics: dict[str, torch.Tensor] = {}
             for micro in range(accum):
                 thr.data_start()
@@ -254,30 +247,19 @@ def train(cfg: Config) -> RunResult:
                     from framer_dist.data import encode_batch, load_vae
                     vae = vae or load_vae(cfg.data, device=device)
                     batch = encode_batch(vae, batch)
-                x0, lr_lat = batch["hr_latent"].float(), batch["lr_latent"]
+                x0 = batch["hr_latent"]
                 positions = sample_positions(batch, samples_seen, micro, rank, world, x0.shape[0])
                 sigma, noise = flow.sample_sigma_and_noise(positions, tuple(x0.shape[1:]), cfg.flow,
                                                            t_cfg.seed, device=device)
-                x_t = flow.add_noise(x0, noise, sigma)
-                with backend.autocast():
-                    out = model_fwd(hidden_states=x_t, lr_latent=lr_lat,
-                                    timestep=flow.timesteps(sigma),
-                                    encoder_hidden_states=batch["prompt_embeds"],
-                                    pooled_projections=batch["pooled"], readout=readout)
-                loss_noise = flow.noise_loss(out.sample, x_t, x0, noise, sigma,
-                                             cfg.flow.precondition_outputs)
-                loss = loss_noise
-                loss_framer = torch.zeros((), device=device)
-                if f_cfg.enabled:
-                    feats = framer_features(out.features, x_t, sigma, f_cfg.feature)
-                    res = framer_objective(feats[students], feats[teacher], f_cfg, framer_gen,
-                                           gather=backend.gather, rank=rank)
-                    loss_framer = res.loss
-                    loss = loss_noise + f_cfg.weight * loss_framer
-                    layer_metrics = res.metrics
-                backend.backward(loss)
-                sums += torch.tensor([loss_noise.item(), loss_framer.item(), loss.item()],
-                                     dtype=torch.float64)
+                # noise -> forward (with the per-block readout) -> noise loss + lambda * FRAMER
+                losses = micro_batch_loss(model_fwd, batch, sigma, noise, cfg, students, teacher,
+                                          framer_gen, gather=backend.gather, rank=rank,
+                                          autocast=backend.autocast())
+                backend.backward(losses.total)
+                # detached sums on the device: no host sync per micro-batch
+                sums += torch.stack([losses.noise.detach(), losses.framer.detach(),
+                                     losses.total.detach()]).double()
+                layer_metrics = losses.layer_metrics
                 if text_tokens is None:
                     text_tokens = batch["prompt_embeds"].shape[1]
                     flops_per_sample = train_flops_per_sample(
@@ -290,11 +272,11 @@ def train(cfg: Config) -> RunResult:
             thr.step_done(b_micro * accum)
 
             # Losses averaged over micro-batches and ranks (a tiny collective, every step).
-            losses = backend.gather((sums / accum).to(device).reshape(1, 3)).mean(0).cpu()
-            rec = {"step": step, "loss/noise": float(losses[0]), "loss/total": float(losses[2]),
+            mean = backend.gather((sums / accum).reshape(1, 3)).mean(0).cpu()
+            rec = {"step": step, "loss/noise": float(mean[0]), "loss/total": float(mean[2]),
                    "lr": backend.lr, "grad_norm": float(grad_norm)}
             if f_cfg.enabled:
-                rec["loss/framer"] = float(losses[1])
+                rec["loss/framer"] = float(mean[1])
             history.append(rec)
             if backend.is_main:
                 with open(history_file, "a") as fh:
