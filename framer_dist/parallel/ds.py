@@ -155,8 +155,10 @@ class DeepSpeedBackend(Backend):
     # -- checkpoints ---------------------------------------------------------------------------
     def save(self, path: str | Path, client_state: dict[str, Any]) -> None:
         path = Path(path)
+        # Frozen weights are not written (they come from model.pretrained or the seeded init):
+        # under ZeRO-2 they would otherwise be a full bf16 copy of the backbone in every checkpoint.
         self.engine.save_checkpoint(str(path), tag=TAG, client_state={"optimizer_step": self.optimizer_step},
-                                    save_latest=False)
+                                    save_latest=False, exclude_frozen_parameters=True)
         if self.ema is not None:
             self.ema.save(path)
         self._write_meta(path, client_state, {"optimizer": self.cfg.train.optimizer,
