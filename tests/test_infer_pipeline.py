@@ -176,3 +176,67 @@ def test_cli_lora_export_and_cached_prompt_embeddings(parts, tmp_path, capsys):
     assert main([str(tmp_path / "in"), str(tmp_path / "o3"), "--checkpoint", str(full)] + common) == 2
     assert "no cached prompt embedding for image zz.png" in capsys.readouterr().err
     assert not (tmp_path / "o3").exists()   # found before any sampling
+
+
+_WORDS = ["<unk>", "<pad>", "<s>", "</s>", "<image>", "USER:", "ASSISTANT:", "Describe", "this",
+          "image", "and", "its", "style", "in", "a", "very", "detailed", "manner.", "cat", "dog",
+          "red", "sky", "the", "blur", "focus", ".", "photo", "of", "Cinematic,", "HQ."]
+
+
+def _word_tokenizer(path, image_token=False):
+    """An offline word-level fast tokenizer in transformers' format (tiny test encoders)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(_WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if not image_token:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>",
+                                                           special_tokens=[("<s>", 2), ("</s>", 3)])
+    extra = {"extra_special_tokens": {"image_token": "<image>"}} if image_token else {}
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                            eos_token="</s>", **extra).save_pretrained(str(path))
+
+
+def test_cli_with_sd3_text_encoders_and_llava_captions(parts, tmp_path):
+    """The --text-encoders (CLIP-L/CLIP-G/T5) and --llava paths with tiny random models."""
+    from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModelWithProjection,
+                              CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+                              LlavaProcessor, PreTrainedTokenizerFast, T5Config, T5EncoderModel)
+
+    model, vae, _ = parts
+    torch.manual_seed(0)
+    sd3 = tmp_path / "sd3"
+    for sub, hidden in (("text_encoder", 8), ("text_encoder_2", 12)):   # pooled 16 + 16 = 32
+        CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(_WORDS), hidden_size=hidden, intermediate_size=16, num_hidden_layers=2,
+            num_attention_heads=2, projection_dim=16, max_position_embeddings=77, bos_token_id=2,
+            eos_token_id=3, pad_token_id=1)).save_pretrained(str(sd3 / sub))
+    T5EncoderModel(T5Config(vocab_size=len(_WORDS), d_model=32, d_kv=8, d_ff=32, num_layers=1,
+                            num_heads=2, pad_token_id=1, eos_token_id=3)).save_pretrained(str(sd3 / "text_encoder_3"))
+    for sub in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        _word_tokenizer(sd3 / sub)
+    llava = tmp_path / "llava"
+    LlavaForConditionalGeneration(LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, image_size=16, patch_size=8),
+        text_config=LlamaConfig(vocab_size=len(_WORDS), hidden_size=16, intermediate_size=32,
+                                num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                pad_token_id=1, bos_token_id=2, eos_token_id=3),
+        image_token_index=4, image_seq_length=4, vision_feature_layer=-1)).save_pretrained(str(llava))
+    _word_tokenizer(llava / "tok", image_token=True)
+    LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 16},
+                                                      crop_size={"height": 16, "width": 16}),
+                   tokenizer=PreTrainedTokenizerFast.from_pretrained(str(llava / "tok")), patch_size=8,
+                   vision_feature_select_strategy="default",
+                   num_additional_image_tokens=1).save_pretrained(str(llava))
+    ckpt = save_model(model, tmp_path / "ckpt")
+    vae.save_pretrained(tmp_path / "vae")
+    _write_png(tmp_path / "in" / "a.png", 8, 12, 0)
+    common = [str(tmp_path / "in"), "--checkpoint", str(ckpt), "--vae", str(tmp_path / "vae"),
+              "--text-encoders", str(sd3), "--steps", "2", "--scale", "2", "--process-size", "0",
+              "--no-progress", "--positive-suffix", "HQ.", "--negative-prompt", "blur"]
+    assert main(common[:1] + [str(tmp_path / "o_prompt")] + common[1:] + ["--prompt", "a red cat"]) == 0
+    assert main(common[:1] + [str(tmp_path / "o_llava")] + common[1:] + ["--llava", str(llava)]) == 0
+    for d in ("o_prompt", "o_llava"):
+        assert Image.open(tmp_path / d / "a.png").size == (24, 16)
