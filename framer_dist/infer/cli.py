@@ -25,7 +25,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def build_parser() -> argparse.ArgumentParser:
     d = InferenceOptions()
-    p = argparse.ArgumentParser(prog="framer-sr", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="framer-sr",
+                                description="Super-resolve an image or a folder of images with a "
+                                            "trained FRAMER/DiT4SR checkpoint (docs/inference.md).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("input", help="an LR image or a folder of them")
     p.add_argument("output", help="output folder (one PNG per input, same stem)")
