@@ -48,7 +48,7 @@ def run_phase(out: Path, ph: dict) -> None:
           "train.grad_clip=1.0", f"train.ema={str(ph.get('ema', False)).lower()}", "train.ema_decay=0.5",
           f"checkpoint.preempt_signal='{ph.get('signal', 'SIGUSR1')}'"]
     if ph["backend"] == "deepspeed":
-        ov.append(f"parallel.ds_config='{ds_json(out, ph.get('stage', 3))}'")
+        ov.append(f"parallel.ds_config='{ph.get('ds_config') or ds_json(out, ph.get('stage', 3))}'")
     cfg = load_config(None, ov)
     model, params = make_model(0, ph.get("mode", "control"))
     be = setup_backend(cfg, model, params)

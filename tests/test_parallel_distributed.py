@@ -17,6 +17,8 @@ from _parallel_launch import launch, tail  # noqa: E402
 pytestmark = pytest.mark.distributed
 
 STEPS = 6
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED = ("zero2", "zero3", "zero3_offload")
 
 
 def _launches(backend: str, out: Path) -> dict:
@@ -30,6 +32,9 @@ def _launches(backend: str, out: Path) -> dict:
     ]
     if backend == "deepspeed":
         l1.append({**fp32, "name": "Z2", "stage": 2, "steps": 3, "ckpt": "ckZ2", "every": 2})
+        for cfg_name in SHIPPED:  # the shipped JSONs as they are, in bf16
+            l1.append({**fp32, "name": f"ship_{cfg_name}", "precision": "bf16", "steps": 2,
+                       "ckpt": f"ck_{cfg_name}", "ds_config": str(REPO / "ds_configs" / f"{cfg_name}.json")})
     l1.append({**fp32, "name": "B1", "steps": STEPS, "ckpt": "ckB", "every": 2, "kill_at_save": 4})
     l2 = [
         {**fp32, "name": "C", "steps": STEPS, "ckpt": "ckC", "every": 2, "resume": "ckA/step_00000003"},
@@ -128,6 +133,15 @@ def test_zero2_parity_and_elastic(dist_run, reference):
     _close(_losses(out / "Z2C"), {2: ref[2]}, 1e-5, "ZeRO-2 2->1 loss")
     _close(_weights(out / "Z2C"), _weights(out / "Z2"), 1e-5, "ZeRO-2 2->1 weights")
     _close(_ema(out / "Z2C"), _ema(out / "Z2"), 1e-5, "ZeRO-2 2->1 EMA")
+
+
+def test_shipped_ds_configs_train_in_bf16(dist_run):
+    if dist_run["backend"] != "deepspeed":
+        pytest.skip("DeepSpeed configs")
+    ref = _losses(dist_run["out"] / "BF")
+    for name in SHIPPED:
+        # same recipe as the bf16 ZeRO-3 test run: same losses up to bf16 reduction order
+        _close(_losses(dist_run["out"] / f"ship_{name}"), {0: ref[0], 1: ref[1]}, 2e-2, name)
 
 
 def test_bf16_trains(dist_run):
