@@ -210,3 +210,16 @@ def test_bench_tiny_mode(tmp_path):
     r = json.loads(out.read_text())
     assert r["batched_equals_loop"] is True and r["batch"] == 4 and r["resolution"] == 64
     assert r["batched_images_per_s"] > 0 and r["loop_images_per_s"] > 0
+
+
+def test_usm_blur_matrix_equals_reflect_convolution():
+    from framer_dist.data.degrade import _blur_matrix
+    from framer_dist.data.kernels import gaussian_kernel_1d
+
+    x = torch.rand(2, 3, 40, 56)
+    g = gaussian_kernel_1d(11, 0.0)
+    ref = F.pad(x, (5, 5, 5, 5), mode="reflect")
+    ref = F.conv2d(ref.reshape(6, 1, 50, 66), g.view(1, 1, 1, 11))
+    ref = F.conv2d(ref, g.view(1, 1, 11, 1)).view(2, 3, 40, 56)
+    ours = _blur_matrix(40, 11, "cpu") @ x @ _blur_matrix(56, 11, "cpu").T
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)

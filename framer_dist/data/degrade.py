@@ -20,6 +20,7 @@ Pipeline per sample (HR ``[3, H, W]`` in [0, 1], H and W divisible by ``scale``)
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import functools
 import math
@@ -175,7 +176,15 @@ def _t(values: list, device: torch.device, dtype: torch.dtype = torch.float32) -
 
 
 def stage_kernels(draws: list[dict], k: int, device: torch.device) -> Tensor:
-    """Blur kernels ``[B, k, k]`` of one stage (mixed or sinc per sample; pulse if not applied)."""
+    """Blur kernels ``[B, k, k]`` of one stage (mixed or sinc per sample; pulse if not applied).
+
+    Built on the CPU (a few KB from the draws) and sent to ``device`` in one copy."""
+    out = _stage_kernels_cpu(draws, k)
+    return out.to(device, non_blocking=True)
+
+
+def _stage_kernels_cpu(draws: list[dict], k: int) -> Tensor:
+    device = torch.device("cpu")
     size = _t([d["size"] for d in draws], device, torch.long)
     mixed = mixed_kernels(_t([d["kind"] for d in draws], device, torch.long), size,
                           _t([d["sigma_x"] for d in draws], device),
@@ -199,16 +208,16 @@ def _add_noise(x: Tensor, h: Tensor, w: Tensor, draws: list[dict], hs: list[int]
     b = x.shape[0]
     vals_rgb = vals_gray = None
     if not all(d["gaussian"] for d in draws):
-        # Poisson needs the number of distinct 8-bit values per sample (Real-ESRGAN's rule): one
-        # batched histogram over the valid regions (invalid pixels go to a spare bin: no sync)
-        valid = cv.valid_mask(h, w, x.shape[2], x.shape[3])
+        # Poisson needs the number of distinct 8-bit values per sample (Real-ESRGAN's rule):
+        # mark the values present (plain stores of 1: deterministic, no atomics); pixels outside
+        # a sample's valid region go to the spare slot 256
+        valid = cv.valid_mask(h, w, x.shape[2], x.shape[3], dev)
         vals = []
         for plane in (q, gray[:, None]):
-            bins = plane.long() + 256 * torch.arange(b, device=dev)[:, None, None, None]
-            bins = torch.where(valid, bins, torch.full_like(bins, 256 * b))
-            hist = torch.bincount(bins.flatten(), minlength=256 * b + 1)[:256 * b].view(b, 256)
-            count = (hist > 0).sum(1).to(torch.float64)
-            vals.append((2.0 ** torch.ceil(torch.log2(count)).clamp_min(0)).to(x.dtype))
+            idx = torch.where(valid, plane.long(), torch.full_like(plane, 256, dtype=torch.long))
+            present = torch.zeros(b, 257, device=dev).scatter_(1, idx.reshape(b, -1), 1.0)
+            count = present[:, :256].sum(1).clamp_min(1).to(torch.float64)
+            vals.append((2.0 ** torch.ceil(torch.log2(count))).to(x.dtype))
         vals_rgb, vals_gray = vals
     for i, d in enumerate(draws):
         hh, ww = hs[i], ws[i]
@@ -234,27 +243,37 @@ def _stage(x: Tensor, h: Tensor, w: Tensor, draws: list[dict], name: str, k: int
     dev = x.device
     x = cv.filter2d(x, h, w, stage_kernels([d[name]["blur"] for d in draws], k, dev))
     hs, ws = target
-    nh, nw = _t(hs, dev, torch.long), _t(ws, dev, torch.long)
-    mode = _t([d[name]["resize"]["mode"] for d in draws], dev, torch.long)
+    cpu = torch.device("cpu")
+    nh, nw = _t(hs, cpu, torch.long), _t(ws, cpu, torch.long)
+    mode = _t([d[name]["resize"]["mode"] for d in draws], cpu, torch.long)
     x = cv.resize(x, h, w, nh, nw, mode, max(hs), max(ws), (min(hs), min(ws)))
     x = _add_noise(x, nh, nw, [d[name]["noise"] for d in draws], hs, ws)
     return x, nh, nw
 
 
+@functools.lru_cache(maxsize=16)
+def _blur_matrix(n: int, size: int, device: str) -> Tensor:
+    """``[n, n]`` matrix of a 1-D Gaussian blur with reflect-101 borders (OpenCV's default), so
+    a separable blur is two GEMMs ``T @ X @ T^T`` (much faster on GPUs than a 51-tap conv)."""
+    g = gaussian_kernel_1d(size, 0.0).double()
+    pad = size // 2
+    src = cv.border_index(torch.tensor([n]), n, pad, "reflect")[0]      # [n + 2 pad]
+    rows = torch.arange(n)[:, None]
+    taps = torch.arange(size)[None, :]
+    mat = torch.zeros(n, n, dtype=torch.float64)
+    mat.index_put_((rows.expand(n, size), src[rows + taps]), g.expand(n, size), accumulate=True)
+    return mat.float().to(device)
+
+
 def usm_sharp(img: Tensor, p: DegradeParams) -> Tensor:
-    """BasicSR's USMSharp on a uniform batch ``[B, 3, H, W]`` in [0, 1] (separable Gaussian)."""
-    r = p.usm_radius + (1 - p.usm_radius % 2)              # odd, as BasicSR
-    r = r if r % 2 == 1 else r + 1
-    g = gaussian_kernel_1d(r, 0.0, img.device).to(img.dtype)
-    pad = r // 2
+    """BasicSR's USMSharp on a uniform batch ``[B, 3, H, W]`` in [0, 1]."""
+    size = p.usm_radius + 1 if p.usm_radius % 2 == 0 else p.usm_radius     # 50 -> 51, as BasicSR
+    _, _, hh, ww = img.shape
+    ty = _blur_matrix(hh, size, str(img.device)).to(img.dtype)
+    tx = _blur_matrix(ww, size, str(img.device)).to(img.dtype)
 
     def blur(t: Tensor) -> Tensor:
-        b, c, hh, ww = t.shape
-        pm = "reflect" if min(hh, ww) > pad else "replicate"
-        t = F.pad(t, (pad, pad, pad, pad), mode=pm).reshape(b * c, 1, hh + 2 * pad, ww + 2 * pad)
-        t = F.conv2d(t, g.view(1, 1, 1, r))
-        t = F.conv2d(t, g.view(1, 1, r, 1))
-        return t.view(b, c, hh, ww)
+        return torch.matmul(torch.matmul(ty, t), tx.T)
 
     residual = img - blur(img)
     mask = (residual.abs() * 255 > p.usm_threshold).to(img.dtype)
@@ -263,7 +282,27 @@ def usm_sharp(img: Tensor, p: DegradeParams) -> Tensor:
     return soft * sharp + (1 - soft) * img
 
 
+@contextlib.contextmanager
+def _full_fp32():
+    """Exact fp32 for the pixel maths whatever the trainer set (TF32 matmuls/convs would change
+    8-bit roundings and make a sample's pair depend on the device's algorithm choice)."""
+    prev = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True,
+                                        allow_tf32=False):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(prev)
+
+
 def degrade(hr: Tensor, seeds: list[int] | Tensor, p: DegradeParams | None = None) -> dict[str, Tensor]:
+    """Degrade a batch of HR images (see :func:`_degrade`)."""
+    with _full_fp32():
+        return _degrade(hr, seeds, p)
+
+
+def _degrade(hr: Tensor, seeds: list[int] | Tensor, p: DegradeParams | None = None) -> dict[str, Tensor]:
     """Degrade a batch of HR images.
 
     Args:
@@ -290,13 +329,14 @@ def degrade(hr: Tensor, seeds: list[int] | Tensor, p: DegradeParams | None = Non
     target = x
     draws = [sample_params(s, p) for s in seeds]
     lh, lw = H // p.scale, W // p.scale
-    h = torch.full((b,), H, device=dev, dtype=torch.long)
-    w = torch.full((b,), W, device=dev, dtype=torch.long)
+    cpu = torch.device("cpu")                   # sizes, qualities, modes: small, kept on the CPU
+    h = torch.full((b,), H, dtype=torch.long)
+    w = torch.full((b,), W, dtype=torch.long)
 
     f1 = [d["stage1"]["resize"]["factor"] for d in draws]
     t1 = ([max(1, int(H * f)) for f in f1], [max(1, int(W * f)) for f in f1])
     x, h, w = _stage(x, h, w, draws, "stage1", p.stage1.kernel_size, t1)
-    x = jpeg(x, _t([d["stage1"]["jpeg"] for d in draws], dev, torch.long), h, w)
+    x = jpeg(x, _t([d["stage1"]["jpeg"] for d in draws], cpu, torch.long), h, w)
 
     f2 = [d["stage2"]["resize"]["factor"] for d in draws]
     t2 = ([max(1, int(lh * f)) for f in f2], [max(1, int(lw * f)) for f in f2])
@@ -304,14 +344,14 @@ def degrade(hr: Tensor, seeds: list[int] | Tensor, p: DegradeParams | None = Non
 
     fin = [d["final"] for d in draws]
     k = p.final_kernel_size
-    sinc = sinc_kernels(_t([f["omega"] for f in fin], dev), _t([f["size"] for f in fin], dev, torch.long), k)
-    use = _t([f["sinc"] for f in fin], dev, torch.bool)[:, None, None]
-    fkern = torch.where(use, sinc, pulse_kernels(b, k, dev))
-    fmode = _t([f["resize_mode"] for f in fin], dev, torch.long)
-    fq = _t([f["jpeg"] for f in fin], dev, torch.long)
-    jpeg_first = _t([f["jpeg_first"] for f in fin], dev, torch.bool)[:, None, None, None]
-    lh_t = torch.full((b,), lh, device=dev, dtype=torch.long)
-    lw_t = torch.full((b,), lw, device=dev, dtype=torch.long)
+    sinc = sinc_kernels(_t([f["omega"] for f in fin], cpu), _t([f["size"] for f in fin], cpu, torch.long), k)
+    use = _t([f["sinc"] for f in fin], cpu, torch.bool)[:, None, None]
+    fkern = torch.where(use, sinc, pulse_kernels(b, k, cpu)).to(dev, non_blocking=True)
+    fmode = _t([f["resize_mode"] for f in fin], cpu, torch.long)
+    fq = _t([f["jpeg"] for f in fin], cpu, torch.long)
+    jpeg_first = _t([f["jpeg_first"] for f in fin], cpu, torch.bool)[:, None, None, None].to(dev)
+    lh_t = torch.full((b,), lh, dtype=torch.long)
+    lw_t = torch.full((b,), lw, dtype=torch.long)
 
     # both orders are computed for the whole batch and selected per sample: branch-free batching
     a = cv.resize(x, h, w, lh_t, lw_t, fmode, lh, lw, (lh, lw))

@@ -10,6 +10,7 @@ coding (it is lossless and so changes nothing). Runs on whatever device the batc
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -47,6 +48,13 @@ def _dct_matrix(device: torch.device) -> Tensor:
     return c.float()                                   # orthonormal: C @ C.T == I
 
 
+@functools.lru_cache(maxsize=8)
+def _dct2(device: str) -> Tensor:
+    """kron(C, C): the 2-D 8x8 DCT as one 64x64 matrix, cached per device."""
+    c = _dct_matrix(torch.device("cpu"))
+    return torch.kron(c, c).to(device)
+
+
 def _blocks(x: Tensor) -> Tensor:
     """[B, H, W] -> [B, H/8, W/8, 8, 8]."""
     b, h, w = x.shape
@@ -58,13 +66,16 @@ def _unblocks(x: Tensor) -> Tensor:
     return x.permute(0, 1, 3, 2, 4).reshape(b, hb * 8, wb * 8)
 
 
-def _code_plane(plane: Tensor, table: Tensor, dct: Tensor) -> Tensor:
-    """Level-shifted plane [B, H, W] (multiples of 8) -> reconstructed plane (not yet rounded)."""
-    blk = _blocks(plane - 128.0)
-    coef = dct @ blk @ dct.T
-    t = table[:, None, None]
+def _code_plane(plane: Tensor, table: Tensor, dct2: Tensor) -> Tensor:
+    """Level-shifted plane [B, H, W] (multiples of 8) -> reconstructed plane (not yet rounded).
+
+    The 2-D DCT of every 8x8 block is one GEMM with the 64x64 matrix kron(C, C)."""
+    blk = _blocks(plane - 128.0)                         # [B, h, w, 8, 8]
+    shape = blk.shape
+    coef = blk.reshape(-1, 64) @ dct2.T                  # row-major vec(C X C^T) = kron(C, C) vec(X)
+    t = table.reshape(shape[0], 1, 64).expand(shape[0], shape[1] * shape[2], 64).reshape(-1, 64)
     coef = torch.round(coef / t) * t
-    return _unblocks(dct.T @ coef @ dct) + 128.0
+    return _unblocks((coef @ dct2).view(shape)) + 128.0
 
 
 def jpeg(x: Tensor, quality: Tensor, h: Tensor | None = None, w: Tensor | None = None) -> Tensor:
@@ -78,11 +89,11 @@ def jpeg(x: Tensor, quality: Tensor, h: Tensor | None = None, w: Tensor | None =
         raise ValueError(f"jpeg expects RGB [B, 3, H, W], got shape {tuple(x.shape)}")
     dev = x.device
     if h is None:
-        h = torch.full((b,), hc, device=dev)
+        h = torch.full((b,), hc)
     if w is None:
-        w = torch.full((b,), wc, device=dev)
+        w = torch.full((b,), wc)
     ph, pw = -(-hc // 16) * 16, -(-wc // 16) * 16
-    xp = pad_canvas(x.float(), h.to(dev), w.to(dev), 0, "replicate", ph, pw)
+    xp = pad_canvas(x.float(), h, w, 0, "replicate", ph, pw)
     rgb = torch.round(xp.clamp(0, 1) * 255.0)
     r, g, bl = rgb.unbind(1)
     y = torch.round(0.299 * r + 0.587 * g + 0.114 * bl)
@@ -91,8 +102,8 @@ def jpeg(x: Tensor, quality: Tensor, h: Tensor | None = None, w: Tensor | None =
     cb = torch.round(F.avg_pool2d(cb[:, None], 2)[:, 0])
     cr = torch.round(F.avg_pool2d(cr[:, None], 2)[:, 0])
     # chroma planes are (ph/2, pw/2): pad to whole 8x8 blocks (ph/2 is a multiple of 8 already)
-    ql, qc = quant_tables(quality.to(dev))
-    dct = _dct_matrix(dev)
+    ql, qc = (t.to(dev, non_blocking=True) for t in quant_tables(quality.cpu()))
+    dct = _dct2(str(dev))
     y = torch.round(_code_plane(y, ql, dct)).clamp(0, 255)
     cb = torch.round(_code_plane(cb, qc, dct)).clamp(0, 255)
     cr = torch.round(_code_plane(cr, qc, dct)).clamp(0, 255)
