@@ -270,7 +270,9 @@ def plan_submission(args: argparse.Namespace) -> Plan:
     else:
         params.update(tasks_per_node=args.gpus_per_node, gpus_per_node=args.gpus_per_node,
                       slurm_signal_delay_s=args.signal_delay,
-                      slurm_additional_parameters={"requeue": True})
+                      slurm_additional_parameters={"requeue": True},
+                      # a crashed rank ends the job instead of leaving the others in a collective
+                      slurm_srun_args=["--kill-on-bad-exit=1"])
         for key in ("cpus_per_task",):
             if getattr(args, key):
                 params[key] = getattr(args, key)

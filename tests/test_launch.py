@@ -193,6 +193,7 @@ def test_slurm_plan_maps_every_option(tmp_path: Path, monkeypatch, capsys) -> No
                  "--account=proj", "--qos=high", "--constraint=h200", "--mem=0", "--time=1440",
                  "--cpus-per-task=12", "--requeue", "--signal=USR2@300"]:
         assert f"#SBATCH {line}\n" in out, line
+    assert "srun --unbuffered" in out and "--kill-on-bad-exit=1" in out
     assert "--resume auto checkpoint.preempt_signal=SIGUSR2" in out
     assert out.rstrip().endswith("framer.weight=0.05")
     assert not folder.exists()  # a dry run queues nothing
