@@ -197,11 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time-limit requeues submitit allows before it gives up")
     g.add_argument("--job-name", default="framer")
     g.add_argument("--exclusive", action="store_true", help="whole nodes")
-    l = p.add_argument_group("this machine")
-    l.add_argument("--local", action="store_true", help="run here with submitit's local executor")
-    l.add_argument("--tasks", type=int, default=None,
+    here = p.add_argument_group("this machine")
+    here.add_argument("--local", action="store_true", help="run here with submitit's local executor")
+    here.add_argument("--tasks", type=int, default=None,
                    help="--local: number of ranks (default: --gpus-per-node if GPUs are used, else 1)")
-    l.add_argument("--cpu", action="store_true", help="--local: no GPUs (tests, CPU demo)")
+    here.add_argument("--cpu", action="store_true", help="--local: no GPUs (tests, CPU demo)")
     p.add_argument("--folder", help="submitit logs and pickles (default <train.out_dir>/submitit)")
     p.add_argument("--python", default=sys.executable, help="python on the compute nodes")
     p.add_argument("--wait", action="store_true", help="block until the job ends (default with --local)")
