@@ -146,12 +146,15 @@ def _band_loss(band: BandFeatures, kind: str, n_layers: int, neg: Tensor | None,
         labels = torch.arange(b, device=q.device) + group.rank * b
         if group.gather is None:
             keys_t = teacher_key
-            keys_j = unit(band.vec[neg], band.norm[neg]) if neg is not None else None
-        else:
-            keys_t, keys_j = gathered[name + "_t"], gathered.get(name + "_j")
-        return global_contrastive(q, qnorm, keys_t, keys_j, labels, cfg.tau)
-    neg_key = unit(band.vec[neg], band.norm[neg]) if neg is not None else None
-    return local_contrastive(q, qnorm, teacher_key, neg_key, cfg.tau)
+            vec_j = band.vec.detach().index_select(0, neg) if neg is not None else None
+            norm_j = band.norm.detach().index_select(0, neg) if neg is not None else None
+        else:  # gathered keys are unit vectors already
+            keys_t, vec_j = gathered[name + "_t"], gathered.get(name + "_j")
+            norm_j = torch.ones(vec_j.shape[:2], dtype=vec_j.dtype, device=vec_j.device) if vec_j is not None else None
+        return global_contrastive(q, qnorm, keys_t, vec_j, norm_j, labels, cfg.tau)
+    vec_j = band.vec.detach().index_select(0, neg) if neg is not None else None
+    norm_j = band.norm.detach().index_select(0, neg) if neg is not None else None
+    return local_contrastive(q, qnorm, teacher_key, vec_j, norm_j, cfg.tau)
 
 
 def _gather_keys(bands: dict[str, BandFeatures], kinds: dict[str, str], n_layers: int, neg: Tensor | None,
@@ -206,9 +209,7 @@ def framer_objective(students: Tensor, teacher: Tensor, cfg: FramerConfig,
 
     grad_ctx = torch.no_grad() if cfg.plain_l2 else torch.enable_grad()
     with grad_ctx:
-        x = torch.cat([students.float(), teacher.detach().float().unsqueeze(0)], dim=0)
-        mag = spectrum_magnitude(x, half=cfg.use_rfft)  # [L+1, B, C, H, Wk]
-        del x
+        mag = spectrum_magnitude(students, teacher, half=cfg.use_rfft)  # [L+1, B, C, H, Wk]
         lf, hf = band_features(mag, cfg.mask, cfg.radius, cfg.cutoff, cfg.eps, cfg.use_rfft, w)
         del mag
     bands = {"lf": lf, "hf": hf}
@@ -242,7 +243,8 @@ def framer_objective(students: Tensor, teacher: Tensor, cfg: FramerConfig,
             per_band[name] = (loss, cos.detach(), wgt.detach(), gate.detach())
         layer_loss = sum((p[2] * p[3] * p[0]).mean(dim=1) for p in per_band.values())  # [L]
     if cfg.plain_l2:
-        diff = students.float() - teacher.detach().float().unsqueeze(0)
+        dtype = torch.float64 if students.dtype == torch.float64 else torch.float32
+        diff = students.to(dtype) - teacher.detach().to(dtype).unsqueeze(0)
         layer_loss_used = diff.pow(2).mean(dim=(1, 2, 3, 4))
     else:
         layer_loss_used = layer_loss

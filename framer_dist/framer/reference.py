@@ -16,8 +16,12 @@ from torch import Tensor
 from framer_dist.config import FramerConfig
 
 
+def _fp(x: Tensor) -> Tensor:
+    return x if x.dtype == torch.float64 else x.float()  # fp32 at least
+
+
 def _shifted_spectrum(x: Tensor) -> Tensor:
-    return torch.fft.fftshift(torch.fft.fft2(x.float()), dim=(-2, -1))
+    return torch.fft.fftshift(torch.fft.fft2(_fp(x)), dim=(-2, -1))
 
 
 def _radial_lf(h: int, w: int, radius: float, device: torch.device) -> Tensor:
@@ -25,7 +29,7 @@ def _radial_lf(h: int, w: int, radius: float, device: torch.device) -> Tensor:
     fy = (torch.arange(h, dtype=torch.float64) - h // 2) * 2.0 / h
     fx = (torch.arange(w, dtype=torch.float64) - w // 2) * 2.0 / w
     rho = torch.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2)
-    return (rho <= radius).float().to(device)
+    return (rho <= radius).to(device)
 
 
 def _masks(s_teacher: Tensor, cfg: FramerConfig) -> tuple[Tensor, Tensor]:
@@ -35,7 +39,8 @@ def _masks(s_teacher: Tensor, cfg: FramerConfig) -> tuple[Tensor, Tensor]:
     else:
         mag = s_teacher.abs()
         q = torch.quantile(mag.reshape(b, -1), cfg.cutoff, dim=1)
-        m_lf = (mag < q.view(b, 1, 1, 1)).float()
+        m_lf = mag < q.view(b, 1, 1, 1)
+    m_lf = m_lf.to(s_teacher.real.dtype)
     return m_lf, 1.0 - m_lf
 
 
@@ -105,7 +110,7 @@ def reference_framer_loss(students: Tensor, teacher: Tensor, cfg: FramerConfig,
             metrics[f"cos_{band}"].append(cos.mean())
             metrics[f"l_{band}"].append(loss.detach().mean())
         if cfg.plain_l2:
-            total_i = ((students[i].float() - teacher.float()) ** 2).mean()
+            total_i = ((_fp(students[i]) - _fp(teacher)) ** 2).mean()
         layer_losses.append(total_i)
     stacked = torch.stack(layer_losses)
     loss = stacked.mean() if cfg.layer_reduce == "mean" else stacked.sum()

@@ -1,6 +1,6 @@
 """Spectra, frequency masks and band vectors (FRAMER_SPEC.md section 2).
 
-All spectral work is done in fp32 whatever the feature dtype, on the un-shifted FFT layout: the
+All spectral work is done in fp32 whatever the feature dtype (float64 stays float64), on the un-shifted FFT layout: the
 spec's ``fftshift`` only permutes bins, and every quantity FRAMER needs (norms, dot products, sums
 over bins, quantiles) is invariant under a permutation applied to all tensors alike, so no shift
 is ever materialised.
@@ -21,14 +21,51 @@ import torch
 from torch import Tensor
 
 
-def spectrum_magnitude(x: Tensor, half: bool) -> Tensor:
-    """``|FFT2(x)|`` over the last two axes, computed in fp32 (one FFT call for the whole stack).
+class _HalfSpectrumMagnitude(torch.autograd.Function):
+    """``|rfft2|`` of the student stack and the (gradient-free) teacher into one ``[L+1, ...]`` tensor.
 
-    ``half=True`` returns the ``rfft2`` half ``[..., H, W // 2 + 1]``; else the full ``[..., H, W]``.
+    Why a custom Function: autograd's own ``rfft2`` backward zero-pads the gradient to the full
+    spectrum and runs a full complex FFT, and ``abs`` saves and rebuilds the complex phase; here
+    the backward is one ``irfft2`` (half the work) with the phase folded into a single multiply.
+    With ``G`` the gradient w.r.t. the half spectrum, ``dL/dx = Re(sum_k G_k e^{+i k.x})`` over the
+    half, which equals ``H W irfft2(G * c)`` with ``c = 1`` on self-mirrored columns (DC, and
+    Nyquist for even W) and ``1/2`` on interior ones (``irfft2`` doubles those).
     """
-    x = x.float()
-    s = torch.fft.rfft2(x) if half else torch.fft.fft2(x)
-    return s.abs()
+
+    @staticmethod
+    def forward(ctx, students: Tensor, teacher: Tensor) -> Tensor:  # type: ignore[override]
+        s = torch.fft.rfft2(students)  # [L, B, C, H, Wr], one call for all layers
+        out = s.new_empty((students.shape[0] + 1, *s.shape[1:]), dtype=students.dtype)
+        torch.abs(s, out=out[:-1])
+        torch.abs(torch.fft.rfft2(teacher), out=out[-1])
+        ctx.save_for_backward(s, out)
+        ctx.w = students.shape[-1]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        s, mag = ctx.saved_tensors
+        h, w = s.shape[-2], ctx.w
+        ratio = torch.div(grad[:-1], mag[:-1])
+        ratio.nan_to_num_(0.0, 0.0, 0.0)  # |S| = 0: gradient 0, as torch's abs (sgn(0) = 0)
+        count, _ = column_weights(w, True, s.device)
+        ratio.mul_((h * w) / count.to(ratio.dtype))  # irfft2 normalisation and column correction
+        return torch.fft.irfft2(s * ratio, s=(h, w)), None
+
+
+def spectrum_magnitude(students: Tensor, teacher: Tensor, half: bool) -> Tensor:
+    """``|FFT2|`` of ``students`` ``[L, B, C, H, W]`` and ``teacher`` ``[B, C, H, W]`` stacked to
+    ``[L+1, B, C, H, Wk]`` (teacher last), in fp32 whatever the input dtype (float64 input stays
+    float64, which only the gradient checks use); the teacher gets no
+    gradient. ``half=True``: the ``rfft2`` half (``Wk = W // 2 + 1``) with one FFT call for all
+    student layers (the teacher is transformed separately rather than concatenated, which would
+    copy the whole student stack); else the full ``fft2`` (plain autograd, for checking).
+    """
+    dtype = torch.float64 if students.dtype == torch.float64 else torch.float32
+    xs, xt = students.to(dtype), teacher.detach().to(dtype)
+    if half:
+        return _HalfSpectrumMagnitude.apply(xs, xt)
+    return torch.fft.fft2(torch.cat([xs, xt.unsqueeze(0)], dim=0)).abs()
 
 
 @functools.lru_cache(maxsize=64)
@@ -95,15 +132,25 @@ def teacher_quantile_lf_mask(teacher_mag: Tensor, cutoff: float, half: bool, w: 
     This selects the *weakest* bins; for natural (and latent) spectra those are mostly high
     spatial frequencies, so this "LF" band is not a low-pass band. ``teacher_mag``: ``[B, C, H, Wk]``
     (half or full layout). For the half layout the full multiset of magnitudes is rebuilt exactly
-    by counting every interior column twice (its mirror has the same magnitude).
+    by counting every interior column twice (its mirror has the same magnitude), and mirror twins
+    always fall on the same side (the plain full-``fft2`` mask can split a twin pair by one rounding
+    ulp when the quantile lands on it; tests compare on inputs where it does not).
     """
     b = teacher_mag.shape[0]
-    flat = teacher_mag.reshape(b, -1)
     if half:
         wr = teacher_mag.shape[-1]
         last = wr - 1 if w % 2 == 0 else wr
-        mirror = teacher_mag[..., 1:last].reshape(b, -1)
-        flat = torch.cat([flat, mirror], dim=1)
+        # The DC (and even-W Nyquist) column holds both (ky, .) and (-ky, .), equal in exact
+        # arithmetic but rounded differently by the FFT; average them so a mirror pair can never be
+        # split by 1 ulp when the quantile lands on it (interior columns stand for their mirror).
+        rows = (-torch.arange(teacher_mag.shape[-2], device=teacher_mag.device)) % teacher_mag.shape[-2]
+        teacher_mag = teacher_mag.clone()
+        for c in {0, wr - 1} if w % 2 == 0 else {0}:
+            col = teacher_mag[..., c]
+            teacher_mag[..., c] = 0.5 * (col + col[..., rows])
+        flat = torch.cat([teacher_mag.reshape(b, -1), teacher_mag[..., 1:last].reshape(b, -1)], dim=1)
+    else:
+        flat = teacher_mag.reshape(b, -1)
     q = quantile_lastdim(flat, cutoff)
     return teacher_mag < q.view(b, 1, 1, 1)
 
@@ -143,7 +190,7 @@ def radial_bands(mag: Tensor, radius: float, eps: float, half: bool, w: int) -> 
         out.append(vec)
     # FAW energies for both bands with one mat-vec pass over the magnitudes.
     cw = count_w.expand(h, wk).flatten()
-    sel = torch.stack([cw * lf_flat, cw * ~lf_flat], dim=1)  # [P, 2]
+    sel = torch.stack([cw * lf_flat, cw * ~lf_flat], dim=1).to(mag.dtype)  # [P, 2]
     with torch.no_grad():
         sums = flat @ sel  # [L+1, B, C, 2]
         energy = (sums / (sel.sum(0) + eps)).mean(dim=2)  # [L+1, B, 2]
@@ -159,7 +206,7 @@ def quantile_bands(mag: Tensor, cutoff: float, eps: float, half: bool, w: int) -
         lf = teacher_quantile_lf_mask(mag[-1], cutoff, half, w)  # [B, C, H, Wk]
     out = []
     for band in (lf, ~lf):
-        bandf = band.float()
+        bandf = band.to(mag.dtype)
         vec = (mag * (bandf * sqrt_w)).flatten(2)
         with torch.no_grad():
             cnt = bandf * count_w  # [B, C, H, Wk]
