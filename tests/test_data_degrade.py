@@ -109,8 +109,10 @@ def test_same_seed_same_lr_bit_for_bit_other_seed_differs():
     assert torch.equal(c["lr"][:2], a["lr"][:2])            # batch-mates do not matter
     assert not torch.equal(c["lr"][2], a["lr"][2])
     # a sample's result does not depend on its batch either: per-image loop gives the same LR
-    loop = degrade_loop(hr, [5, 6, 7])
-    assert torch.equal(loop["lr"], a["lr"])
+    # (six seeds: Poisson and Gaussian, different canvas sizes, both final orders)
+    hr6 = torch.cat([hr, hr.flip(-2)])
+    seeds = [5, 6, 7, 8, 9, 10]
+    assert torch.equal(degrade_loop(hr6, seeds)["lr"], degrade(hr6, seeds)["lr"])
 
 
 def test_sizes_512_to_128_to_512_for_mixed_batch():
@@ -223,3 +225,18 @@ def test_usm_blur_matrix_equals_reflect_convolution():
     ref = F.conv2d(ref, g.view(1, 1, 11, 1)).view(2, 3, 40, 56)
     ours = _blur_matrix(40, 11, "cpu") @ x @ _blur_matrix(56, 11, "cpu").T
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+
+
+def test_hash_normal_is_standard_normal_and_canvas_independent():
+    from framer_dist.data.rng import hash_normal
+
+    n = hash_normal([7, 8], [64, 40], [64, 50], [False, True], 3, 64, 64, torch.device("cpu"))
+    a = n[0].flatten()
+    assert abs(a.mean()) < 0.02 and abs(a.std() - 1) < 0.02
+    assert abs(float(((a - a.mean()) ** 4).mean() / a.var() ** 2) - 3) < 0.15   # Gaussian kurtosis
+    assert torch.equal(n[1, 0, :40, :50], n[1, 2, :40, :50])                       # gray: one plane
+    assert not torch.equal(n[0, 0], n[0, 1])
+    alone = hash_normal([8], [40], [50], [True], 3, 40, 50, torch.device("cpu"))
+    assert torch.equal(alone[0], n[1, :, :40, :50])                                # canvas-independent
+    other = hash_normal([9], [40], [50], [True], 3, 40, 50, torch.device("cpu"))
+    assert not torch.equal(other, alone)

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from . import canvas as cv
 from .jpeg import jpeg
+from .rng import hash_normal
 from .stream import splitmix64
 from .kernels import gaussian_kernel_1d, mixed_kernels, pulse_kernels, sinc_kernels
 
@@ -199,8 +200,9 @@ def _stage_kernels_cpu(draws: list[dict], k: int) -> Tensor:
 
 
 def _add_noise(x: Tensor, h: Tensor, w: Tensor, draws: list[dict], hs: list[int], ws: list[int]) -> Tensor:
-    """Gaussian or Poisson noise per sample, generated at the sample's own size (so it does not
-    depend on the canvas), from a device generator seeded by the sample's draw."""
+    """Gaussian or Poisson noise per sample, a function of the sample's own size and draws only
+    (not of the canvas or batch): Gaussian from a counter-based hash (:mod:`.rng`), Poisson from a
+    device generator seeded by the sample's draw."""
     dev = x.device
     noise = torch.zeros_like(x)
     q = torch.clamp(torch.round(x * 255.0), 0, 255)
@@ -219,21 +221,25 @@ def _add_noise(x: Tensor, h: Tensor, w: Tensor, draws: list[dict], hs: list[int]
             count = present[:, :256].sum(1).clamp_min(1).to(torch.float64)
             vals.append((2.0 ** torch.ceil(torch.log2(count))).to(x.dtype))
         vals_rgb, vals_gray = vals
+    if any(d["gaussian"] for d in draws):
+        # all Gaussian noise of the batch at once (counter-based: batch-independent)
+        sig = torch.tensor([d["sigma"] / 255.0 if d["gaussian"] else 0.0 for d in draws],
+                           dtype=x.dtype).to(dev, non_blocking=True).view(b, 1, 1, 1)
+        noise = hash_normal([d["seed"] for d in draws], hs, ws, [d["gray"] for d in draws], 3,
+                            x.shape[2], x.shape[3], dev) * sig
     for i, d in enumerate(draws):
+        if d["gaussian"]:
+            continue
         hh, ww = hs[i], ws[i]
         g = torch.Generator(device=dev)
         g.manual_seed(d["seed"])
-        if d["gaussian"]:
-            shape = (1 if d["gray"] else 3, hh, ww)
-            n = torch.randn(shape, generator=g, device=dev) * (d["sigma"] / 255.0)
+        if d["gray"]:
+            img = gray[i:i + 1, :hh, :ww] / 255.0
+            v = vals_gray[i]
         else:
-            if d["gray"]:
-                img = gray[i:i + 1, :hh, :ww] / 255.0
-                v = vals_gray[i]
-            else:
-                img = q[i, :, :hh, :ww] / 255.0
-                v = vals_rgb[i]
-            n = (torch.poisson(img * v, generator=g) / v - img) * d["poisson_scale"]
+            img = q[i, :, :hh, :ww] / 255.0
+            v = vals_rgb[i]
+        n = (torch.poisson(img * v, generator=g) / v - img) * d["poisson_scale"]
         noise[i, :, :hh, :ww] = n.expand(3, hh, ww)
     return (x + noise).clamp(0, 1)
 

@@ -107,10 +107,11 @@ def jpeg(x: Tensor, quality: Tensor, h: Tensor | None = None, w: Tensor | None =
     y = torch.round(_code_plane(y, ql, dct)).clamp(0, 255)
     cb = torch.round(_code_plane(cb, qc, dct)).clamp(0, 255)
     cr = torch.round(_code_plane(cr, qc, dct)).clamp(0, 255)
-    # fancy upsampling = triangular filter = bilinear x2 with edge replication
-    cb = F.interpolate(cb[:, None], scale_factor=2, mode="bilinear", align_corners=False)[:, 0]
-    cr = F.interpolate(cr[:, None], scale_factor=2, mode="bilinear", align_corners=False)[:, 0]
-    cb, cr = cb - 128.0, cr - 128.0
+    # fancy upsampling = triangular filter = bilinear x2, replicating each sample's chroma edge
+    # at ceil(h/2) x ceil(w/2) as libjpeg does (not the MCU padding, which depends on the canvas)
+    chroma = pad_canvas(torch.stack([cb, cr], 1), (h.cpu() + 1) // 2, (w.cpu() + 1) // 2, 0, "replicate")
+    chroma = F.interpolate(chroma, scale_factor=2, mode="bilinear", align_corners=False)
+    cb, cr = chroma[:, 0] - 128.0, chroma[:, 1] - 128.0
     r = y + 1.402 * cr
     g = y - 0.344136286 * cb - 0.714136286 * cr
     bl = y + 1.772 * cb
