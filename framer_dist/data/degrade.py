@@ -227,20 +227,26 @@ def _add_noise(x: Tensor, h: Tensor, w: Tensor, draws: list[dict], hs: list[int]
                            dtype=x.dtype).to(dev, non_blocking=True).view(b, 1, 1, 1)
         noise = hash_normal([d["seed"] for d in draws], hs, ws, [d["gray"] for d in draws], 3,
                             x.shape[2], x.shape[3], dev) * sig
-    for i, d in enumerate(draws):
-        if d["gaussian"]:
-            continue
-        hh, ww = hs[i], ws[i]
-        g = torch.Generator(device=dev)
-        g.manual_seed(d["seed"])
-        if d["gray"]:
-            img = gray[i:i + 1, :hh, :ww] / 255.0
-            v = vals_gray[i]
-        else:
-            img = q[i, :, :hh, :ww] / 255.0
-            v = vals_rgb[i]
-        n = (torch.poisson(img * v, generator=g) / v - img) * d["poisson_scale"]
-        noise[i, :, :hh, :ww] = n.expand(3, hh, ww)
+    pois = [i for i, d in enumerate(draws) if not d["gaussian"]]
+    if pois:
+        # rates for the whole batch in a few ops; only the draw itself is per sample (its own
+        # generator and size), then one batched op turns counts into noise
+        mono = torch.tensor([d["gray"] for d in draws]).to(dev, non_blocking=True).view(b, 1, 1, 1)
+        v = torch.where(mono, vals_gray.view(b, 1, 1, 1), vals_rgb.view(b, 1, 1, 1))
+        img = torch.where(mono, gray[:, None].expand_as(q), q) / 255.0
+        rate = img * v
+        counts = torch.zeros_like(x)
+        for i in pois:
+            d, hh, ww = draws[i], hs[i], ws[i]
+            g = torch.Generator(device=dev)
+            g.manual_seed(d["seed"])
+            c = 1 if d["gray"] else 3
+            counts[i, :c, :hh, :ww] = torch.poisson(rate[i, :c, :hh, :ww], generator=g)
+        counts = torch.where(mono, counts[:, :1].expand_as(counts), counts)
+        scale = torch.tensor([0.0 if d["gaussian"] else d["poisson_scale"] for d in draws],
+                             dtype=x.dtype).to(dev, non_blocking=True).view(b, 1, 1, 1)
+        is_p = scale > 0
+        noise = torch.where(is_p, (counts / v - img) * scale, noise)
     return (x + noise).clamp(0, 1)
 
 
