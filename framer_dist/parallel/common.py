@@ -149,9 +149,8 @@ def apply_activation_checkpointing(cfg: Config, model: nn.Module) -> list[int]:
 
 def strip_wrapper_prefixes(name: str) -> str:
     """Remove names added by wrappers (checkpoint_wrapper, torch.compile, DDP) from a parameter name."""
-    for junk in ("_checkpoint_wrapped_module.", "_orig_mod.", "module."):
-        name = name.replace(junk, "") if junk != "module." else (name[7:] if name.startswith(junk) else name)
-    return name
+    name = name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+    return name[len("module."):] if name.startswith("module.") else name
 
 
 # ----------------------------------------------------------------------------------------------

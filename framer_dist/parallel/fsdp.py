@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
@@ -60,6 +59,9 @@ class FSDP2Backend(Backend):
             if cfg.parallel.compile:
                 b.compile()
             fully_shard(b, mesh=self.mesh, mp_policy=mp, reshard_after_forward=reshard)
+        if cfg.parallel.compile:
+            from framer_dist.parallel import compile_head
+            compile_head(model)
         # The root keeps its parameters (embedders, the output head) unsharded until the end of
         # backward: the FRAMER readout calls the head inside every block's checkpointed region, so
         # activation-checkpoint recomputation needs them after the root's forward has returned.
