@@ -30,7 +30,18 @@ _CHROMA = [
 
 
 def quant_tables(quality: Tensor) -> tuple[Tensor, Tensor]:
-    """IJG-scaled luma and chroma tables ``[B, 8, 8]`` for integer qualities 1..100."""
+    """IJG-scaled luma and chroma tables ``[B, 8, 8]`` for integer qualities 1..100 (CPU)."""
+    pairs = [_tables_for(int(q)) for q in quality.cpu().round().clamp(1, 100).tolist()]
+    return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+
+@functools.lru_cache(maxsize=128)
+def _tables_for(quality: int) -> tuple[Tensor, Tensor]:
+    lum, chrom = _scaled_tables(torch.tensor([quality]))
+    return lum[0], chrom[0]
+
+
+def _scaled_tables(quality: Tensor) -> tuple[Tensor, Tensor]:
     q = quality.to(torch.float64).clamp(1, 100)
     scale = torch.where(q < 50, 5000.0 / q, 200.0 - 2.0 * q)[:, None, None]
     out = []
