@@ -97,6 +97,9 @@ def check_paths(cfg: Config) -> None:
     need("data.prompt_embeddings", d.prompt_embeddings, "dir")
     need("data.captions", d.captions, "file")
     need("data.vae", d.vae, "dir")
+    if "lora" in cfg.checkpoint.export and cfg.train.mode != "lora":
+        raise ConfigError("config key 'checkpoint.export': 'lora' needs train.mode='lora', this run "
+                          f"trains {cfg.train.mode!r}")
     r = cfg.checkpoint.resume
     if r not in ("", "auto", "none"):
         need("checkpoint.resume", r, "dir")
@@ -325,36 +328,45 @@ def export(cfg: Config, backend: Any, out_dir: Path) -> dict[str, Path]:
     which loads them into a plain model of the same mode and writes, under ``<out_dir>/export``:
     ``control`` -> ``dit4sr_control.safetensors`` (the DiT4SR layers), ``lora`` -> the adapter in
     the diffusers layout, ``diffusers`` -> the whole transformer (LoRA fused in) in the diffusers
-    folder layout, loadable with ``build_model(ModelConfig(pretrained=...))``.
+    folder layout, loadable with ``build_model(ModelConfig(pretrained=...))``. With ``train.ema``
+    the same files are also written from the EMA weights under ``export/ema/``.
     """
     kinds = list(dict.fromkeys(cfg.checkpoint.export))
     if not kinds:
         return {}
-    if "lora" in kinds and cfg.train.mode != "lora":
-        raise ConfigError(f"config key 'checkpoint.export': 'lora' needs train.mode='lora', "
-                          f"this run trains {cfg.train.mode!r}")
     full = backend.full_state_dict()  # collective
+    ema = backend.ema_state_dict() if cfg.train.ema else {}  # collective; trained params only
     out: dict[str, Path] = {}
     if backend.is_main:
-        from framer_dist.models import (apply_training_mode, build_model, save_control, save_lora,
-                                        save_model)
-        plain = build_model(cfg.model)
-        apply_training_mode(plain, cfg.train.mode, cfg.lora)
-        missing, unexpected = plain.load_state_dict(full, strict=False)
-        if missing or unexpected:
-            raise RuntimeError(f"export: gathered state does not fit the model: missing "
-                               f"{missing[:5]}, unexpected {unexpected[:5]}")
-        root = out_dir / "export"
-        if "control" in kinds:
-            out["control"] = save_control(plain, root)
-        if "lora" in kinds:
-            out["lora"] = save_lora(plain, root / "lora")
-        if "diffusers" in kinds:
-            if cfg.train.mode == "lora":
-                plain.fuse_lora()
-                plain.unload_lora()
-            out["diffusers"] = save_model(plain, root / "transformer")
+        out.update(write_exports(cfg, kinds, full, out_dir / "export"))
+        if ema:
+            ema_out = write_exports(cfg, kinds, {**full, **ema}, out_dir / "export" / "ema")
+            out.update({f"ema_{k}": v for k, v in ema_out.items()})
     backend.barrier()
+    return out
+
+
+def write_exports(cfg: Config, kinds: list[str], state: dict[str, torch.Tensor],
+                  root: Path) -> dict[str, Path]:
+    """Load a full state dict into a plain model of the run's mode and write ``kinds`` to ``root``."""
+    from framer_dist.models import (apply_training_mode, build_model, save_control, save_lora,
+                                    save_model)
+    plain = build_model(cfg.model)
+    apply_training_mode(plain, cfg.train.mode, cfg.lora)
+    missing, unexpected = plain.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"export: the gathered state does not fit the model: missing "
+                           f"{missing[:5]}, unexpected {unexpected[:5]}")
+    out: dict[str, Path] = {}
+    if "control" in kinds:
+        out["control"] = save_control(plain, root)
+    if "lora" in kinds:
+        out["lora"] = save_lora(plain, root / "lora")
+    if "diffusers" in kinds:
+        if cfg.train.mode == "lora":
+            plain.fuse_lora()
+            plain.unload_lora()
+        out["diffusers"] = save_model(plain, root / "transformer")
     return out
 
 

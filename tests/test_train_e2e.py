@@ -45,6 +45,7 @@ def _cfg(out: Path, *overrides: str):
     (["--config", TINY, 'data.path="no/such/photos"'], "data.path"),
     (["--config", TINY, "--resume", "no/such/step_00000010", SYN], "checkpoint.resume"),
     (["--config", TINY, 'model.pretrained="no/such/sd35"', SYN], "model.pretrained"),
+    (["--config", TINY, 'checkpoint.export=["lora"]', SYN], "checkpoint.export"),
 ])
 def test_bad_config_or_path_is_a_clear_error(argv, names, capsys):
     assert main(argv) == 2
@@ -144,11 +145,13 @@ def test_mode_trains_exports_and_reloads(tmp_path, mode, exports):
     from framer_dist.train import train
 
     # lr large enough that 2 steps move the zero-initialised layers measurably
+    ema = "true" if mode == "lora" else "false"  # one mode also exports its EMA weights
     cfg = _cfg(tmp_path / mode, f'train.mode="{mode}"', "train.steps=2", "train.lr=1e-2",
+               f"train.ema={ema}", "train.ema_decay=0.5",
                "checkpoint.every=0", "log.heatmap_every=0", "lora.rank=4",
                f"checkpoint.export={json.dumps(exports)}")
     res = train(cfg)
-    assert set(res.exports) == set(exports)
+    assert set(res.exports) == set(exports) | ({f"ema_{k}" for k in exports} if mode == "lora" else set())
     trained = res.model.eval()
     x = _probe_inputs()
     with torch.no_grad():
@@ -176,3 +179,8 @@ def test_mode_trains_exports_and_reloads(tmp_path, mode, exports):
         load_lora(plain, res.exports["lora"])
         with torch.no_grad():
             torch.testing.assert_close(plain.eval()(**x).sample, want, rtol=1e-5, atol=1e-6)
+    if mode == "lora":  # the EMA export differs from the last weights (decay 0.5, 2 steps)
+        from safetensors.torch import load_file
+        last, avg = load_file(res.exports["control"]), load_file(res.exports["ema_control"])
+        assert set(last) == set(avg)
+        assert max((last[k] - avg[k]).abs().max().item() for k in last) > 0
