@@ -59,7 +59,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"])
     p.add_argument("--warmup", type=int, default=2, help="untimed steps of each kind first")
-    p.add_argument("--steps", type=int, default=10, help="timed steps of each kind")
+    p.add_argument("--steps", type=int, default=10, help="turns of each kind (ABBA order)")
+    p.add_argument("--block", type=int, default=1,
+                   help="consecutive steps per turn; with > 1 the first of each turn is not timed, "
+                        "since a change of module order makes ZeRO-3 re-record its prefetch trace")
     p.add_argument("--profile", default=None,
                    help="also profile 2 steps of each kind with torch.profiler; write the kernel table here")
     p.add_argument("--out", default=None, help="JSON result path (a .md summary is written beside)")
@@ -132,14 +135,17 @@ def run_combo(a: argparse.Namespace, mode: str, backend_key: str, device_type: s
     for _ in range(a.warmup):
         one_step(base_cfg)
         one_step(cfg)
-    for i in range(a.steps):  # ABBA: neither kind always runs first
+    for i in range(a.steps):  # turns in ABBA order: neither kind always runs first
         order = (("baseline", base_cfg), ("framer", cfg)) if i % 2 == 0 else \
                 (("framer", cfg), ("baseline", base_cfg))
         for kind, c in order:
-            t, m = one_step(c)
-            times[kind].append(t)
-            if m is not None:
-                mems[kind].append(m)
+            for j in range(a.block):
+                t, m = one_step(c)
+                if a.block > 1 and j == 0:
+                    continue  # the first step after a switch re-traces (ZeRO-3 prefetch order)
+                times[kind].append(t)
+                if m is not None:
+                    mems[kind].append(m)
 
     if a.profile:
         from torch.profiler import ProfilerActivity, profile
@@ -159,7 +165,7 @@ def run_combo(a: argparse.Namespace, mode: str, backend_key: str, device_type: s
     lora_rank = cfg.lora.rank if mode == "lora" else 0
     res: dict[str, Any] = {"mode": mode, "backend": backend_key, "precision": precision,
                            "batch": a.batch, "resolution": a.resolution, "text_tokens": text_tokens,
-                           "activation_checkpointing": a.ac, "compile": a.compile,
+                           "activation_checkpointing": a.ac, "compile": a.compile, "block": a.block,
                            "trainable_params": sum(p.numel() for p in params),
                            "total_params": sum(p.numel() for p in model.parameters())}
     for kind in ("baseline", "framer"):

@@ -152,6 +152,10 @@ class DiT4SRTransformer(SD3Transformer2DModel):
         y = y.reshape(y.shape[0], h, w, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", y).reshape(y.shape[0], c, h * p, w * p)
 
+    def compile_head(self) -> None:
+        """torch.compile the output head (used once per block by the velocity readout)."""
+        self._head = torch.compile(self._head)  # type: ignore[method-assign]
+
     def _readout(self, h: torch.Tensor, temb: torch.Tensor, grid: tuple[int, int],
                  mode: str) -> torch.Tensor:
         # Counted so tests can prove exactly-once capture; inside backward it is a recomputation.

@@ -57,3 +57,12 @@ def _maybe_compile(cfg: Config, model: nn.Module) -> None:
         raise ConfigError("config key 'parallel.compile': the model has no transformer_blocks to compile")
     for b in blocks:
         b.compile()
+    compile_head(model)
+
+
+def compile_head(model: nn.Module) -> None:
+    """Also compile the model's output head where it has one: the FRAMER readout runs it after
+    every block, and in eager mode its norm/modulation/cast kernels were most of the FRAMER step
+    overhead on an H100 (bench/results/h100/)."""
+    if hasattr(model, "compile_head"):
+        model.compile_head()
