@@ -16,9 +16,10 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e ".[test]"
 	@touch $(STAMP)
 
+# One thread per process: the distributed tests run several ranks on CI's 2 cores.
 test: $(STAMP)
 	$(PY) tools/check_env.py
-	$(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
 
 demo: $(STAMP)
 	$(PY) -m framer_dist.demo --out runs/demo
