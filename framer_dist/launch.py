@@ -242,6 +242,10 @@ def plan_submission(args: argparse.Namespace) -> Plan:
         backend_args = ["--backend", backend]
         extra = [f'parallel.backend="{backend}"']
     cfg = load_config(cfg_path, [*args.overrides, *extra])  # names the bad key
+    if any(o.split("=", 1)[0].strip() == "checkpoint.preempt_signal" for o in args.overrides):
+        raise ConfigError("config key 'checkpoint.preempt_signal' is set by the launcher to the "
+                          "signal submitit sends (SUBMITIT_PREEMPT_SIGNAL, default USR2); drop "
+                          "the override")
 
     for name in ("nodes", "gpus_per_node", "cpus_per_task", "tasks", "signal_delay", "max_requeues"):
         v = getattr(args, name)

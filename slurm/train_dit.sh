@@ -38,7 +38,7 @@ REPO_DIR=${REPO_DIR:-${SLURM_SUBMIT_DIR:-$PWD}}   # SLURM runs a copy of this sc
 PYTHON=${PYTHON:-python}
 GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
 PREEMPT_SIGNAL=${PREEMPT_SIGNAL:-USR1}      # must match --signal above (USR1 | USR2)
-REQUEUE_EXIT_CODE=${REQUEUE_EXIT_CODE:-75}  # checkpoint.requeue_exit_code
+REQUEUE_EXIT_CODE=${REQUEUE_EXIT_CODE:-75}  # checkpoint.requeue_exit_code (set it here, not as an override)
 SAVE_GRACE_S=${SAVE_GRACE_S:-280}           # how long torchrun waits for workers after a signal
 RDZV_PORT=${RDZV_PORT:-29400}
 LOG_DIR=${LOG_DIR:-$REPO_DIR/logs}
@@ -51,6 +51,12 @@ die() { echo "train_dit.sh: error: $*" >&2; exit 2; }
 cd "$REPO_DIR" || die "REPO_DIR $REPO_DIR does not exist"
 [ -f framer_dist/train.py ] || die "REPO_DIR $REPO_DIR has no framer_dist/train.py (submit from the repo root or set REPO_DIR)"
 [ -f "$CONFIG" ] || die "config file not found: $CONFIG"
+for arg in "$@"; do
+    case "$arg" in
+        checkpoint.preempt_signal=* | checkpoint.requeue_exit_code=*)
+            die "'$arg': set PREEMPT_SIGNAL / REQUEUE_EXIT_CODE instead (the script must know them)" ;;
+    esac
+done
 case "$PREEMPT_SIGNAL" in
     USR1 | USR2) ;;
     *) die "PREEMPT_SIGNAL must be USR1 or USR2, got '$PREEMPT_SIGNAL'" ;;

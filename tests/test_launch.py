@@ -27,7 +27,7 @@ from framer_dist import launch
 REPO = Path(__file__).resolve().parent.parent
 FAKE_SLURM = REPO / "tests" / "fake_slurm"
 SCRIPTS = sorted((REPO / "slurm").glob("*.sh")) + sorted(p for p in FAKE_SLURM.iterdir() if p.is_file())
-STEPS = 16
+STEPS = 24
 TINY_TOML = """
 [model]
 preset = "tiny"
@@ -166,6 +166,7 @@ def test_submit_without_config_fails_before_queueing(tmp_path: Path, capsys) -> 
     (["--config", "{cfg}", "--backend", "deepspeed"], "needs --ds"),
     (["--config", "{cfg}", "--ds", "missing.json"], "DeepSpeed config not found: missing.json"),
     (["--config", "{cfg}", "--nodes", "2"], "--nodes must be 1"),
+    (["--config", "{cfg}", "checkpoint.preempt_signal=SIGUSR1"], "set by the launcher"),
 ])
 def test_submit_bad_options_fail_before_queueing(tmp_path: Path, capsys, argv, message) -> None:
     cfg = _write_config(tmp_path, tmp_path / "run")
