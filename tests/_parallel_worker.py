@@ -29,11 +29,13 @@ GLOBAL_BATCH = 4
 
 
 def ds_json(out: Path, stage: int) -> str:
+    # every rank writes the same content atomically: no rank can read a missing/partial file
     p = out / f"ds_zero{stage}.json"
-    if int(os.environ["RANK"]) == 0 and not p.exists():
-        p.write_text(json.dumps({"zero_optimization": {
-            "stage": stage, "stage3_param_persistence_threshold": 0,
-            "reduce_bucket_size": 1 << 20, "allgather_bucket_size": 1 << 20}}))
+    tmp = out / f".ds_zero{stage}.{os.environ['RANK']}.json"
+    tmp.write_text(json.dumps({"zero_optimization": {
+        "stage": stage, "stage3_param_persistence_threshold": 0,
+        "reduce_bucket_size": 1 << 20, "allgather_bucket_size": 1 << 20}}))
+    os.replace(tmp, p)
     return str(p)
 
 
