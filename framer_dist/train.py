@@ -129,14 +129,19 @@ class RunResult:
     model: Any = None            # the trained module (backend.model), for tests and the demo
 
 
-def infinite_batches(cfg: Config, rank: int, world: int, start_sample: int) -> Iterator[dict[str, Any]]:
-    """Batches from the global sample position onward; a finite loader is restarted where it ended."""
+def infinite_batches(cfg: Config, rank: int, world: int, start_sample: int,
+                     pipelines: list | None = None) -> Iterator[dict[str, Any]]:
+    """Batches from the global sample position onward; a finite loader is restarted where it
+    ended. Each loader built is appended to ``pipelines`` (for its skip/convert report)."""
     from framer_dist.data import build_dataloader
 
     pos = start_sample
     while True:
         n = 0
-        for batch in build_dataloader(cfg, rank, world, start_sample=pos):
+        pipe = build_dataloader(cfg, rank, world, start_sample=pos)
+        if pipelines is not None:
+            pipelines.append(pipe)
+        for batch in pipe:
             n += 1
             yield batch
         if n == 0:
@@ -225,7 +230,8 @@ def train(cfg: Config) -> RunResult:
     thr = metrics.Throughput()
     history: list[dict[str, float]] = []
 
-    batches = infinite_batches(cfg, rank, world, samples_seen)
+    pipelines: list = []
+    batches = infinite_batches(cfg, rank, world, samples_seen, pipelines)
     vae = None
     preempt = PreemptionHandler.from_config(cfg).install()
     preempted, last_ckpt = False, None
@@ -286,8 +292,10 @@ def train(cfg: Config) -> RunResult:
                     fh.write(json.dumps(rec) + "\n")
             if step % cfg.log.every == 0 or step == t_cfg.steps:
                 perf = thr.summary(flops_per_sample, peak, world)
+                report = getattr(pipelines[-1], "report", None) if pipelines else None
+                data_counts = {f"data/{k}": v for k, v in report.as_dict().items()} if report else {}
                 tb.scalars({**{k: v for k, v in rec.items() if k != "step"}, **perf,
-                            "memory/peak_gb": metrics.peak_memory_gb(device)}, step)
+                            "memory/peak_gb": metrics.peak_memory_gb(device), **data_counts}, step)
                 thr.reset()
                 bar.set_postfix(loss=f"{rec['loss/total']:.4f}", img_s=f"{perf['perf/img_per_s']:.1f}")
             if f_cfg.enabled and layer_metrics:

@@ -137,7 +137,7 @@ def _probe_inputs(seed: int = 1):
 @pytest.mark.parametrize("mode, exports", [
     ("control", ["control", "diffusers"]),
     ("lora", ["control", "lora", "diffusers"]),
-    ("full", ["diffusers"]),
+    ("full", ["diffusers"]),     # trained in bf16 autocast (fp32 master weights)
 ])
 def test_mode_trains_exports_and_reloads(tmp_path, mode, exports):
     from framer_dist.config import ModelConfig
@@ -148,6 +148,7 @@ def test_mode_trains_exports_and_reloads(tmp_path, mode, exports):
     ema = "true" if mode == "lora" else "false"  # one mode also exports its EMA weights
     cfg = _cfg(tmp_path / mode, f'train.mode="{mode}"', "train.steps=2", "train.lr=1e-2",
                f"train.ema={ema}", "train.ema_decay=0.5",
+               f'train.precision="{"bf16" if mode == "full" else "fp32"}"',
                "checkpoint.every=0", "log.heatmap_every=0", "lora.rank=4",
                f"checkpoint.export={json.dumps(exports)}")
     res = train(cfg)
