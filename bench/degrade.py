@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--loop-iters", type=int, default=None, help="timed batches of the loop (default --iters)")
     ap.add_argument("--tiny", action="store_true", help="64 px, batch 4, one iteration")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/degrade_<device>.json)")
+    ap.add_argument("--note", default="", help="free text stored with the result (e.g. machine load)")
     a = ap.parse_args(argv)
     if a.tiny:
         a.res, a.batch, a.iters = 64, 4, 1
@@ -97,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         "batched_equals_loop": identical, "max_abs_diff_batched_vs_loop": max_diff,
         "torch": torch.__version__, "python": platform.python_version(),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "note": a.note,
         "command": "python bench/degrade.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:])),
     }
     print(json.dumps(res, indent=1))
@@ -115,14 +117,14 @@ def write_markdown(folder: Path) -> None:
         rows.append(f"| {r['device_name']} ({r['device']}, {r['threads']} threads) | {r['resolution']} | "
                     f"{r['batch']} | {r['batched_images_per_s']} | {r['loop_images_per_s']} | "
                     f"{r['speedup']}x | {r['ms_per_batch']} | {r['batched_equals_loop']} | "
-                    f"torch {r['torch']}, {r['date']} | `{r['command']}` |")
+                    f"torch {r['torch']}, {r['date']} | `{r['command']}` | {r.get('note', '')} |")
     text = ("# Degradation throughput (bench/degrade.py)\n\n"
             "Full two-stage Real-ESRGAN degradation of Table 6 (USM, blur, resize, noise, JPEG, final "
             "sinc, x4, bicubic back-upsampling) on HR crops of the bundled photos. *batched*: one "
             "call for the batch; *loop*: the same function one image at a time. "
             "*equal*: the two give bit-identical outputs.\n\n"
-            "| device | px | batch | batched img/s | loop img/s | speedup | ms/batch | equal | versions, date | command |\n"
-            "|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+            "| device | px | batch | batched img/s | loop img/s | speedup | ms/batch | equal | versions, date | command | note |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
     (folder / "degrade.md").write_text(text)
 
 
