@@ -40,7 +40,8 @@ def demo_config(out: Path, steps: int, overrides: list[str]) -> Config:
                  "checkpoint.every=20", 'checkpoint.export=["control"]', "log.every=5",
                  "log.heatmap_every=10"]
     run = [f'train.out_dir="{out.as_posix()}"', f"train.steps={steps}",
-           f"checkpoint.every={max(1, steps // 2)}", 'checkpoint.resume=""']
+           f"checkpoint.every={max(1, steps // 2)}", f"log.val_every={max(1, steps // 2)}",
+           'checkpoint.resume=""']
     return load_config(DEMO_CONFIG if DEMO_CONFIG.is_file() else None, base + run + overrides)
 
 

@@ -26,7 +26,12 @@ def test_demo_runs_end_to_end(tmp_path):
         assert label in text, text
     ckpts = sorted((out / "checkpoints").glob("step_*"))
     assert ckpts and (ckpts[-1] / "COMPLETE").is_file()
-    assert list((out / "tb").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(out / "tb"), size_guidance={"images": 0})
+    acc.Reload()
+    assert {"framer/heatmap", "val/sr"} <= set(acc.Tags()["images"]), acc.Tags()
+    val = acc.Images("val/sr")[-1]  # LR | SR | HR pixels of 2 samples, decoded
+    assert (val.width, val.height) == (3 * 64, 2 * 64)
     assert (out / "export" / "dit4sr_control.safetensors").is_file()
     sr = sorted((out / "samples").glob("*_x4.png"))
     assert sr, list((out / "samples").iterdir())
