@@ -349,3 +349,72 @@ def test_sbatch_script_trains_preempts_and_requeues_under_fake_slurm(tmp_path, r
     # torchrun/c10d ranks train exactly like submitit's: same losses, same final state
     assert (out / "metrics.jsonl").read_text().splitlines() == ref_rows
     _assert_same_state(_load_state(out, STEPS, tmp_path), ref_state)
+
+
+# ----------------------------------------------------------------------------------------------
+# batch-script decisions that need no training: a test-only stand-in trainer (no torch import) in a
+# scratch copy of the launch files, started through the real fake-srun -> torchrun -> worker.sh chain
+
+STANDIN_TRAINER = """
+import os, signal, sys, time
+got = []
+for s in (signal.SIGUSR1, signal.SIGTERM):
+    signal.signal(s, lambda n, f: got.append(n))
+if os.environ.get("STANDIN_MODE") == "fail":
+    sys.exit(3)
+open(os.path.join(os.environ["STANDIN_DIR"], "ready." + os.environ["RANK"]), "w").close()
+while not got:
+    time.sleep(0.05)
+sys.exit(75)   # as the trainer does after its collective save
+"""
+
+
+def _standin_repo(tmp: Path) -> Path:
+    repo = tmp / "repo"
+    shutil.copytree(REPO / "slurm", repo / "slurm")
+    (repo / "framer_dist").mkdir()
+    (repo / "framer_dist" / "train.py").write_text(STANDIN_TRAINER)
+    (repo / "run.toml").write_text("")
+    return repo
+
+
+def _standin_env(tmp: Path, repo: Path, mode: str) -> dict:
+    return dict(os.environ, PATH=f"{FAKE_SLURM}{os.pathsep}{os.environ['PATH']}",
+                FAKE_SLURM_STATE=str(tmp / "state"), FAKE_SLURM_JOB_ID="77", CONFIG="run.toml",
+                PYTHON=sys.executable, GPUS_PER_NODE="1", LOG_DIR=str(tmp / "logs"),
+                RDZV_PORT=str(_free_port()), STANDIN_DIR=str(tmp), STANDIN_MODE=mode)
+
+
+@pytest.mark.distributed
+def test_batch_script_does_not_requeue_a_cancelled_job(tmp_path: Path) -> None:
+    repo = _standin_repo(tmp_path)
+    env = _standin_env(tmp_path, repo, "wait")
+    proc = subprocess.Popen(["sbatch", "--nodes=1", "--output=batch.out", "slurm/train_dit.sh"],
+                            cwd=repo, env=env)
+    try:
+        end = time.monotonic() + 120
+        while not (tmp_path / "ready.0").exists():
+            assert proc.poll() is None and time.monotonic() < end, "stand-in never started"
+            time.sleep(0.05)
+        subprocess.run(["scancel", "77"], env=env, check=True)  # TERM to the batch shell and steps
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = (repo / "batch.out").read_text()
+    assert "job was cancelled, not requeueing" in log, log
+    assert not (tmp_path / "state" / "requeued").exists()
+    assert (tmp_path / "logs" / "framer-dit-77" / "restart0" / "exit" / "rank0.code").read_text().strip() == "75"
+
+
+@pytest.mark.distributed
+def test_batch_script_reports_a_failed_trainer_without_requeue(tmp_path: Path) -> None:
+    repo = _standin_repo(tmp_path)
+    env = _standin_env(tmp_path, repo, "fail")
+    r = subprocess.run(["sbatch", "--nodes=1", "--output=batch.out", "slurm/train_dit.sh"],
+                       cwd=repo, env=env, timeout=120)
+    assert r.returncode != 0
+    log = (repo / "batch.out").read_text()
+    assert "training failed" in log, log
+    assert not (tmp_path / "state" / "requeued").exists()
+    assert (tmp_path / "logs" / "framer-dit-77" / "restart0" / "exit" / "rank0.code").read_text().strip() == "3"
