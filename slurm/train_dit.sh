@@ -92,10 +92,17 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 echo "[train_dit] job $SLURM_JOB_ID restart $restart: $nnodes node(s) x $GPUS_PER_NODE GPU(s)," \
     "backend $BACKEND, rendezvous $head_node:$RDZV_PORT, logs $job_log_dir"
 
+# srun does not inherit --cpus-per-task from sbatch on recent SLURM: without it the whole node's
+# torchrun (and all its workers) could be pinned to one core.
+cpu_args=()
+if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then
+    cpu_args=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+fi
+
 # Per node: torchrun forwards the preemption signal and SIGTERM to its workers and then waits up
 # to SAVE_GRACE_S for their collective save before killing them.
 # SLURM replaces %n with the node index in the output file name.
-srun --nodes="$nnodes" --ntasks-per-node=1 --kill-on-bad-exit=1 \
+srun --nodes="$nnodes" --ntasks-per-node=1 "${cpu_args[@]}" --kill-on-bad-exit=1 \
     --output="$job_log_dir/node%n.log" \
     "$PYTHON" -m torch.distributed.run \
     --nnodes="$nnodes" --nproc-per-node="$GPUS_PER_NODE" \
