@@ -80,11 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     hr = hr_batch(a.batch, a.res, dev)
     seeds = lambda it: [1000 * it + i for i in range(a.batch)]  # noqa: E731
     # warm-up (kernels, allocator, bessel tables) and the equality check of both paths
-    ref = degrade(hr, seeds(0))
+    ref = degrade(hr, seeds(0), batched=True)
     loop = degrade_loop(hr, seeds(0))
     identical = all(torch.equal(ref[k], loop[k]) for k in ref)
     max_diff = max(float((ref[k] - loop[k]).abs().max()) for k in ref)
-    t_b = timed(lambda it: degrade(hr, seeds(it + 1)), dev, a.iters)
+    t_b = timed(lambda it: degrade(hr, seeds(it + 1), batched=True), dev, a.iters)
     li = a.loop_iters or a.iters
     t_l = timed(lambda it: degrade_loop(hr, seeds(it + 1)), dev, li)
     ips_b = a.batch * a.iters / t_b

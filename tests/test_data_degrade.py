@@ -101,18 +101,18 @@ def test_sampled_parameters_stay_in_table6_ranges():
 def test_same_seed_same_lr_bit_for_bit_other_seed_differs():
     img = torch.from_numpy(_photo(48, 48)).permute(2, 0, 1).float() / 255
     hr = torch.stack([img, img.flip(-1), img])
-    a = degrade(hr, [5, 6, 7])
-    b = degrade(hr, [5, 6, 7])
+    a = degrade(hr, [5, 6, 7], batched=True)
+    b = degrade(hr, [5, 6, 7], batched=True)
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    c = degrade(hr, [5, 6, 8])
+    c = degrade(hr, [5, 6, 8], batched=True)
     assert torch.equal(c["lr"][:2], a["lr"][:2])            # batch-mates do not matter
     assert not torch.equal(c["lr"][2], a["lr"][2])
     # a sample's result does not depend on its batch either: per-image loop gives the same LR
     # (six seeds: Poisson and Gaussian, different canvas sizes, both final orders)
     hr6 = torch.cat([hr, hr.flip(-2)])
     seeds = [5, 6, 7, 8, 9, 10]
-    assert torch.equal(degrade_loop(hr6, seeds)["lr"], degrade(hr6, seeds)["lr"])
+    assert torch.equal(degrade_loop(hr6, seeds)["lr"], degrade(hr6, seeds, batched=True)["lr"])
 
 
 def test_sizes_512_to_128_to_512_for_mixed_batch():
