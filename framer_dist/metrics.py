@@ -100,6 +100,10 @@ def heatmap_image(metrics: Mapping[str, Tensor], layers: list[int], step: int | 
         lo, hi = (-1.0, 1.0) if name == "cosine" else (0.0, 1.0)
         im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=lo, vmax=hi,
                        interpolation="nearest")
+        if len(layers) <= 16:  # few layers: print the values too
+            for (r, c), v in np.ndenumerate(grid):
+                ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if v < (lo + hi) / 2 else "black")
         ax.set_xticks([0, 1], ["LF", "HF"])
         ax.set_yticks(range(len(layers)), [str(i) for i in layers], fontsize=6)
         ax.set_title(name, fontsize=9)
