@@ -132,6 +132,15 @@ def test_matches_reference_bf16_inputs(mask):
     _assert_matches(_cfg(mask=mask), dtype=torch.bfloat16)
 
 
+def test_autocast_region_does_not_lower_precision():
+    s, t = _inputs(cutoff=0.2)
+    plain = framer_objective(s, t, _cfg(), torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = framer_objective(s, t, _cfg(), torch.Generator().manual_seed(0))
+    assert auto.loss.dtype == torch.float32
+    torch.testing.assert_close(auto.loss, plain.loss)
+
+
 def test_rfft_shortcut_equals_full_fft():
     for mask in ("radial", "teacher_quantile"):
         s, t = _inputs(3, (3, 2, 2, 9, 12), cutoff=0.2)

@@ -196,8 +196,17 @@ def framer_objective(students: Tensor, teacher: Tensor, cfg: FramerConfig,
     every rank); gather: ``[B_local, K] -> [world * B_local, K]`` all_gather in rank order (None =
     single process); rank: this process's index in the data-parallel group (label index of image
     ``b`` is ``rank * B_local + b``). See FRAMER_SPEC.md and docs/framer.md for every switch.
+
+    Autocast is switched off inside: the spectra, norms and logits stay fp32 even when the trainer
+    calls this within its bf16 autocast region.
     """
     _check_inputs(students, teacher, cfg, generator, rank)
+    with torch.autocast(device_type=students.device.type, enabled=False):
+        return _objective(students, teacher, cfg, generator, gather, rank)
+
+
+def _objective(students: Tensor, teacher: Tensor, cfg: FramerConfig, generator: torch.Generator | None,
+               gather: Gather | None, rank: int) -> FramerResult:
     n_layers, b, _, _, w = students.shape
     neg = draw_negative_layers(n_layers, generator) if cfg.random_negatives else None
     neg_dev = neg.to(students.device) if neg is not None else None
