@@ -105,6 +105,10 @@ def check_paths(cfg: Config) -> None:
                        ("log.dir", cfg.log.dir)):
         if value and Path(value).exists() and not Path(value).is_dir():
             raise ConfigError(f"config key '{key}': {value} exists and is not a folder")
+    # The launcher already fixed the world size: check the global batch divides before joining.
+    import os
+    from framer_dist.parallel.common import resolve_grad_accum
+    resolve_grad_accum(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     if cfg.train.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("config key 'train.device': 'cuda' requested but CUDA is not available")
 

@@ -46,6 +46,7 @@ def _cfg(out: Path, *overrides: str):
     (["--config", TINY, "--resume", "no/such/step_00000010", SYN], "checkpoint.resume"),
     (["--config", TINY, 'model.pretrained="no/such/sd35"', SYN], "model.pretrained"),
     (["--config", TINY, 'checkpoint.export=["lora"]', SYN], "checkpoint.export"),
+    (["--config", TINY, "train.global_batch_size=3", SYN], "train.global_batch_size"),
 ])
 def test_bad_config_or_path_is_a_clear_error(argv, names, capsys):
     assert main(argv) == 2
