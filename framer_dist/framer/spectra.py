@@ -171,26 +171,38 @@ class BandFeatures:
     energy: Tensor
 
 
+@functools.lru_cache(maxsize=64)
+def _radial_plan(h: int, w: int, radius: float, half: bool, dtype: torch.dtype,
+                 device: torch.device) -> tuple[tuple[Tensor | None, Tensor], tuple[Tensor | None, Tensor], Tensor]:
+    """Per band ``(bin indices or None, weights)`` and the ``[P, 2]`` FAW selector, built once per
+    shape/device (no per-step host sync for ``nonzero``). A band covering fewer than half the bins
+    (LF at the default radius, ~3%) is gathered by index; a larger one is weighted in place."""
+    lf = radial_lf_mask(h, w, radius, half, device).flatten()
+    count_w, sqrt_w = column_weights(w, half, device)
+    wk = w // 2 + 1 if half else w
+    sw = sqrt_w.expand(h, wk).flatten().to(dtype)
+    bands = []
+    for band in (lf, ~lf):
+        idx = band.nonzero().squeeze(1)
+        if idx.numel() * 2 < band.numel():
+            bands.append((idx, sw.index_select(0, idx)))
+        else:
+            bands.append((None, sw * band))
+    cw = count_w.expand(h, wk).flatten()
+    sel = torch.stack([cw * lf, cw * ~lf], dim=1).to(dtype)  # [P, 2]
+    return bands[0], bands[1], sel
+
+
 def radial_bands(mag: Tensor, radius: float, eps: float, half: bool, w: int) -> tuple[BandFeatures, BandFeatures]:
     """LF and HF band features for the radial mask. ``mag``: ``[L+1, B, C, H, Wk]``."""
-    lp1, b, c, h, wk = mag.shape
-    lf = radial_lf_mask(h, w, float(radius), half, mag.device)
-    count_w, sqrt_w = column_weights(w, half, mag.device)
+    h = mag.shape[-2]
+    lf_plan, hf_plan, sel = _radial_plan(h, w, float(radius), half, mag.dtype, mag.device)
     flat = mag.flatten(3)  # [L+1, B, C, P], a view
-    lf_flat = lf.flatten()
     out = []
-    for band in (lf_flat, ~lf_flat):
-        idx = band.nonzero().squeeze(1)
-        sw = sqrt_w.expand(h, wk).flatten()
-        if idx.numel() * 2 < band.numel():
-            # Small band (LF at the default radius, ~3% of bins): gather only its bins.
-            vec = (flat.index_select(-1, idx) * sw.index_select(0, idx)).flatten(2)
-        else:
-            vec = (flat * (sw * band)).flatten(2)
-        out.append(vec)
+    for idx, weight in (lf_plan, hf_plan):
+        vec = flat.index_select(-1, idx) * weight if idx is not None else flat * weight
+        out.append(vec.flatten(2))
     # FAW energies for both bands with one mat-vec pass over the magnitudes.
-    cw = count_w.expand(h, wk).flatten()
-    sel = torch.stack([cw * lf_flat, cw * ~lf_flat], dim=1).to(mag.dtype)  # [P, 2]
     with torch.no_grad():
         sums = flat @ sel  # [L+1, B, C, 2]
         energy = (sums / (sel.sum(0) + eps)).mean(dim=2)  # [L+1, B, 2]
