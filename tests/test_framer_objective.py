@@ -167,6 +167,8 @@ def test_result_contract():
     res_sum = framer_objective(s, t, _cfg(layer_reduce="sum"), torch.Generator().manual_seed(0))
     torch.testing.assert_close(res_sum.loss, res.loss * L)
     torch.testing.assert_close(res.loss, res.metrics["loss_layer"].mean())
+    with torch.no_grad():  # the caller's grad mode is respected (metrics-only use)
+        assert not framer_objective(s, t, _cfg(), torch.Generator().manual_seed(0)).loss.requires_grad
 
 
 def test_no_random_negatives_makes_intra_zero_with_warning():

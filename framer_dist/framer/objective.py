@@ -15,6 +15,7 @@ waiting in a collective). Unequal last batches are refused, not padded: drop the
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable
@@ -216,7 +217,8 @@ def _objective(students: Tensor, teacher: Tensor, cfg: FramerConfig, generator: 
                       "exactly 0 (documented in docs/framer.md)", stacklevel=2)
     uses_global = cfg.in_batch_negatives and "inter" in kinds.values()
 
-    grad_ctx = torch.no_grad() if cfg.plain_l2 else torch.enable_grad()
+    # plain_l2: the spectral part only feeds metrics; otherwise keep the caller's grad mode
+    grad_ctx = torch.no_grad() if cfg.plain_l2 else contextlib.nullcontext()
     with grad_ctx:
         mag = spectrum_magnitude(students, teacher, half=cfg.use_rfft)  # [L+1, B, C, H, Wk]
         lf, hf = band_features(mag, cfg.mask, cfg.radius, cfg.cutoff, cfg.eps, cfg.use_rfft, w)
