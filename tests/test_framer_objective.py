@@ -21,6 +21,9 @@ from framer_dist.framer.reference import reference_framer_loss
 from framer_dist.framer.spectra import (column_weights, normalized_frequencies, radial_lf_mask,
                                         spectrum_magnitude, teacher_quantile_lf_mask)
 
+# the one-key IntraCL warning is expected in the random_negatives = false cases (tested once below)
+pytestmark = pytest.mark.filterwarnings("ignore:framer. random_negatives = false")
+
 L, B, C, H, W = 4, 3, 2, 8, 10
 CONTRACT_KEYS = ("w_lf", "w_hf", "a_lf", "a_hf", "l_intra", "l_inter", "cos_lf", "cos_hf")
 
