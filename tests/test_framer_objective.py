@@ -464,3 +464,19 @@ def test_config_dataclass_fields_all_used():
     for f in dataclasses.fields(FramerConfig):
         if f.name not in trainer_owned:
             assert f"cfg.{f.name}" in src, f.name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mask", ["radial", "teacher_quantile"])
+def test_cuda_matches_cpu(mask):
+    s, t = _inputs(cutoff=0.2)
+    cfg = _cfg(mask=mask)
+    cpu = framer_objective(s, t, cfg, torch.Generator().manual_seed(0))
+    (g_cpu,) = torch.autograd.grad(cpu.loss, s)
+    sc = s.detach().cuda().requires_grad_(True)
+    gpu = framer_objective(sc, t.cuda(), cfg, torch.Generator().manual_seed(0))
+    (g_gpu,) = torch.autograd.grad(gpu.loss, sc)
+    torch.testing.assert_close(gpu.loss.cpu(), cpu.loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_gpu.cpu(), g_cpu, rtol=1e-4, atol=1e-6)
+    for k in CONTRACT_KEYS:
+        torch.testing.assert_close(gpu.metrics[k].cpu(), cpu.metrics[k], rtol=1e-5, atol=1e-5)
