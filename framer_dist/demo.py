@@ -72,7 +72,7 @@ def upscale_photo(cfg: Config, model: torch.nn.Module, photo: Path, out_png: Pat
     left, top = (img.width - side) // 2, (img.height - side) // 2
     lr_img = img.crop((left, top, left + side, top + side)).resize((r // s, r // s), Image.BICUBIC)
     lr_up = lr_img.resize((r, r), Image.BICUBIC)
-    x = torch.from_numpy(np.asarray(lr_up)).permute(2, 0, 1)[None].float() / 127.5 - 1
+    x = torch.from_numpy(np.array(lr_up)).permute(2, 0, 1)[None].float() / 127.5 - 1
     vae = load_vae(cfg.data)
     lr_lat = encode_pixels(vae, x)
     t, d, p = prompt_shapes(cfg)

@@ -18,15 +18,6 @@ from framer_dist.data.kernels import KERNEL_TYPES, mixed_kernels, pulse_kernels,
 
 JPEG_PSNR_VS_PILLOW_DB = 40.0  # documented in docs/data.md; measured 46-48 dB on skimage photos
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small tensors: one thread is much faster than two contended ones on the shared CI box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 
 def _photo(h: int = 128, w: int = 160) -> np.ndarray:
     from skimage import data

@@ -16,15 +16,6 @@ from framer_dist.data import DataSourceError, build_dataloader, encode_batch, lo
 from framer_dist.data.prompts import write_empty, write_shard
 from framer_dist.data.stream import item_at
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small tensors: one thread is much faster than two contended ones on the shared CI box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 
 def _cfg(*over: str):
     return load_config(None, ["data.resolution=32", "data.min_size=20", "data.batch_size=2",

@@ -17,15 +17,6 @@ WORDS = ["<unk>", "<pad>", "<s>", "</s>", "<image>", "USER:", "ASSISTANT:", "Des
          "image", "and", "its", "style", "in", "a", "very", "detailed", "manner.", "cat", "dog",
          "red", "sky", "the", "blur", "focus", ".", "photo", "of", "house", "tree"]
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small tensors: one thread is much faster than two contended ones on the shared CI box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 
 def _tool(name: str):
     spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")

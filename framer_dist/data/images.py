@@ -45,7 +45,7 @@ class DataReport:
         with self._lock:
             self.counts[kind] += 1
             ex = self.examples.setdefault(kind, [])
-            if len(ex) < self.max_examples:
+            if item not in ex and len(ex) < self.max_examples:  # warn once per item, not per epoch
                 ex.append(item)
                 log.warning("data: %s: %s%s", kind, item, f" ({detail})" if detail else "")
 

@@ -293,12 +293,34 @@ class Backend:
         return json.loads(f.read_text())
 
     def _check_meta(self, path: Path) -> dict[str, Any]:
+        """The checkpoint's layout must fit this run: same backend, same optimizer state kind."""
         meta = self.read_meta(path)
         if meta["backend"] != self.name:
             raise RuntimeError(
                 f"checkpoint {path} was written by the {meta['backend']!r} backend; it cannot be "
                 f"loaded with parallel.backend={self.name!r}")
+        if meta.get("optimizer") != self.cfg.train.optimizer:
+            raise RuntimeError(f"checkpoint {path} holds {meta.get('optimizer')!r} optimizer state but "
+                               f"train.optimizer is {self.cfg.train.optimizer!r}")
         return meta
+
+    # -- shared optimizer step -----------------------------------------------------------------
+    def _clip_and_step(self) -> float:
+        """Clip the global grad norm (train.grad_clip, 0 = off), step optimizer and schedule, zero
+        the grads, update the EMA. Needs ``params``, ``optimizer``, ``scheduler`` and
+        ``_named_trainable`` from the subclass. Returns the pre-clip global norm."""
+        clip = self.cfg.train.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"),
+                                              foreach=False)
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor norm over the shards
+            norm = norm.full_tensor()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self._named_trainable())
+        self.optimizer_step += 1
+        return float(norm)
 
     @staticmethod
     def _read_client_state(path: Path) -> dict[str, Any]:

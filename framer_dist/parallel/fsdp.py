@@ -103,18 +103,7 @@ class FSDP2Backend(Backend):
             raise RuntimeError(f"step() after {self._micro} backward() calls; expected "
                                f"{self.grad_accum} (grad_accum)")
         self._micro = 0
-        clip = self.cfg.train.grad_clip
-        norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"),
-                                              foreach=False)
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.update(self._named_trainable())
-        self.optimizer_step += 1
-        return float(norm)
+        return self._clip_and_step()
 
     @property
     def lr(self) -> float:
@@ -148,9 +137,6 @@ class FSDP2Backend(Backend):
     def load(self, path: str | Path) -> dict[str, Any]:
         path = Path(path)
         meta = self._check_meta(path)
-        if meta["optimizer"] != self.cfg.train.optimizer:
-            raise RuntimeError(f"checkpoint {path} holds {meta['optimizer']!r} optimizer state but "
-                               f"train.optimizer is {self.cfg.train.optimizer!r}")
         state = self._state()  # templates with the current sharding: DCP reshards into them
         if self.ema is not None and not _has_key(path / DCP_DIR, "ema"):
             state.pop("ema")

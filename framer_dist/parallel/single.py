@@ -39,16 +39,7 @@ class SingleBackend(Backend):
         (loss / self.grad_accum).backward()
 
     def step(self) -> float:
-        clip = self.cfg.train.grad_clip
-        norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"),
-                                              foreach=False)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.update(self._named_trainable())
-        self.optimizer_step += 1
-        return float(norm)
+        return self._clip_and_step()
 
     @property
     def lr(self) -> float:
@@ -69,10 +60,7 @@ class SingleBackend(Backend):
 
     def load(self, path: str | Path) -> dict[str, Any]:
         path = Path(path)
-        meta = self._check_meta(path)
-        if meta.get("optimizer") != self.cfg.train.optimizer:
-            raise RuntimeError(f"checkpoint {path} holds {meta.get('optimizer')!r} optimizer state but "
-                               f"train.optimizer is {self.cfg.train.optimizer!r}")
+        self._check_meta(path)
         state = torch.load(path / STATE_FILE, map_location=self.device, weights_only=False)
         by_name = dict(self._named_trainable())
         missing = set(by_name) - set(state["model"])
