@@ -18,7 +18,7 @@ fi
 "$@" &
 child=$!
 
-# shellcheck disable=SC2317  # only called from the traps below
+# shellcheck disable=SC2317,SC2329  # only called from the traps below (0.10 and 0.11 name it differently)
 forward() {
     kill -s "$1" "$child" 2>/dev/null || true
 }
