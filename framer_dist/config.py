@@ -145,7 +145,9 @@ class ParallelConfig:
     ac_every_k: int = _f(2, "with 'every_k': checkpoint every k-th block", min=1)
     ac_blocks: list[int] = _f([], "with 'blocks': the block indices to checkpoint")
     compile: bool = _f(False, "torch.compile each transformer block")
-    reshard_after_forward: bool = _f(True, "FSDP2: free each block's gathered params after its forward (the root keeps its own until backward ends)")
+    reshard_after_forward: bool = _f(
+        True, "FSDP2: free each block's gathered params after its forward (the root keeps its own "
+              "until backward ends)")
 
 
 @dataclass
