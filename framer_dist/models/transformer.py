@@ -15,7 +15,7 @@ is block + head, so backward recomputes the full-width per-layer tokens instead 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Literal, NamedTuple
+from typing import Any, Iterable, Literal, NamedTuple
 
 import torch
 from diffusers.configuration_utils import register_to_config
@@ -152,9 +152,10 @@ class DiT4SRTransformer(SD3Transformer2DModel):
         y = y.reshape(y.shape[0], h, w, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", y).reshape(y.shape[0], c, h * p, w * p)
 
-    def compile_head(self) -> None:
-        """torch.compile the output head (used once per block by the velocity readout)."""
-        self._head = torch.compile(self._head)  # type: ignore[method-assign]
+    def compile_head(self, **compile_kwargs: Any) -> None:
+        """torch.compile the output head (used once per block by the velocity readout).
+        The readout counter lives in ``_readout``, outside the compiled function."""
+        self._head = torch.compile(self._head, **compile_kwargs)  # type: ignore[method-assign]
 
     def _readout(self, h: torch.Tensor, temb: torch.Tensor, grid: tuple[int, int],
                  mode: str) -> torch.Tensor:
