@@ -30,12 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from framer_dist.atomic import write_text_atomic
 from framer_dist.parallel.common import Backend
 
 MARKER = "COMPLETE"
 LATEST = "latest"
 PREFIX = "step_"
-TMP_PREFIX = ".tmp-"
+TMP_PREFIX = ".tmp-"  # the same prefix as framer_dist.atomic's temporary files
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,15 +105,6 @@ def list_valid_checkpoints(root: str | Path) -> list[Path]:
         if p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit() and is_valid_checkpoint(p):
             found.append((int(p.name[len(PREFIX):]), p))
     return [p for _, p in sorted(found)]
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -190,13 +182,13 @@ class CheckpointManager:
         if be.is_main:
             marker = {"step": step, "world_size": be.world_size, "backend": be.name,
                       "time": time.time()}
-            _atomic_write_text(tmp / MARKER, json.dumps(marker))
+            write_text_atomic(tmp / MARKER, json.dumps(marker))
             _fsync_dir(tmp)
             if final.exists():  # an invalid (marker-less) dir can only come from a foreign copy
                 shutil.rmtree(final)
             os.rename(tmp, final)
             _fsync_dir(self.root)
-            _atomic_write_text(self.root / LATEST, final.name + "\n")
+            write_text_atomic(self.root / LATEST, final.name + "\n")
             self._prune()
         be.barrier()
         return final

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
+from ..atomic import save_safetensors_atomic, write_text_atomic
 from ..config import DataConfig
 from .captioning import open_images
 from .degrade import degrade, params_from_config
@@ -40,9 +39,7 @@ def _manifest(out: Path, params: dict) -> None:
             raise ValueError(f"{out} holds shards made with other parameters {diff} (old, new); "
                              "use another --out folder")
         return
-    tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(params, indent=1))
-    os.replace(tmp, m)
+    write_text_atomic(m, json.dumps(params, indent=1))
 
 
 def prepare_pairs(images: str, out_dir: str | Path, *, resolution: int = 512, scale: int = 4,
@@ -98,10 +95,8 @@ def prepare_pairs(images: str, out_dir: str | Path, *, resolution: int = 512, sc
             hr_l.append(encode_pixels(vae, o["hr"] * 2 - 1).to(dt).cpu())
             lr_l.append(encode_pixels(vae, o["lr_up"] * 2 - 1).to(dt).cpu())
         path = out / f"pairs-{k:05d}.safetensors"
-        tmp = out / f"pairs-{k:05d}.safetensors.tmp"
         if ids:
-            save_file({"hr_latent": torch.cat(hr_l).contiguous(), "lr_latent": torch.cat(lr_l).contiguous()},
-                      str(tmp), metadata={"ids": json.dumps(ids)})
-            os.replace(tmp, path)
+            save_safetensors_atomic({"hr_latent": torch.cat(hr_l), "lr_latent": torch.cat(lr_l)},
+                                    path, metadata={"ids": json.dumps(ids)})
         log.info("worker %d: shard %d (%d pairs) done", worker, k, len(ids))
     return report

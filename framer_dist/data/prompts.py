@@ -14,14 +14,13 @@ and when its id has no cached embedding (counted as ``missing_prompt``).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from ..atomic import save_safetensors_atomic
 from .sources import DataSourceError
 
 EMPTY_FILE = "empty.safetensors"
@@ -31,18 +30,13 @@ SHARD_GLOB = "prompts-*.safetensors"
 def write_shard(path: str | Path, ids: list[str], prompt_embeds: torch.Tensor,
                 pooled: torch.Tensor) -> None:
     """Atomically write one shard (tmp + rename: a crash never leaves a half shard)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({"prompt_embeds": prompt_embeds.contiguous().cpu(), "pooled": pooled.contiguous().cpu()},
-              str(tmp), metadata={"ids": json.dumps(ids)})
-    os.replace(tmp, path)
+    save_safetensors_atomic({"prompt_embeds": prompt_embeds, "pooled": pooled}, path,
+                            metadata={"ids": json.dumps(ids)})
 
 
 def write_empty(folder: str | Path, prompt_embeds: torch.Tensor, pooled: torch.Tensor) -> None:
-    tmp = Path(folder) / (EMPTY_FILE + ".tmp")
-    save_file({"prompt_embeds": prompt_embeds.contiguous().cpu(), "pooled": pooled.contiguous().cpu()},
-              str(tmp))
-    os.replace(tmp, Path(folder) / EMPTY_FILE)
+    save_safetensors_atomic({"prompt_embeds": prompt_embeds, "pooled": pooled},
+                            Path(folder) / EMPTY_FILE)
 
 
 def done_ids(folder: str | Path) -> set[str]:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from ..atomic import write_dir_atomic
 from ..config import ModelConfig
 from .presets import GEOMETRY_KEYS, preset_geometry
 from .transformer import DiT4SRTransformer
@@ -191,6 +192,6 @@ def save_model(model: DiT4SRTransformer, out_dir: str | Path,
     if any(isinstance(m, BaseTunerLayer) for m in model.modules()):
         raise ValueError("save_model: the model has LoRA adapters; export them with save_lora() "
                          "or merge them first (model.fuse_lora(); model.unload_lora())")
-    out = Path(out_dir)
-    model.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
-    return out
+    # Written under a temporary name and renamed: the folder is complete or absent.
+    return write_dir_atomic(out_dir, lambda tmp: model.save_pretrained(
+        tmp, safe_serialization=True, max_shard_size=max_shard_size))

@@ -16,9 +16,10 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from ..atomic import save_safetensors_atomic
 from ..config import LoraConfig as LoraSettings
 from .loading import is_control_key
 from .transformer import DiT4SRTransformer
@@ -119,11 +120,8 @@ def save_lora(model: DiT4SRTransformer, out_dir: str | Path,
     meta = {"format": "pt",
             _METADATA_KEY: json.dumps({f"{PREFIX}.{k}": v for k, v in cfg.items()},
                                       sort_keys=True, default=str)}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {f"{PREFIX}.{k}": v.detach().to("cpu").contiguous() for k, v in sd.items()}
-    save_file(tensors, out / LORA_FILE, metadata=meta)
-    return out / LORA_FILE
+    tensors = {f"{PREFIX}.{k}": v for k, v in sd.items()}
+    return save_safetensors_atomic(tensors, Path(out_dir) / LORA_FILE, metadata=meta)
 
 
 def load_lora(model: DiT4SRTransformer, path: str | Path) -> None:
@@ -153,9 +151,7 @@ def save_control(model: DiT4SRTransformer, path: str | Path,
     p = Path(path)
     if p.suffix != ".safetensors":
         p = p / CONTROL_FILE
-    p.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().to("cpu").contiguous() for k, v in sd.items()}, p)
-    return p
+    return save_safetensors_atomic(sd, p)
 
 
 def load_control(model: DiT4SRTransformer, path: str | Path) -> None:
