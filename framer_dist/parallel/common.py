@@ -73,6 +73,19 @@ def init_process_group(backend_name: str, device_type: str) -> tuple[int, int, i
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 
+def trainable_names(model: nn.Module, params: list[nn.Parameter]) -> dict[int, str]:
+    """``id(param) -> name`` (model order) for the parameters a backend will train; an empty list or
+    a parameter the model does not own is an error."""
+    if not params:
+        raise ValueError("no trainable parameters were passed to the backend (check train.mode)")
+    ids = {id(p) for p in params}
+    names = {id(p): n for n, p in model.named_parameters() if id(p) in ids}
+    if len(names) != len(params):
+        raise ValueError("some trainable parameters passed to setup_backend are not parameters "
+                         "of the model")
+    return names
+
+
 # ----------------------------------------------------------------------------------------------
 # schedules, accumulation, activation checkpointing
 

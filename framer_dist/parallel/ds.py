@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from framer_dist.config import Config, ConfigError
 from framer_dist.parallel.common import (Backend, init_process_group, local_rank_from_env, lr_lambda,
-                                         resolve_device, strip_wrapper_prefixes)
+                                         resolve_device, strip_wrapper_prefixes, trainable_names)
 from framer_dist.parallel.optim import build_optimizer
 
 TAG = "ds"                # DeepSpeed tag directory inside our checkpoint directory
@@ -98,8 +98,9 @@ class DeepSpeedBackend(Backend):
 
     @classmethod
     def create(cls, cfg: Config, model: nn.Module, params: list[nn.Parameter]) -> "DeepSpeedBackend":
-        if not params:
-            raise ValueError("no trainable parameters were passed to the backend (check train.mode)")
+        # checked before joining the process group; ZeRO-3 partitions the parameter
+        # objects, so the trainable ones are remembered by name
+        trainable = list(trainable_names(model, params).values())
         device = resolve_device(cfg, local_rank_from_env())
         rank, world, local_rank = init_process_group("deepspeed", device.type)
         if device.type == "cpu":
@@ -111,11 +112,7 @@ class DeepSpeedBackend(Backend):
         self = cls(cfg, model, rank, world, local_rank, device)
         self.ds_config = build_ds_config(cfg, self.grad_accum, world)
         self.stage = int(self.ds_config["zero_optimization"].get("stage", 0))
-        ids = {id(p) for p in params}
-        self.trainable_names = [n for n, p in model.named_parameters() if id(p) in ids]
-        if len(self.trainable_names) != len(params):
-            raise ValueError("some trainable parameters passed to setup_backend are not parameters "
-                             "of the model")
+        self.trainable_names = trainable
         optimizer = build_optimizer(cfg, params)
         engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=params, optimizer=optimizer, config=self.ds_config,

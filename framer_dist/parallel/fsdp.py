@@ -24,7 +24,7 @@ from torch.distributed.tensor import DTensor
 from framer_dist.config import Config, ConfigError
 from framer_dist.parallel.common import (EMA, Backend, init_process_group, local_rank_from_env,
                                          lr_lambda, resolve_device, strip_wrapper_prefixes,
-                                         transformer_blocks)
+                                         trainable_names, transformer_blocks)
 from framer_dist.parallel.optim import build_optimizer, optimizer_kwargs
 
 DCP_DIR = "dcp"
@@ -35,17 +35,13 @@ class FSDP2Backend(Backend):
 
     @classmethod
     def create(cls, cfg: Config, model: nn.Module, params: list[nn.Parameter]) -> "FSDP2Backend":
-        if not params:
-            raise ValueError("no trainable parameters were passed to the backend (check train.mode)")
+        # checked before joining the process group; fully_shard replaces the parameter
+        # objects, so the trainable ones are remembered by name
+        trainable = list(trainable_names(model, params).values())
         device = resolve_device(cfg, local_rank_from_env())
         rank, world, local_rank = init_process_group("fsdp2", device.type)
         self = cls(cfg, model, rank, world, local_rank, device)
-        # fully_shard replaces parameter objects: remember the trainable ones by name.
-        ids = {id(p) for p in params}
-        self.trainable_names = [n for n, p in model.named_parameters() if id(p) in ids]
-        if len(self.trainable_names) != len(params):
-            raise ValueError("some trainable parameters passed to setup_backend are not parameters "
-                             "of the model")
+        self.trainable_names = trainable
         blocks = transformer_blocks(model)
         if not blocks:
             raise ConfigError("parallel.backend='fsdp2' shards per transformer block, but the model "

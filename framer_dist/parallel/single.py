@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from framer_dist.config import Config
-from framer_dist.parallel.common import EMA, Backend, lr_lambda
+from framer_dist.parallel.common import EMA, Backend, lr_lambda, trainable_names
 from framer_dist.parallel.optim import build_optimizer
 
 STATE_FILE = "single_state.pt"
@@ -22,11 +22,7 @@ class SingleBackend(Backend):
                  device: torch.device) -> None:
         super().__init__(cfg, model.to(device), rank=0, world_size=1, local_rank=0, device=device)
         self.params = list(params)
-        ids = {id(p) for p in self.params}
-        self.names = {id(p): n for n, p in model.named_parameters() if id(p) in ids}
-        if len(self.names) != len(self.params):
-            raise ValueError("some trainable parameters passed to setup_backend are not parameters "
-                             "of the model")
+        self.names = trainable_names(model, self.params)
         self.optimizer = build_optimizer(cfg, self.params)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         if cfg.train.ema:
