@@ -5,6 +5,8 @@ All backend-specific code lives in this package; the trainer codes against :clas
 
 from __future__ import annotations
 
+import os
+
 from torch import nn
 
 from framer_dist.config import Config, ConfigError
@@ -22,22 +24,19 @@ def setup_backend(cfg: Config, model: nn.Module, params: list[nn.Parameter]) -> 
     the launcher's env vars (torchrun / deepspeed).
     """
     name = cfg.parallel.backend
+    if name == "none" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("config key 'parallel.backend': 'none' is single-process, but this "
+                          f"was launched with WORLD_SIZE={os.environ['WORLD_SIZE']}; use "
+                          "'deepspeed' or 'fsdp2'")
     apply_activation_checkpointing(cfg, model)
+    _maybe_compile(cfg, model)  # in place, before DeepSpeed wraps or fully_shard shards the blocks
     if name == "none":
-        import os
-
         from framer_dist.parallel.single import SingleBackend
 
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ConfigError("config key 'parallel.backend': 'none' is single-process, but this "
-                              f"was launched with WORLD_SIZE={os.environ['WORLD_SIZE']}; use "
-                              "'deepspeed' or 'fsdp2'")
-        _maybe_compile(cfg, model)
         return SingleBackend(cfg, model, params, resolve_device(cfg, 0))
     if name == "deepspeed":
         from framer_dist.parallel.ds import DeepSpeedBackend
 
-        _maybe_compile(cfg, model)
         return DeepSpeedBackend.create(cfg, model, params)
     if name == "fsdp2":
         from framer_dist.parallel.fsdp import FSDP2Backend

@@ -51,17 +51,12 @@ class FSDP2Backend(Backend):
         mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
               if cfg.train.precision == "bf16" else MixedPrecisionPolicy())
         reshard = cfg.parallel.reshard_after_forward
-        for b in blocks:
-            if cfg.parallel.compile:
-                b.compile()
+        for b in blocks:  # already compiled in place by setup_backend when parallel.compile
             fully_shard(b, mesh=self.mesh, mp_policy=mp, reshard_after_forward=reshard)
-        if cfg.parallel.compile:
-            from framer_dist.parallel import compile_head
-            compile_head(model)
         # The root keeps its parameters (embedders, the output head) unsharded until the end of
         # backward: the FRAMER readout calls the head inside every block's checkpointed region, so
-        # activation-checkpoint recomputation needs them after the root's forward has returned.
-        # (The root's pre-backward hook cannot re-gather them: the model returns a dataclass.)
+        # activation-checkpoint recomputation needs them after the root's forward has returned
+        # (with resharding, recomputation read freed storage on an H100).
         fully_shard(model, mesh=self.mesh, mp_policy=mp, reshard_after_forward=False)
         by_name = dict(model.named_parameters())
         self.params = [by_name[n] for n in self.trainable_names]
