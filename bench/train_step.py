@@ -41,6 +41,9 @@ from framer_dist.models import apply_training_mode, build_model  # noqa: E402
 from framer_dist.objective import micro_batch_loss  # noqa: E402
 from framer_dist.parallel import setup_backend  # noqa: E402
 
+# Step phases timed on the GPU timeline (CUDA events): model forward + both losses, backward,
+# optimizer step (with clipping)
+PHASES = ("forward_loss", "backward", "optimizer")
 BACKENDS = {"none": ("none", ""), "zero3": ("deepspeed", "ds_configs/zero3.json"),
             "zero2": ("deepspeed", "ds_configs/zero2.json"), "fsdp2": ("fsdp2", "")}
 
@@ -116,22 +119,41 @@ def run_combo(a: argparse.Namespace, mode: str, backend_key: str, device_type: s
     sigma, noise = flow.sample_sigma_and_noise(positions, tuple(batch["hr_latent"].shape[1:]),
                                                cfg.flow, 0, device=device)
 
-    def one_step(c: Config) -> tuple[float, float | None]:
-        if device.type == "cuda":
+    def one_step(c: Config) -> tuple[float, float | None, dict[str, float]]:
+        cuda = device.type == "cuda"
+        if cuda:
             torch.cuda.reset_peak_memory_stats(device)
+            # GPU-timeline marks between the phases: idle gaps (a host sync, launch-bound
+            # stretches) count toward the phase they fall in
+            marks = [torch.cuda.Event(enable_timing=True) for _ in PHASES + ("start",)]
         _sync(device)
         t0 = time.perf_counter()
+        if cuda:
+            marks[-1].record()
         losses = micro_batch_loss(backend.model, batch, sigma, noise, c, students, teacher, gen,
                                   gather=backend.gather, rank=backend.rank, autocast=backend.autocast())
+        if cuda:
+            marks[0].record()
         backend.backward(losses.total)
+        if cuda:
+            marks[1].record()
         backend.step()
+        if cuda:
+            marks[2].record()
         _sync(device)
         dt_s = time.perf_counter() - t0
-        mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-        return dt_s, mem
+        mem = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+        phases = {}
+        if cuda:
+            prev = marks[-1]
+            for name, m in zip(PHASES, marks):
+                phases[name] = prev.elapsed_time(m)
+                prev = m
+        return dt_s, mem, phases
 
     times: dict[str, list[float]] = {"baseline": [], "framer": []}
     mems: dict[str, list[float]] = {"baseline": [], "framer": []}
+    phase_ms: dict[str, dict[str, list[float]]] = {k: {p: [] for p in PHASES} for k in times}
     for _ in range(a.warmup):
         one_step(base_cfg)
         one_step(cfg)
@@ -140,10 +162,12 @@ def run_combo(a: argparse.Namespace, mode: str, backend_key: str, device_type: s
                 (("framer", cfg), ("baseline", base_cfg))
         for kind, c in order:
             for j in range(a.block):
-                t, m = one_step(c)
+                t, m, ph = one_step(c)
                 if a.block > 1 and j == 0:
                     continue  # the first step after a switch re-traces (ZeRO-3 prefetch order)
                 times[kind].append(t)
+                for name, v in ph.items():
+                    phase_ms[kind][name].append(v)
                 if m is not None:
                     mems[kind].append(m)
 
@@ -175,7 +199,8 @@ def run_combo(a: argparse.Namespace, mode: str, backend_key: str, device_type: s
         res[kind] = {"step_s_median": med, "step_s_all": times[kind], "img_per_s": a.batch / med,
                      "model_tflop_per_step": flops * a.batch / 1e12,
                      "mfu": (flops * a.batch / med / peak) if peak else None,
-                     "peak_mem_gib": max(mems[kind]) if mems[kind] else None}
+                     "peak_mem_gib": max(mems[kind]) if mems[kind] else None,
+                     "phase_ms_median": {p: statistics.median(v) for p, v in phase_ms[kind].items() if v}}
     b, f = res["baseline"], res["framer"]
     res["framer_time_overhead"] = f["step_s_median"] / b["step_s_median"] - 1.0
     res["framer_mem_overhead"] = (f["peak_mem_gib"] / b["peak_mem_gib"] - 1.0
@@ -224,6 +249,14 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {_fmt(b['peak_mem_gib'], '.2f')} | {_fmt(f['peak_mem_gib'], '.2f')} "
             f"| {_fmt(r['framer_mem_overhead'], '+.2%')} | {b['img_per_s']:.2f} | {f['img_per_s']:.2f} "
             f"| {_fmt(b['mfu'], '.1%')} | {_fmt(f['mfu'], '.1%')} |")
+    phased = [r for r in result["runs"] if r.get("baseline", {}).get("phase_ms_median")]
+    if phased:
+        lines += ["", "GPU time per phase (CUDA events, medians, ms): baseline -> FRAMER", "",
+                  "| mode | backend | " + " | ".join(PHASES) + " |", "|---|---|" + "---|" * len(PHASES)]
+        for r in phased:
+            b, f = r["baseline"]["phase_ms_median"], r["framer"]["phase_ms_median"]
+            lines.append(f"| {r['mode']} | {r['backend']} | " + " | ".join(
+                f"{b[p]:.1f} -> {f[p]:.1f} ({f[p] - b[p]:+.1f})" for p in PHASES) + " |")
     return "\n".join(lines) + "\n"
 
 
