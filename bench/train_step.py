@@ -175,6 +175,7 @@ def run_combo(a: argparse.Namespace, mode: str, backend_key: str, device_type: s
         from torch.profiler import ProfilerActivity, profile
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        kernels = {}
         with open(a.profile, "a") as fh:
             for kind, c in (("baseline", base_cfg), ("framer", cfg)):
                 with profile(activities=acts) as prof:
@@ -183,6 +184,8 @@ def run_combo(a: argparse.Namespace, mode: str, backend_key: str, device_type: s
                 fh.write(f"## {mode} / {backend_key} / {kind} (2 steps)\n")
                 fh.write(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=70))
                 fh.write("\n")
+                kernels[kind] = device_kernel_times(prof)
+            fh.write(kernel_diff_table(kernels["baseline"], kernels["framer"], f"{mode} / {backend_key}"))
 
     precision = cfg.train.precision
     peak = peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", precision)
@@ -210,6 +213,35 @@ def run_combo(a: argparse.Namespace, mode: str, backend_key: str, device_type: s
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return res
+
+
+def device_kernel_times(prof: Any) -> dict[str, tuple[float, int]]:
+    """Self device time (us) and launch count per kernel name of a profile (CUDA kernels only)."""
+    out = {}
+    for e in prof.key_averages():
+        if str(getattr(e, "device_type", "")).endswith("CUDA") and e.self_device_time_total > 0:
+            out[e.key] = (e.self_device_time_total, e.count)
+    return out
+
+
+def kernel_diff_table(base: dict[str, tuple[float, int]], framer: dict[str, tuple[float, int]],
+                      title: str, rows: int = 30) -> str:
+    """Where FRAMER's extra GPU time goes: per kernel, FRAMER minus baseline (2 profiled steps each)."""
+    names = set(base) | set(framer)
+    diff = sorted(((framer.get(n, (0, 0))[0] - base.get(n, (0, 0))[0],
+                    framer.get(n, (0, 0))[1] - base.get(n, (0, 0))[1], n) for n in names), reverse=True)
+    tot_b = sum(v[0] for v in base.values())
+    tot_f = sum(v[0] for v in framer.values())
+    lines = [f"## {title}: FRAMER - baseline, GPU kernel time over 2 steps",
+             f"total kernel time: baseline {tot_b / 1e3:.1f} ms, FRAMER {tot_f / 1e3:.1f} ms, "
+             f"difference {(tot_f - tot_b) / 1e3:+.1f} ms", "", "| delta ms | delta launches | kernel |",
+             "|---|---|---|"]
+    for d, dn, n in diff[:rows]:
+        lines.append(f"| {d / 1e3:+.2f} | {dn:+d} | {n[:110]} |")
+    lines.append(f"| ... | | ({len(diff) - rows} more; most negative below) |")
+    for d, dn, n in diff[-5:]:
+        lines.append(f"| {d / 1e3:+.2f} | {dn:+d} | {n[:110]} |")
+    return "\n".join(lines) + "\n\n"
 
 
 def environment() -> dict[str, Any]:
