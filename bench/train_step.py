@@ -135,6 +135,7 @@ def run_combo(a: argparse.Namespace, mode: str, backend_key: str, device_type: s
         if cuda:
             marks[0].record()
         backend.backward(losses.total)
+        losses.verify()
         if cuda:
             marks[1].record()
         backend.step()

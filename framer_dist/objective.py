@@ -24,6 +24,7 @@ class MicroBatchLoss:
     noise: Tensor
     framer: Tensor                    # agg_i L^(i) before lambda (zero when FRAMER is off)
     layer_metrics: dict[str, Tensor] = field(default_factory=dict)
+    verify: Callable[[], None] = lambda: None  # deferred FRAMER NaN/Inf check; call before stepping
 
 
 def readout_kind(cfg: Config) -> str | None:
@@ -46,7 +47,10 @@ def micro_batch_loss(model: Callable, batch: dict[str, Tensor], sigma: Tensor, n
                      rank: int = 0,
                      autocast: contextlib.AbstractContextManager | None = None) -> MicroBatchLoss:
     """Noise the clean latent, run the model once (with the per-block readout when FRAMER is on),
-    and return the losses. ``batch`` holds latents: hr_latent, lr_latent, prompt_embeds, pooled."""
+    and return the losses. ``batch`` holds latents: hr_latent, lr_latent, prompt_embeds, pooled.
+
+    The FRAMER NaN/Inf check is deferred where it can be (see ``framer_objective``): call
+    ``.verify()`` after backward and before the optimizer step."""
     x0, f_cfg = batch["hr_latent"].float(), cfg.framer
     x_t = flow.add_noise(x0, noise, sigma)
     with autocast or contextlib.nullcontext():
@@ -59,5 +63,6 @@ def micro_batch_loss(model: Callable, batch: dict[str, Tensor], sigma: Tensor, n
         return MicroBatchLoss(loss_noise, loss_noise, torch.zeros((), device=x0.device))
     feats = framer_features(out.features, x_t, sigma, f_cfg.feature)
     res = framer_objective(feats[students], feats[teacher], f_cfg, generator,
-                           gather=gather, rank=rank)
-    return MicroBatchLoss(loss_noise + f_cfg.weight * res.loss, loss_noise, res.loss, res.metrics)
+                           gather=gather, rank=rank, defer_check=True)
+    return MicroBatchLoss(loss_noise + f_cfg.weight * res.loss, loss_noise, res.loss, res.metrics,
+                          res.verify)

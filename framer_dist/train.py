@@ -250,6 +250,7 @@ def train(cfg: Config) -> RunResult:
             seed_rng(t_cfg.seed, step, rank, framer_gen)
             sums = torch.zeros(3, dtype=torch.float64, device=device)  # noise, framer, total
             layer_metrics: dict[str, torch.Tensor] = {}
+            checks = []  # deferred FRAMER NaN/Inf checks, run before the optimizer step
             for micro in range(accum):
                 thr.data_start()
                 batch = to_device(next(batches), device)
@@ -267,6 +268,7 @@ def train(cfg: Config) -> RunResult:
                                           framer_gen, gather=backend.gather, rank=rank,
                                           autocast=backend.autocast())
                 backend.backward(losses.total)
+                checks.append(losses.verify)
                 # detached sums on the device: no host sync per micro-batch
                 sums += torch.stack([losses.noise.detach(), losses.framer.detach(),
                                      losses.total.detach()]).double()
@@ -277,6 +279,8 @@ def train(cfg: Config) -> RunResult:
                         geometry, tuple(x0.shape[-2:]), text_tokens, t_cfg.mode,
                         readout=readout is not None,
                         lora_rank=cfg.lora.rank if t_cfg.mode == "lora" else 0)["total"]
+            for check in checks:
+                check()
             grad_norm = backend.step()
             step += 1
             samples_seen += global_batch

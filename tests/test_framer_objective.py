@@ -431,6 +431,26 @@ def test_nonfinite_features_error_names_the_layer(bad):
         framer_objective(s.nan_to_num(0.0, 0.0, 0.0), t2, _cfg(), torch.Generator().manual_seed(0))
 
 
+def test_deferred_nonfinite_check_raises_in_verify_and_changes_nothing_else():
+    s, t = _inputs()
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    ref = framer_objective(s, t, _cfg(), gen())
+    res = framer_objective(s, t, _cfg(), gen(), defer_check=True)
+    assert torch.equal(res.loss, ref.loss)
+    for k in ref.metrics:
+        assert torch.equal(res.metrics[k], ref.metrics[k]), k
+    res.verify()  # finite: no error
+    bad = s.detach().clone()
+    bad[2, 1, 0, 3, 3] = float("nan")
+    res = framer_objective(bad, t, _cfg(), gen(), defer_check=True)  # no host sync, no raise yet
+    assert res.metrics["nonfinite"].tolist() == [0.0, 0.0, 1.0, 0.0]
+    with pytest.raises(FloatingPointError, match=r"student layer 2"):
+        res.verify()
+    # 'skip' needs the decision before the loss is built: never deferred
+    res = framer_objective(bad, t, _cfg(nonfinite="skip"), gen(), defer_check=True)
+    assert res.pending_finite is None and res.loss.item() == 0.0
+
+
 def test_nonfinite_skip_returns_zero_and_flags():
     s, t = _inputs()
     s = s.detach().clone()

@@ -51,6 +51,18 @@ class FramerResult:
     loss: Tensor
     metrics: dict[str, Tensor] = field(default_factory=dict)
     negative_layers: Tensor | None = None
+    # ``defer_check=True``: per-feature finiteness [L+1] still on the device, checked by verify()
+    pending_finite: Tensor | None = None
+
+    def verify(self) -> None:
+        """Raise the deferred ``framer.nonfinite = 'error'`` check (a host sync); no-op otherwise."""
+        if self.pending_finite is None:
+            return
+        finite = self.pending_finite.cpu()
+        self.pending_finite = None
+        if not bool(finite.all()):
+            n_layers = finite.numel() - 1
+            raise FloatingPointError(_nonfinite_message(0, int((~finite).nonzero()[0]), n_layers, False))
 
 
 def _check_inputs(students: Tensor, teacher: Tensor, cfg: FramerConfig, generator: torch.Generator | None,
@@ -188,7 +200,7 @@ def _gather_keys(bands: dict[str, BandFeatures], kinds: dict[str, str], n_layers
 
 def framer_objective(students: Tensor, teacher: Tensor, cfg: FramerConfig,
                      generator: torch.Generator | None, gather: Gather | None = None,
-                     rank: int = 0) -> FramerResult:
+                     rank: int = 0, defer_check: bool = False) -> FramerResult:
     """The FRAMER term ``agg_i L^(i)`` (before ``framer.weight``) and its per-layer metrics.
 
     students: ``[L, B, C, H, W]`` features of the student layers (any float dtype, graph attached);
@@ -200,17 +212,29 @@ def framer_objective(students: Tensor, teacher: Tensor, cfg: FramerConfig,
 
     Autocast is switched off inside: the spectra, norms and logits stay fp32 even when the trainer
     calls this within its bf16 autocast region.
+
+    ``defer_check=True`` (single process, ``nonfinite='error'``): the NaN/Inf check stays on the
+    device and :meth:`FramerResult.verify` raises it later (call it before the optimizer step).
+    This removes the one host sync in the middle of the step, so the host keeps queuing work
+    while the GPU runs the forward. With a gather, or with ``'skip'``, the check is immediate.
     """
     _check_inputs(students, teacher, cfg, generator, rank)
     with torch.autocast(device_type=students.device.type, enabled=False):
-        return _objective(students, teacher, cfg, generator, gather, rank)
+        return _objective(students, teacher, cfg, generator, gather, rank, defer_check)
+
+
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """Host -> device without stalling the host: a pageable copy waits for the stream to drain."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _objective(students: Tensor, teacher: Tensor, cfg: FramerConfig, generator: torch.Generator | None,
-               gather: Gather | None, rank: int) -> FramerResult:
+               gather: Gather | None, rank: int, defer_check: bool = False) -> FramerResult:
     n_layers, b, _, _, w = students.shape
     neg = draw_negative_layers(n_layers, generator) if cfg.random_negatives else None
-    neg_dev = neg.to(students.device) if neg is not None else None
+    neg_dev = _to_device(neg, students.device) if neg is not None else None
     kinds = {"lf": cfg.lf_loss, "hf": cfg.hf_loss}
     if not cfg.random_negatives and "intra" in kinds.values():
         warnings.warn("framer: random_negatives = false leaves IntraCL a one-key softmax: its loss is "
@@ -228,8 +252,13 @@ def _objective(students: Tensor, teacher: Tensor, cfg: FramerConfig, generator: 
     # NaN/Inf anywhere in a layer's features spreads to all its bins, so the band norms (already
     # computed) tell which layer is bad at no extra cost.
     with torch.no_grad():
-        finite = torch.isfinite(lf.norm + hf.norm).all(dim=1).cpu()  # [L+1]
-    bad_local = int((~finite).nonzero()[0]) if not bool(finite.all()) else -1
+        finite_dev = torch.isfinite(lf.norm + hf.norm).all(dim=1)  # [L+1]
+    defer = defer_check and cfg.nonfinite == "error" and not (uses_global and gather is not None)
+    if defer:
+        bad_local = -1  # verified later, by FramerResult.verify()
+    else:
+        finite = finite_dev.cpu()
+        bad_local = int((~finite).nonzero()[0]) if not bool(finite.all()) else -1
     group = _Group(gather if uses_global else None, rank if uses_global else 0, b, n_layers, bad_local,
                    neg, students.device)
     if group.bad:
@@ -271,9 +300,10 @@ def _objective(students: Tensor, teacher: Tensor, cfg: FramerConfig, generator: 
         sel = [metrics[f"l_{n}"] for n in ("lf", "hf") if kinds[n] == kind]
         metrics[f"l_{kind}"] = torch.stack(sel).mean(0) if sel else torch.zeros_like(metrics["l_lf"])
     metrics["loss_layer"] = layer_loss_used.detach()
-    metrics["nonfinite"] = torch.zeros(n_layers, device=students.device)
+    metrics["nonfinite"] = ((~finite_dev[:n_layers]) | ~finite_dev[n_layers]).float()
     metrics["skipped"] = torch.zeros(n_layers, device=students.device)
-    return FramerResult(total, metrics, neg if neg is not None else torch.full((n_layers,), -1))
+    return FramerResult(total, metrics, neg if neg is not None else torch.full((n_layers,), -1),
+                        pending_finite=finite_dev if defer else None)
 
 
 def _skipped_result(n_layers: int, finite: Tensor, neg: Tensor | None, device: torch.device) -> FramerResult:
