@@ -39,7 +39,7 @@ from framer_dist.flops import geometry_from_model, peak_flops, train_flops_per_s
 from framer_dist.framer import select_layers  # noqa: E402
 from framer_dist.models import apply_training_mode, build_model  # noqa: E402
 from framer_dist.objective import micro_batch_loss  # noqa: E402
-from framer_dist.parallel import setup_backend  # noqa: E402
+from framer_dist.parallel import ac_indices, setup_backend  # noqa: E402
 
 # Step phases timed on the GPU timeline (CUDA events): model forward + both losses, backward,
 # optimizer step (with clipping)
@@ -56,7 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--resolution", type=int, default=64, help="pixels; latent = resolution / 8")
     p.add_argument("--text-tokens", type=int, default=None, help="default 154 (77 CLIP + 77 T5); tiny: 8")
-    p.add_argument("--ac", default="none", choices=["none", "all", "every_k"])
+    p.add_argument("--ac", default="none", choices=["none", "all", "every_k", "blocks"])
+    p.add_argument("--ac-blocks", default="", help="with --ac blocks: comma list of block indices to checkpoint")
     p.add_argument("--compile", action="store_true", help="torch.compile each block")
     p.add_argument("--precision", default=None, choices=["bf16", "fp32"],
                    help="default bf16 on CUDA, fp32 on CPU")
@@ -83,6 +84,8 @@ def make_config(a: argparse.Namespace, mode: str, backend: str, device: str) -> 
           f"train.optimizer=\"{a.optimizer}\"", "framer.enabled=true"]
     if ds_json:
         ov.append(f"parallel.ds_config=\"{ROOT / ds_json}\"")
+    if a.ac == "blocks":
+        ov.append(f"parallel.ac_blocks=[{a.ac_blocks}]")
     return load_config(None, ov + list(a.overrides))
 
 
@@ -193,7 +196,9 @@ def run_combo(a: argparse.Namespace, mode: str, backend_key: str, device_type: s
     lora_rank = cfg.lora.rank if mode == "lora" else 0
     res: dict[str, Any] = {"mode": mode, "backend": backend_key, "precision": precision,
                            "batch": a.batch, "resolution": a.resolution, "text_tokens": text_tokens,
-                           "activation_checkpointing": a.ac, "compile": a.compile, "block": a.block,
+                           "activation_checkpointing": a.ac,
+                           "checkpointed_blocks": len(ac_indices(cfg, model.num_blocks)),
+                           "compile": a.compile, "block": a.block,
                            "trainable_params": sum(p.numel() for p in params),
                            "total_params": sum(p.numel() for p in model.parameters())}
     for kind in ("baseline", "framer"):
@@ -277,7 +282,8 @@ def markdown(result: dict[str, Any]) -> str:
             continue
         b, f = r["baseline"], r["framer"]
         lines.append(
-            f"| {r['mode']} | {r['backend']} | {r['activation_checkpointing']} "
+            f"| {r['mode']} | {r['backend']} | {r['activation_checkpointing']}"
+            f"{' (' + str(r['checkpointed_blocks']) + ')' if 'checkpointed_blocks' in r else ''} "
             f"| {b['step_s_median']:.4f} | {f['step_s_median']:.4f} | {r['framer_time_overhead']:+.2%} "
             f"| {_fmt(b['peak_mem_gib'], '.2f')} | {_fmt(f['peak_mem_gib'], '.2f')} "
             f"| {_fmt(r['framer_mem_overhead'], '+.2%')} | {b['img_per_s']:.2f} | {f['img_per_s']:.2f} "
