@@ -368,3 +368,24 @@ def test_log2_ceil_index_is_exact():
     c = torch.arange(1, 257)
     expect = torch.tensor([math.ceil(math.log2(v)) for v in range(1, 257)])
     assert torch.equal(log2_ceil_index(c.float()), expect)
+
+
+def test_poisson_search_equals_brute_force_inversion():
+    """The one-search sampler returns exactly min{k : cdf[k] > u}, also for u on a CDF value."""
+    from framer_dist.data.rng import U_BITS, _lsr, poisson_cdf_table, poisson_from_hash
+
+    cdf = poisson_cdf_table("cpu")
+    g = torch.Generator().manual_seed(0)
+    vi = torch.randint(0, 9, (4000,), generator=g)
+    q = torch.randint(0, 256, (4000,), generator=g)
+    U = torch.randint(0, 2 ** U_BITS, (4000,), generator=g)
+    # put a quarter of the uniforms exactly on (or just below) a CDF entry of their own row
+    kk = torch.randint(0, 40, (1000,), generator=g)
+    on = (cdf[vi[:1000], q[:1000], kk] * 2 ** U_BITS).floor().to(torch.int64).clamp_max(2 ** U_BITS - 1)
+    U[:1000] = (on - (torch.arange(1000) % 2)).clamp_min(0)
+    z = U << (64 - U_BITS)                                # the hash word whose top bits are U
+    assert torch.equal(_lsr(z, 64 - U_BITS), U)
+    got = poisson_from_hash(z, vi, q)
+    u = U.double() / 2 ** U_BITS
+    ref = (cdf[vi, q] <= u[:, None]).sum(1)
+    assert torch.equal(got, ref)

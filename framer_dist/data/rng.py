@@ -1,8 +1,8 @@
 """Counter-based noise for a whole canvas batch in a few tensor ops: Gaussian and Poisson.
 
 Each value is a SplitMix64 hash of (sample key, channel, y, x) in the sample's own geometry,
-turned into a standard normal through a quantile table, or into a 53-bit uniform and then a Poisson
-count by inverting an exact CDF table. So a sample's noise depends only on its key and its own size,
+turned into a standard normal through a quantile table, or into a 51-bit uniform and then a Poisson
+count by an exact inversion of a CDF table (one binary search). So a sample's noise depends only on its key and its own size,
 never on the batch or the canvas, a batch needs a few dozen element-wise ops instead of a generator
 and several launches per sample, and nothing here reads the device back (CUDA-graph safe).
 (64-bit integer arithmetic wraps in torch on CPU and CUDA; logical right shifts are emulated with a
@@ -45,7 +45,9 @@ def counter_hash(key: Tensor, h: Tensor, w: Tensor, mono: Tensor, channels: int,
     ch = torch.arange(channels, device=dev).view(1, channels, 1, 1) * (1 - m)
     y = torch.arange(hc, device=dev).view(1, 1, hc, 1)
     x = torch.arange(wc, device=dev).view(1, 1, 1, wc)
-    z = key + ((ch * hh + y) * ww + x + 1) * _GOLDEN
+    # key + ((c h + y) w + x + 1) * golden, wrapping: the row part [B, C, hc, 1] and the column
+    # part [1, 1, 1, wc] are summed separately, so only one op runs at full size
+    z = (key + ((ch * hh + y) * ww + 1) * _GOLDEN) + x * _GOLDEN
     z = (z ^ _lsr(z, 30)) * _M1
     z = (z ^ _lsr(z, 27)) * _M2
     return z ^ _lsr(z, 31)
@@ -54,11 +56,6 @@ def counter_hash(key: Tensor, h: Tensor, w: Tensor, mono: Tensor, channels: int,
 def normal_from_hash(z: Tensor) -> Tensor:
     """Standard normals (float32) from hash words: the top 20 bits index the quantile table."""
     return _normal_table(str(z.device))[_lsr(z, 64 - _TABLE_BITS)]
-
-
-def uniform_from_hash(z: Tensor) -> Tensor:
-    """Uniforms in [0, 1) (float64, 53 bits) from hash words (exact: every value is k / 2^53)."""
-    return _lsr(z, 11).to(torch.float64) * (1.0 / 2 ** 53)
 
 
 def hash_normal(keys: list[int], hs: list[int], ws: list[int], mono: list[bool], channels: int,
@@ -86,18 +83,17 @@ def _normal_table(device: str) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 # Poisson noise, Real-ESRGAN's rule: rate = (q / 255) * vals with q an 8-bit value (0..255) and
 # vals = 2^ceil(log2(#distinct 8-bit values)) in {1, 2, ..., 256}: at most 9 * 256 distinct rates,
-# so the exact CDF of every possible rate fits one table and sampling is an inversion by bisection.
+# so the exact CDF of every possible rate fits one table and sampling is an exact inversion.
 
 POISSON_VALS = 9             # vals = 2^0 .. 2^8
 POISSON_KMAX = 512           # counts 0..511; rate <= 256, so P(X > 511) < 1e-50 (folded into 511)
-_BISECT_STEPS = 9            # 2^9 = POISSON_KMAX
+U_BITS = 51                  # uniform resolution: 2304 rows * 2^51 still fits a signed int64
 
 
 @functools.lru_cache(maxsize=4)
 def poisson_cdf_table(device: str) -> Tensor:
-    """Flattened float64 table ``cdf[v, q, k] = P(X <= k)`` for ``X ~ Poisson(q / 255 * 2^v)``,
-    ``v < 9``, ``q < 256``, ``k < 512``; computed in float64 in log space (lgamma), the last entry
-    of every row set to exactly 1 so an inversion of any u < 1 ends inside the table."""
+    """float64 ``cdf[v, q, k] = P(X <= k)`` ``[9, 256, 512]`` for ``X ~ Poisson(q / 255 * 2^v)``,
+    computed in float64 in log space (lgamma); the last entry of every row is exactly 1."""
     lam = (torch.arange(256, dtype=torch.float64) / 255.0)[None, :] * \
         (2.0 ** torch.arange(POISSON_VALS, dtype=torch.float64))[:, None]        # [9, 256]
     k = torch.arange(POISSON_KMAX, dtype=torch.float64)
@@ -106,29 +102,32 @@ def poisson_cdf_table(device: str) -> Tensor:
     pmf = torch.where(lam3 > 0, torch.exp(logp), (k == 0).to(torch.float64))   # rate 0: X = 0
     cdf = torch.cumsum(pmf, -1).clamp_max(1.0)
     cdf[..., -1] = 1.0
-    return cdf.reshape(-1).to(device)
+    return cdf.to(device)
 
 
-def poisson_from_uniform(u: Tensor, vals_index: Tensor, q: Tensor) -> Tensor:
-    """Poisson counts (int64) by inversion: the smallest k with ``cdf[v, q, k] > u``.
-
-    ``u`` float64 in [0, 1); ``vals_index`` (log2 of vals, 0..8) and ``q`` (8-bit values) int64,
-    broadcastable to ``u``. A fixed 9-step bisection of gathers (no data-dependent control flow):
-    after the steps, ``pos - row`` is the number of CDF entries <= u, i.e. the count."""
-    table = poisson_cdf_table(str(u.device))
-    row = (vals_index * 256 + q) * POISSON_KMAX
-    pos = row.expand(u.shape).clone()
-    for s in range(_BISECT_STEPS - 1, -1, -1):
-        step = 1 << s
-        # probe entry pos + step - 1 via a shifted view of the table (one gather, no index add)
-        below = torch.take(table[step - 1:], pos) <= u
-        pos.add_(below.to(pos.dtype), alpha=step)
-    return pos - row
+@functools.lru_cache(maxsize=4)
+def _poisson_search_table(device: str) -> Tensor:
+    """All CDF rows in one sorted int64 sequence: entry (r, k) = r * 2^51 + ceil(cdf[r, k] * 2^51)
+    (exact: scaling by a power of 2, then an integer ceiling). Row r's entries lie in
+    (r * 2^51, (r + 1) * 2^51], so one global binary search finds a value's row and its place."""
+    cdf = poisson_cdf_table("cpu").reshape(-1, POISSON_KMAX)
+    rows = torch.arange(cdf.shape[0], dtype=torch.int64)[:, None]
+    scaled = torch.ceil(torch.ldexp(cdf, torch.tensor(U_BITS))).to(torch.int64)
+    return ((rows << U_BITS) + scaled).reshape(-1).to(device)
 
 
 def poisson_from_hash(z: Tensor, vals_index: Tensor, q: Tensor) -> Tensor:
-    """Poisson counts from hash words (see :func:`poisson_from_uniform`)."""
-    return poisson_from_uniform(uniform_from_hash(z), vals_index, q)
+    """Poisson counts (int64) by exact inversion of the CDF: with the 51-bit uniform
+    ``u = U / 2^51`` (U the top 51 bits of the hash word), the count is the smallest k with
+    ``cdf[v, q, k] > u``. Since U is an integer, ``cdf * 2^51 > U`` iff ``ceil(cdf * 2^51) > U``,
+    so one ``searchsorted`` of ``row * 2^51 + U`` in :func:`_poisson_search_table` counts the
+    entries <= it: all ``row * 512`` entries of earlier rows plus the k entries of its own row
+    with ``cdf <= u``. One kernel, no data-dependent control flow, integer-exact on every device.
+    ``vals_index`` (log2 of vals, 0..8) and ``q`` (8-bit values) are int64, broadcastable to ``z``."""
+    table = _poisson_search_table(str(z.device))
+    row = vals_index * 256 + q
+    value = (row << U_BITS) + _lsr(z, 64 - U_BITS)
+    return torch.searchsorted(table, value, right=True) - row * POISSON_KMAX
 
 
 def log2_ceil_index(count: Tensor) -> Tensor:
