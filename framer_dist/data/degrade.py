@@ -33,8 +33,8 @@ from torch import Tensor
 
 from . import canvas as cv
 from .jpeg import _dct2, jpeg_with_tables, quant_tables
-from .rng import (KEY_MASK, POISSON_SALT, _normal_table, counter_hash, log2_ceil_index, normal_from_hash,
-                  poisson_cdf_table, poisson_from_hash)
+from .rng import (KEY_MASK, POISSON_SALT, _normal_table, _poisson_search_table, counter_hash,
+                  log2_ceil_index, normal_from_hash, poisson_index, poisson_noise_table)
 from .stream import splitmix64
 from .kernels import gaussian_kernel_1d, mixed_kernels, pulse_kernels, sinc_kernels
 
@@ -373,10 +373,8 @@ def _poisson_noise(x: Tensor, q: Tensor, z: Tensor, h: Tensor, w: Tensor, mono: 
     m = mono.view(b, 1, 1, 1).bool()
     vi = torch.where(m, _vals_index(gray, valid).view(b, 1, 1, 1), _vals_index(q, valid).view(b, 1, 1, 1))
     img_q = torch.where(m, gray.expand_as(q), q)
-    counts = poisson_from_hash(z, vi, img_q.long())
-    vals = torch.bitwise_left_shift(torch.ones_like(vi), vi).to(x.dtype)     # exact powers of 2
-    img = img_q / 255.0
-    return (counts.to(x.dtype) / vals - img) * scale.to(x.dtype).view(b, 1, 1, 1)
+    row = (img_q + (vi * 256).to(x.dtype)).long()        # CDF row v * 256 + q (exact integers)
+    return poisson_noise_table(str(x.device))[poisson_index(z, row)] * scale.to(x.dtype).view(b, 1, 1, 1)
 
 
 def _add_noise(x: Tensor, h: Tensor, w: Tensor, t: dict[str, Tensor], prefix: str,
@@ -452,7 +450,8 @@ def prepare_device(device: torch.device | str, p: DegradeParams, hw: tuple[int, 
     dev = str(torch.device(device))
     _dct2(dev)
     _normal_table(dev)
-    poisson_cdf_table(dev)
+    _poisson_search_table(dev)
+    poisson_noise_table(dev)
     if p.usm:
         for n in hw:
             _blur_matrix(n, _usm_size(p), dev)
@@ -533,7 +532,8 @@ def _seed_list(seeds: list[int] | Tensor) -> list[int]:
     return [int(s) for s in (seeds.tolist() if isinstance(seeds, Tensor) else seeds)]
 
 
-def check_inputs(hr: Tensor, seeds: list[int] | Tensor, p: DegradeParams | None) -> tuple[DegradeParams, list[int]]:
+def check_inputs(hr: Tensor, seeds: list[int] | Tensor,
+                 p: DegradeParams | None) -> tuple[DegradeParams, list[int]]:
     """Validate a degradation call; returns the parameters (default Table 6) and the seed list."""
     p = p or DegradeParams()
     if hr.ndim != 4 or hr.shape[1] != 3:

@@ -1,10 +1,11 @@
 """Counter-based noise for a whole canvas batch in a few tensor ops: Gaussian and Poisson.
 
 Each value is a SplitMix64 hash of (sample key, channel, y, x) in the sample's own geometry,
-turned into a standard normal through a quantile table, or into a 51-bit uniform and then a Poisson
-count by an exact inversion of a CDF table (one binary search). So a sample's noise depends only on its key and its own size,
-never on the batch or the canvas, a batch needs a few dozen element-wise ops instead of a generator
-and several launches per sample, and nothing here reads the device back (CUDA-graph safe).
+turned into a standard normal through a quantile table, or into a 51-bit uniform and then a
+Poisson count by an exact inversion of a CDF table (one binary search). So a sample's noise depends
+only on its key and its own size, never on the batch or the canvas, a batch needs a few dozen
+element-wise ops instead of a generator and several launches per sample, and nothing here reads
+the device back (CUDA-graph safe).
 (64-bit integer arithmetic wraps in torch on CPU and CUDA; logical right shifts are emulated with a
 mask since int64 shifts are arithmetic.)
 """
@@ -116,18 +117,34 @@ def _poisson_search_table(device: str) -> Tensor:
     return ((rows << U_BITS) + scaled).reshape(-1).to(device)
 
 
-def poisson_from_hash(z: Tensor, vals_index: Tensor, q: Tensor) -> Tensor:
-    """Poisson counts (int64) by exact inversion of the CDF: with the 51-bit uniform
-    ``u = U / 2^51`` (U the top 51 bits of the hash word), the count is the smallest k with
-    ``cdf[v, q, k] > u``. Since U is an integer, ``cdf * 2^51 > U`` iff ``ceil(cdf * 2^51) > U``,
-    so one ``searchsorted`` of ``row * 2^51 + U`` in :func:`_poisson_search_table` counts the
-    entries <= it: all ``row * 512`` entries of earlier rows plus the k entries of its own row
-    with ``cdf <= u``. One kernel, no data-dependent control flow, integer-exact on every device.
-    ``vals_index`` (log2 of vals, 0..8) and ``q`` (8-bit values) are int64, broadcastable to ``z``."""
+def poisson_index(z: Tensor, row: Tensor) -> Tensor:
+    """Global index ``row * 512 + k`` of the Poisson count k drawn from hash words ``z`` for CDF
+    rows ``row = vals_index * 256 + q`` (int64, broadcastable to ``z``), by exact inversion: with
+    the 51-bit uniform ``u = U / 2^51`` (U the top 51 bits of the hash word), k is the smallest
+    count with ``cdf[row, k] > u``. Since U is an integer, ``cdf * 2^51 > U`` iff
+    ``ceil(cdf * 2^51) > U``, so one ``searchsorted`` of ``row * 2^51 + U`` in
+    :func:`_poisson_search_table` counts the entries <= it: all ``row * 512`` entries of earlier
+    rows plus the k entries of its own row with ``cdf <= u``. One kernel, no data-dependent
+    control flow, integer-exact on every device."""
     table = _poisson_search_table(str(z.device))
+    return torch.searchsorted(table, (row << U_BITS) + _lsr(z, 64 - U_BITS), right=True)
+
+
+def poisson_from_hash(z: Tensor, vals_index: Tensor, q: Tensor) -> Tensor:
+    """Poisson counts (int64) for rate ``q / 255 * 2^vals_index`` (see :func:`poisson_index`)."""
     row = vals_index * 256 + q
-    value = (row << U_BITS) + _lsr(z, 64 - U_BITS)
-    return torch.searchsorted(table, value, right=True) - row * POISSON_KMAX
+    return poisson_index(z, row) - row * POISSON_KMAX
+
+
+@functools.lru_cache(maxsize=4)
+def poisson_noise_table(device: str) -> Tensor:
+    """float32 ``k / vals - q / 255`` at every global index ``(v * 256 + q) * 512 + k`` of
+    :func:`poisson_index` (vals = 2^v): Real-ESRGAN's unscaled Poisson noise as one gather instead
+    of five full-size ops (the same float32 operations, done once per table entry)."""
+    g = torch.arange(POISSON_VALS * 256 * POISSON_KMAX)
+    k, row = g % POISSON_KMAX, g // POISSON_KMAX
+    vals = (2 ** (row // 256)).to(torch.float32)
+    return (k.to(torch.float32) / vals - (row % 256).to(torch.float32) / 255.0).to(device)
 
 
 def log2_ceil_index(count: Tensor) -> Tensor:
