@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from _host_traffic import HostTrafficRecorder
+
 from framer_dist.data import canvas as cv
 from framer_dist.data.degrade import DegradeParams, degrade, degrade_loop, sample_params, stage_kernels
 from framer_dist.data.jpeg import jpeg
@@ -270,26 +272,6 @@ def test_static_canvas_equals_dynamic_canvas_bit_for_bit():
         assert torch.equal(a[k], b[k]), k
 
 
-class _HostTrafficRecorder(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the ops that read the device back or bring new host data in."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.bad: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = str(func.overloadpacket)
-        if name in ("aten._local_scalar_dense", "aten.lift_fresh", "aten.lift_fresh_copy", "aten.lift"):
-            self.bad.append(name)
-        if name in ("aten._to_copy", "aten.copy_", "aten.to"):
-            src = args[1] if name == "aten.copy_" else args[0]
-            dst = args[0].device if name == "aten.copy_" else kwargs.get("device", src.device)
-            if isinstance(src, torch.Tensor) and torch.device(dst) != src.device:
-                self.bad.append(f"{name} {src.device}->{dst}")
-        return func(*args, **(kwargs or {}))
-
-
 def test_run_plan_does_no_host_reads_or_transfers(monkeypatch):
     from framer_dist.data.degrade import _full_fp32, plan_degradation, prepare_device, run_plan
 
@@ -303,14 +285,14 @@ def test_run_plan_does_no_host_reads_or_transfers(monkeypatch):
         # .tolist()/.numpy() do not go through the dispatcher: make them fail outright
         for meth in ("tolist", "numpy", "item"):
             monkeypatch.setattr(torch.Tensor, meth, lambda *a, **k: pytest.fail(f"host read {meth}"))
-        rec = _HostTrafficRecorder()
+        rec = HostTrafficRecorder()
         with rec:
             out = run_plan(hr, plan)
     assert rec.bad == []
     for k in out:
         assert torch.equal(out[k], ref[k]), k
     # the recorder does see what it is meant to catch
-    rec = _HostTrafficRecorder()
+    rec = HostTrafficRecorder()
     with rec:
         torch.ones(3).sum().__int__()
         torch.tensor([1.0, 2.0])

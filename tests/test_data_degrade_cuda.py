@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 def _hr(b: int, size: int = 64, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    # smooth random images (a noisy image hides blur/resize bugs less well than a photo would not)
+    # smooth random images: blur and resize change them visibly
     x = torch.rand(b, 3, size // 8, size // 8, generator=g)
     x = torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
     return x.clamp(0, 1).cuda()
@@ -80,4 +80,18 @@ def test_cuda_close_to_cpu():
     for k in gpu:
         diff = (gpu[k].cpu() - cpu[k]).abs()
         assert float(diff.mean()) < 2 / 255, (k, float(diff.mean()))
-    assert DegradeParams() == DegradeParams()
+
+
+def test_run_plan_on_cuda_does_no_host_reads_or_transfers():
+    from _host_traffic import HostTrafficRecorder
+
+    from framer_dist.data.degrade import plan_degradation, prepare_device, run_plan
+
+    hr = _hr(4)
+    p = DegradeParams()
+    plan = plan_degradation([1, 2, 3, 4], p, (64, 64), static_canvas=True).to(hr.device)
+    prepare_device(hr.device, p, (64, 64))
+    rec = HostTrafficRecorder()
+    with _full_fp32(), rec:
+        run_plan(hr, plan)
+    assert rec.bad == []

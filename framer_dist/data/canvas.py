@@ -154,7 +154,7 @@ def taps_matrix(idx: Tensor, w: Tensor, len_in: int) -> Tensor:
     """Dense ``[B, len_out, len_in]`` resize matrices from :func:`resize_taps` tables, on their
     device (one deterministic scatter: indices are unique per row; the spare column is cut off)."""
     mat = torch.zeros(idx.shape[0], idx.shape[1], len_in + 1, device=idx.device)
-    return mat.scatter_(2, idx, w)[..., :len_in]
+    return mat.scatter_(2, idx.long(), w)[..., :len_in]
 
 
 def resize_with_taps(x: Tensor, taps_y: tuple[Tensor, Tensor], taps_x: tuple[Tensor, Tensor]) -> Tensor:

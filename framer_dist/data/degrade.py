@@ -216,8 +216,10 @@ class DegradePlan:
     orders: tuple[bool, bool]             # final step: (resize first, JPEG first) used
     tensors: dict[str, Tensor]
 
-    def packed(self) -> tuple[dict[torch.dtype, Tensor], list[tuple[str, torch.dtype, int, torch.Size]]]:
-        """All tensors as one flat buffer per dtype plus the layout to cut them out again."""
+    def packed(self, pin: bool = False) -> tuple[dict[torch.dtype, Tensor],
+                                                 list[tuple[str, torch.dtype, int, torch.Size]]]:
+        """All tensors as one flat buffer per dtype (written straight into pinned memory with
+        ``pin``, ready for an asynchronous copy) plus the layout to cut them out again."""
         groups: dict[torch.dtype, list[Tensor]] = {}
         layout = []
         offsets: dict[torch.dtype, int] = {}
@@ -226,7 +228,8 @@ class DegradePlan:
             layout.append((name, t.dtype, off, t.shape))
             groups.setdefault(t.dtype, []).append(t.reshape(-1))
             offsets[t.dtype] = off + t.numel()
-        return {d: torch.cat(ts) for d, ts in groups.items()}, layout
+        return {d: torch.cat(ts, out=torch.empty(offsets[d], dtype=d, pin_memory=pin))
+                for d, ts in groups.items()}, layout
 
     def with_buffers(self, buffers: dict[torch.dtype, Tensor],
                      layout: list[tuple[str, torch.dtype, int, torch.Size]]) -> "DegradePlan":
@@ -236,13 +239,11 @@ class DegradePlan:
         return dataclasses.replace(self, tensors=views)
 
     def to(self, device: torch.device | str) -> "DegradePlan":
-        """The plan on ``device`` in one copy per dtype (three), from pinned memory on CUDA."""
+        """The plan on ``device`` in one copy per dtype (four), from pinned memory on CUDA."""
         device = torch.device(device)
         if all(t.device == device for t in self.tensors.values()):
             return self
-        buffers, layout = self.packed()
-        if device.type == "cuda":
-            buffers = {d: b.pin_memory() for d, b in buffers.items()}
+        buffers, layout = self.packed(pin=device.type == "cuda")
         return self.with_buffers({d: b.to(device, non_blocking=True) for d, b in buffers.items()}, layout)
 
 
@@ -266,7 +267,8 @@ def _taps_plan(prefix: str, n_in: tuple[list[int], list[int]], n_out: tuple[list
     out = {}
     for axis, i in (("y", 0), ("x", 1)):
         idx, w = cv.resize_taps(n_in[i], n_out[i], mode, canvas_in[i], canvas_out[i], k[i])
-        out[f"{prefix}{axis}_idx"], out[f"{prefix}{axis}_w"] = idx, w
+        # int32 halves the plan's largest part (indices < canvas sizes); widened on the device
+        out[f"{prefix}{axis}_idx"], out[f"{prefix}{axis}_w"] = idx.to(torch.int32), w
     return out
 
 

@@ -3,7 +3,7 @@
 :class:`GraphedDegrader` keeps one captured :class:`torch.cuda.CUDAGraph` per (batch size, H, W,
 dtype, device, :class:`~.degrade.DegradeParams`). A call plans on the CPU with a *static canvas*
 (every batch of that key has the same tensor shapes, see :func:`~.degrade.plan_degradation`),
-copies the packed plan (three pinned buffers, one per dtype) and the HR batch into the graph's
+copies the packed plan (four pinned buffers, one per dtype) and the HR batch into the graph's
 static input buffers, replays, and returns clones of the static outputs. The outputs equal the
 eager batched call's on the same device bit for bit (same kernels, same shapes; tested on CUDA).
 
@@ -42,17 +42,18 @@ class _Captured:
                 run_plan(self.hr, self.plan)
         torch.cuda.current_stream(hr.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with _full_fp32(), torch.cuda.graph(self.graph):
+        # thread_local: CUDA calls of other threads (a DataLoader's pin-memory thread) may go on
+        with _full_fp32(), torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.out = run_plan(self.hr, self.plan)
 
     def __call__(self, hr: Tensor, plan: DegradePlan) -> dict[str, Tensor]:
-        buffers, layout = plan.packed()
+        buffers, layout = plan.packed(pin=True)
         if layout != self.layout:
             raise RuntimeError("degradation plan layout changed under a cached CUDA graph "
                                "(plans for graphs must use static_canvas=True)")
         for d, b in buffers.items():
             # pinned staging from the caching host allocator: it is not reused before this copy ran
-            self.buffers[d].copy_(b.pin_memory(), non_blocking=True)
+            self.buffers[d].copy_(b, non_blocking=True)
         self.hr.copy_(hr)
         self.graph.replay()
         return {k: v.clone() for k, v in self.out.items()}
@@ -73,9 +74,10 @@ class GraphedDegrader:
         b, _, H, W = hr.shape
         plan = plan_degradation(seeds, p, (H, W), static_canvas=True)
         key = (b, H, W, hr.dtype, hr.device, p)
-        if key not in self._graphs:
-            self._graphs[key] = _Captured(hr, plan, self.warmup)
-        return self._graphs[key](hr, plan)
+        with torch.cuda.device(hr.device):               # capture and replay on hr's GPU
+            if key not in self._graphs:
+                self._graphs[key] = _Captured(hr, plan, self.warmup)
+            return self._graphs[key](hr, plan)
 
     def clear(self) -> None:
         """Drop every cached graph (and with it its memory pool)."""
