@@ -371,3 +371,12 @@ def test_poisson_search_equals_brute_force_inversion():
     u = U.double() / 2 ** U_BITS
     ref = (cdf[vi, q] <= u[:, None]).sum(1)
     assert torch.equal(got, ref)
+
+
+def test_degrade_ignores_an_enclosing_autocast():
+    hr = _hr(2)
+    ref = degrade(hr, [3, 4], batched=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = degrade(hr, [3, 4], batched=True)
+    for k in ref:
+        assert torch.equal(out[k], ref[k]), k

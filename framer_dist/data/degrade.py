@@ -496,13 +496,17 @@ def usm_sharp(img: Tensor, p: DegradeParams) -> Tensor:
 
 @contextlib.contextmanager
 def _full_fp32():
-    """Exact fp32 for the pixel maths whatever the trainer set (TF32 matmuls/convs would change
-    8-bit roundings and make a sample's pair depend on the device's algorithm choice)."""
+    """Exact fp32 for the pixel maths whatever the trainer set (TF32 matmuls/convs or an enclosing
+    autocast would change 8-bit roundings and make a sample's pair depend on the device's algorithm
+    choice, and a graph captured under them would bake that in)."""
     prev = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
     try:
-        with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True,
-                                        allow_tf32=False):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.backends.cudnn.flags(enabled=True, benchmark=False,
+                                                           deterministic=True, allow_tf32=False))
+            for dev in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+                stack.enter_context(torch.autocast(dev, enabled=False))
             yield
     finally:
         torch.set_float32_matmul_precision(prev)
