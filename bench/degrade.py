@@ -2,7 +2,7 @@
 """Throughput of the batched Real-ESRGAN degradation vs a per-image loop of the same operations.
 
   python bench/degrade.py                      # CPU, 512 px, batch 16
-  python bench/degrade.py --device cuda        # on the GPU
+  python bench/degrade.py --device cuda        # on the GPU: eager, CUDA-graphed and loop
   python bench/degrade.py --tiny               # seconds-long smoke run (used by the tests)
 
 Writes bench/results/degrade_<device>.json and regenerates bench/results/degrade.md from every
@@ -60,6 +60,33 @@ def timed(fn, device: str, iters: int) -> float:
     return time.perf_counter() - t
 
 
+def batch_invariant(hr: torch.Tensor, seeds: list[int], run) -> bool:
+    """Does sample 0 come out the same when it sits elsewhere among other batch-mates (same size)?"""
+    a = run(hr, seeds)
+    perm = list(range(1, len(seeds))) + [0]
+    mates = [s + 7_777_777 for s in seeds]
+    mates[-1] = seeds[0]
+    b = run(hr[perm], mates)
+    return all(torch.equal(a[k][0], b[k][-1]) for k in a)
+
+
+def graphed(x: torch.Tensor, s: list[int]) -> dict[str, torch.Tensor]:
+    return degrade(x, s, batched=True, graph=True)
+
+
+def graphed_results(hr: torch.Tensor, seeds, ref: dict, a: argparse.Namespace, dev: str,
+                    ips_loop: float) -> dict:
+    """The CUDA-graphed path: its throughput (the headline), its equality with the eager batched
+    call, and the GPU memory the process holds with the graph cached."""
+    out = graphed(hr, seeds(0))                       # capture (warm-up inside)
+    equal = all(torch.equal(out[k], ref[k]) for k in ref)
+    t = timed(lambda it: graphed(hr, seeds(it + 1)), dev, a.iters)
+    ips = a.batch * a.iters / t
+    return {"graphed_images_per_s": round(ips, 2), "graphed_ms_per_batch": round(1000 * t / a.iters, 2),
+            "graphed_speedup_vs_loop": round(ips / ips_loop, 2), "graphed_equals_batched": equal,
+            "cuda_memory_reserved_gib": round(torch.cuda.memory_reserved() / 2 ** 30, 2)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -79,12 +106,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     hr = hr_batch(a.batch, a.res, dev)
     seeds = lambda it: [1000 * it + i for i in range(a.batch)]  # noqa: E731
+    eager = lambda x, s: degrade(x, s, batched=True, graph=False)  # noqa: E731
     # warm-up (kernels, allocator, bessel tables) and the equality check of both paths
-    ref = degrade(hr, seeds(0), batched=True)
+    ref = eager(hr, seeds(0))
     loop = degrade_loop(hr, seeds(0))
     identical = all(torch.equal(ref[k], loop[k]) for k in ref)
     max_diff = max(float((ref[k] - loop[k]).abs().max()) for k in ref)
-    t_b = timed(lambda it: degrade(hr, seeds(it + 1), batched=True), dev, a.iters)
+    t_b = timed(lambda it: eager(hr, seeds(it + 1)), dev, a.iters)
     li = a.loop_iters or a.iters
     t_l = timed(lambda it: degrade_loop(hr, seeds(it + 1)), dev, li)
     ips_b = a.batch * a.iters / t_b
@@ -96,11 +124,16 @@ def main(argv: list[str] | None = None) -> int:
         "batched_images_per_s": round(ips_b, 2), "loop_images_per_s": round(ips_l, 2),
         "speedup": round(ips_b / ips_l, 2), "ms_per_batch": round(1000 * t_b / a.iters, 2),
         "batched_equals_loop": identical, "max_abs_diff_batched_vs_loop": max_diff,
+    }
+    if dev.startswith("cuda"):
+        res.update(graphed_results(hr, seeds, ref, a, dev, ips_l))
+    res["batch_invariant"] = batch_invariant(hr, seeds(0), graphed if dev.startswith("cuda") else eager)
+    res.update({
         "torch": torch.__version__, "python": platform.python_version(),
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "note": a.note,
         "command": "python bench/degrade.py " + " ".join(shlex.quote(x) for x in (argv or sys.argv[1:])),
-    }
+    })
     print(json.dumps(res, indent=1))
     out = Path(a.out) if a.out else ROOT / "bench" / "results" / f"degrade_{dev.split(':')[0]}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -115,16 +148,21 @@ def write_markdown(folder: Path) -> None:
     for p in sorted(folder.glob("degrade_*.json")):
         r = json.loads(p.read_text())
         rows.append(f"| {r['device_name']} ({r['device']}, {r['threads']} threads) | {r['resolution']} | "
-                    f"{r['batch']} | {r['batched_images_per_s']} | {r['loop_images_per_s']} | "
+                    f"{r['batch']} | {r.get('graphed_images_per_s', '-')} | {r['batched_images_per_s']} | "
+                    f"{r['loop_images_per_s']} | "
                     f"{r['speedup']}x | {r['ms_per_batch']} | {r['batched_equals_loop']} | "
+                    f"{r.get('batch_invariant', '-')} | "
                     f"torch {r['torch']}, {r['date']} | `{r['command']}` | {r.get('note', '')} |")
     text = ("# Degradation throughput (bench/degrade.py)\n\n"
             "Full two-stage Real-ESRGAN degradation of Table 6 (USM, blur, resize, noise, JPEG, final "
-            "sinc, x4, bicubic back-upsampling) on HR crops of the bundled photos. *batched*: one "
-            "call for the batch; *loop*: the same function one image at a time. "
-            "*equal*: the two give bit-identical outputs.\n\n"
-            "| device | px | batch | batched img/s | loop img/s | speedup | ms/batch | equal | versions, date | command | note |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+            "sinc, x4, bicubic back-upsampling) on HR crops of the bundled photos. *graphed*: the "
+            "batched call replayed from a CUDA graph (CUDA only); *batched*: one eager call for the "
+            "batch; *loop*: the same function one image at a time. *equal*: batched and loop give "
+            "bit-identical outputs; *invariant*: a sample gives the same bits among other batch-mates "
+            "(same batch size). speedup and ms/batch: eager batched.\n\n"
+            "| device | px | batch | graphed img/s | batched img/s | loop img/s | speedup | ms/batch | equal | "
+            "invariant | versions, date | command | note |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
     (folder / "degrade.md").write_text(text)
 
 

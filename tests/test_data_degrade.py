@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from _host_traffic import HostTrafficRecorder
+
 from framer_dist.data import canvas as cv
 from framer_dist.data.degrade import DegradeParams, degrade, degrade_loop, sample_params, stage_kernels
 from framer_dist.data.jpeg import jpeg
@@ -231,3 +233,150 @@ def test_hash_normal_is_standard_normal_and_canvas_independent():
     assert torch.equal(alone[0], n[1, :, :40, :50])                                # canvas-independent
     other = hash_normal([9], [40], [50], [True], 3, 40, 50, torch.device("cpu"))
     assert not torch.equal(other, alone)
+
+
+def _hr(b: int = 4, size: int = 48) -> torch.Tensor:
+    img = torch.from_numpy(_photo(size, size)).permute(2, 0, 1).float() / 255
+    return torch.stack([img, img.flip(-1), img.flip(-2), img.transpose(1, 2)][:b])
+
+
+# seeds 0..7 cover both noise kinds in both stages, gray and colour, both final orders
+_SEEDS = list(range(8))
+
+
+def test_seeds_cover_every_branch():
+    from framer_dist.data.degrade import plan_degradation
+
+    t = plan_degradation(_SEEDS, DegradeParams(), (48, 48), static_canvas=False).tensors
+    for n in ("n1", "n2"):
+        assert 0 < int(t[n + "gauss"].sum()) < len(_SEEDS), n
+    assert 0 < int(t["n1mono"].sum() + t["n2mono"].sum())
+    assert 0 < int(t["jpeg_first"].sum()) < len(_SEEDS)
+
+
+def test_static_canvas_equals_dynamic_canvas_bit_for_bit():
+    """A sample's result does not depend on the canvas it was computed on (what the CUDA graph's
+    static canvas relies on): static and dynamic plans give the same bits."""
+    from framer_dist.data.degrade import _full_fp32, plan_degradation, run_plan
+
+    hr = torch.cat([_hr(), _hr().flip(-1)])
+    p = DegradeParams()
+    dyn = plan_degradation(_SEEDS, p, (48, 48), static_canvas=False)
+    sta = plan_degradation(_SEEDS, p, (48, 48), static_canvas=True)
+    assert sta.canvas1 == (72, 72) and sta.canvas2 == (14, 14)        # 1.5 x 48, 1.2 x 12
+    assert dyn.canvas1 <= sta.canvas1 and dyn.canvas2 <= sta.canvas2
+    assert sta.tensors["r2y_idx"].shape[-1] >= dyn.tensors["r2y_idx"].shape[-1]
+    with _full_fp32():
+        a, b = run_plan(hr, dyn), run_plan(hr, sta)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_run_plan_does_no_host_reads_or_transfers(monkeypatch):
+    from framer_dist.data.degrade import _full_fp32, plan_degradation, prepare_device, run_plan
+
+    hr = torch.cat([_hr(), _hr().flip(-1)])
+    p = DegradeParams()
+    plan = plan_degradation(_SEEDS, p, (48, 48), static_canvas=True)
+    prepare_device("cpu", p, (48, 48))
+    ref = None
+    with _full_fp32():
+        ref = run_plan(hr, plan)
+        # .tolist()/.numpy() do not go through the dispatcher: make them fail outright
+        for meth in ("tolist", "numpy", "item"):
+            monkeypatch.setattr(torch.Tensor, meth, lambda *a, **k: pytest.fail(f"host read {meth}"))
+        rec = HostTrafficRecorder()
+        with rec:
+            out = run_plan(hr, plan)
+    assert rec.bad == []
+    for k in out:
+        assert torch.equal(out[k], ref[k]), k
+    # the recorder does see what it is meant to catch
+    rec = HostTrafficRecorder()
+    with rec:
+        torch.ones(3).sum().__int__()
+        torch.tensor([1.0, 2.0])
+    assert "aten._local_scalar_dense" in rec.bad and any("lift" in b for b in rec.bad)
+
+
+def _poisson_draws(lam_index: int, q: int, n: int, key: int) -> torch.Tensor:
+    from framer_dist.data.rng import counter_hash, poisson_from_hash
+
+    side = int(math.isqrt(n))
+    one = torch.ones(1, dtype=torch.long)
+    z = counter_hash(torch.tensor([key]), one * side, one * side, one * 0, 1, side, side)
+    return poisson_from_hash(z, torch.tensor(lam_index), torch.tensor(q))[0, 0].flatten()
+
+
+@pytest.mark.parametrize("vals_index,q", [(0, 0), (0, 77), (2, 255), (7, 75), (8, 200)])
+def test_poisson_sampler_is_exact_poisson(vals_index, q):
+    """rate = q / 255 * 2^vals_index: 0, 0.30, 4, 37.6, 200.8; 1e5 draws each."""
+    lam = q / 255 * 2 ** vals_index
+    n = 316 ** 2
+    k = _poisson_draws(vals_index, q, n, key=1234 + q).double()
+    mean, var = float(k.mean()), float(k.var())
+    if lam == 0:
+        assert (k == 0).all()
+        return
+    se_mean = math.sqrt(lam / n)
+    se_var = math.sqrt((lam + 2 * lam ** 2) / n)      # Var of the sample variance for Poisson
+    assert abs(mean - lam) < 5 * se_mean, (mean, lam)
+    assert abs(var - lam) < 5 * se_var, (var, lam)
+    # pmf: chi-square over the bins with expected count >= 20 (plus both tails pooled)
+    ks = torch.arange(0, 512, dtype=torch.float64)
+    pmf = torch.exp(ks * math.log(lam) - lam - torch.lgamma(ks + 1))
+    counts = torch.bincount(k.long(), minlength=512)[:512].double()
+    keep = pmf * n >= 20
+    exp_in, obs_in = pmf[keep] * n, counts[keep]
+    exp_out, obs_out = n - exp_in.sum(), n - obs_in.sum()
+    chi2 = float(((obs_in - exp_in) ** 2 / exp_in).sum())
+    dof = int(keep.sum())
+    if exp_out >= 20:
+        chi2 += float((obs_out - exp_out) ** 2 / exp_out)
+        dof += 1
+    # chi-square with dof - 1 degrees of freedom: mean dof-1, sd sqrt(2 (dof-1)); 6 sd margin
+    assert chi2 < dof - 1 + 6 * math.sqrt(2 * max(dof - 1, 1)), (chi2, dof)
+
+
+def test_poisson_sampler_is_deterministic_per_key():
+    a = _poisson_draws(5, 180, 1024, key=7)
+    assert torch.equal(a, _poisson_draws(5, 180, 1024, key=7))
+    assert not torch.equal(a, _poisson_draws(5, 180, 1024, key=8))
+
+
+def test_log2_ceil_index_is_exact():
+    from framer_dist.data.rng import log2_ceil_index
+
+    c = torch.arange(1, 257)
+    expect = torch.tensor([math.ceil(math.log2(v)) for v in range(1, 257)])
+    assert torch.equal(log2_ceil_index(c.float()), expect)
+
+
+def test_poisson_search_equals_brute_force_inversion():
+    """The one-search sampler returns exactly min{k : cdf[k] > u}, also for u on a CDF value."""
+    from framer_dist.data.rng import U_BITS, _lsr, poisson_cdf_table, poisson_from_hash
+
+    cdf = poisson_cdf_table("cpu")
+    g = torch.Generator().manual_seed(0)
+    vi = torch.randint(0, 9, (4000,), generator=g)
+    q = torch.randint(0, 256, (4000,), generator=g)
+    U = torch.randint(0, 2 ** U_BITS, (4000,), generator=g)
+    # put a quarter of the uniforms exactly on (or just below) a CDF entry of their own row
+    kk = torch.randint(0, 40, (1000,), generator=g)
+    on = (cdf[vi[:1000], q[:1000], kk] * 2 ** U_BITS).floor().to(torch.int64).clamp_max(2 ** U_BITS - 1)
+    U[:1000] = (on - (torch.arange(1000) % 2)).clamp_min(0)
+    z = U << (64 - U_BITS)                                # the hash word whose top bits are U
+    assert torch.equal(_lsr(z, 64 - U_BITS), U)
+    got = poisson_from_hash(z, vi, q)
+    u = U.double() / 2 ** U_BITS
+    ref = (cdf[vi, q] <= u[:, None]).sum(1)
+    assert torch.equal(got, ref)
+
+
+def test_degrade_ignores_an_enclosing_autocast():
+    hr = _hr(2)
+    ref = degrade(hr, [3, 4], batched=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = degrade(hr, [3, 4], batched=True)
+    for k in ref:
+        assert torch.equal(out[k], ref[k]), k

@@ -1,8 +1,10 @@
 """Batched image operations on a padded "canvas" where every sample has its own valid size.
 
-Size tensors (``h``, ``w``, new sizes, modes) are small and live on the CPU; index and weight
-tables are computed there and sent to the images' device in one copy each, so the device only
-runs the pixel work and nothing waits on a device-to-host read.
+Resize taps (sparse index/weight tables) are computed on the CPU from the sizes (numpy, cached)
+and travel to the device with the rest of a degradation plan; everything else (border index
+tables, valid masks, dense resize matrices) is computed on the images' device from size tensors
+that live there, so the pixel work never waits on a host read or a host-to-device copy (the
+degradation's CUDA graph relies on this).
 
 Real-ESRGAN draws a resize factor per image, so after the first resize the images of a batch have
 different sizes. Instead of looping, a batch is kept as one tensor ``x [B, C, Hc, Wc]`` plus the
@@ -52,9 +54,9 @@ def pad_canvas(x: Tensor, h: Tensor, w: Tensor, pad: int, mode: str,
     b, c, hc, wc = x.shape
     oh = hc if out_h is None else out_h
     ow = wc if out_w is None else out_w
-    # index tables from the (CPU) sizes, then one small transfer each
-    iy = border_index(h.cpu(), oh, pad, mode).to(x.device, non_blocking=True)   # [B, Hp]
-    ix = border_index(w.cpu(), ow, pad, mode).to(x.device, non_blocking=True)   # [B, Wp]
+    # index tables computed where the images are (a no-op move when the sizes live there already)
+    iy = border_index(h.to(x.device), oh, pad, mode)   # [B, Hp]
+    ix = border_index(w.to(x.device), ow, pad, mode)   # [B, Wp]
     rows = x.gather(2, iy[:, None, :, None].expand(b, c, iy.shape[1], wc))
     return rows.gather(3, ix[:, None, None, :].expand(b, c, iy.shape[1], ix.shape[1]))
 
@@ -120,14 +122,25 @@ def taps_1d(n_in: int, n_out: int, mode: int) -> tuple[np.ndarray, np.ndarray]:
     return idx, w
 
 
-def resize_taps(n_in: Tensor, n_out: Tensor, mode: Tensor, len_in: int, len_out: int,
-                max_ratio: float | None = None) -> tuple[Tensor, Tensor]:
+def max_taps(len_in: int, min_out: int) -> int:
+    """An upper bound on :func:`taps_1d`'s tap count for any input <= ``len_in`` and output
+    >= ``min_out``, any mode (area needs ceil(in/out) + 1, bicubic 4): a static K for CUDA graphs."""
+    return max(4, math.ceil(len_in / max(1, min_out)) + 1)
+
+
+def resize_taps(n_in: list[int], n_out: list[int], mode: list[int], len_in: int, len_out: int,
+                k: int | None = None) -> tuple[Tensor, Tensor]:
     """Sparse per-sample resize weights along one axis, ``idx, w`` ``[B, len_out, K]`` (CPU).
 
     Unused taps and rows past each sample's ``n_out`` point at the spare column ``len_in`` with
-    weight 0; see :func:`taps_1d` for the kernels."""
-    rows = [taps_1d(int(a), int(b), int(m)) for a, b, m in zip(n_in.tolist(), n_out.tolist(), mode.tolist())]
-    k = max(r[0].shape[1] for r in rows)
+    weight 0; see :func:`taps_1d` for the kernels. ``K`` is ``k`` (a static bound, see
+    :func:`max_taps`) or the batch's largest tap count."""
+    rows = [taps_1d(int(a), int(b), int(m)) for a, b, m in zip(n_in, n_out, mode)]
+    widest = max(r[0].shape[1] for r in rows)
+    if k is None:
+        k = widest
+    elif widest > k:
+        raise ValueError(f"resize needs {widest} taps, more than the static bound {k}")
     idx = np.full((len(rows), len_out, k), len_in, dtype=np.int64)
     w = np.zeros((len(rows), len_out, k), dtype=np.float32)
     for b, (ri, rw) in enumerate(rows):
@@ -137,40 +150,39 @@ def resize_taps(n_in: Tensor, n_out: Tensor, mode: Tensor, len_in: int, len_out:
     return torch.from_numpy(idx), torch.from_numpy(w)
 
 
-def resize_matrix(n_in: Tensor, n_out: Tensor, mode: Tensor, len_in: int, len_out: int,
-                  max_ratio: float | None = None, device: torch.device | None = None) -> Tensor:
-    """Dense ``[B, len_out, len_in]`` resize matrices on ``device`` from :func:`resize_taps`
-    (one deterministic scatter: indices are unique per row)."""
-    idx, w = resize_taps(n_in, n_out, mode, len_in, len_out, max_ratio)
-    dev = device or n_in.device
-    idx, w = idx.to(dev, non_blocking=True), w.to(dev, non_blocking=True)
-    mat = torch.zeros(idx.shape[0], len_out, len_in + 1, device=dev)
-    return mat.scatter_(2, idx, w)[..., :len_in]
+def taps_matrix(idx: Tensor, w: Tensor, len_in: int) -> Tensor:
+    """Dense ``[B, len_out, len_in]`` resize matrices from :func:`resize_taps` tables, on their
+    device (one deterministic scatter: indices are unique per row; the spare column is cut off)."""
+    mat = torch.zeros(idx.shape[0], idx.shape[1], len_in + 1, device=idx.device)
+    return mat.scatter_(2, idx.long(), w)[..., :len_in]
 
 
-def resize(x: Tensor, h: Tensor, w: Tensor, new_h: Tensor, new_w: Tensor, mode: Tensor,
-           out_h: int | None = None, out_w: int | None = None,
-           min_out: tuple[int, int] | None = None) -> Tensor:
-    """Resize every sample from its (h, w) to its own (new_h, new_w) with its own mode.
-
-    The canvas of the result is ``out_h x out_w`` (default: the largest new size). ``min_out``
-    (smallest new height and width, known on the CPU) avoids reading sizes back from the device.
-    """
-    oh = int(new_h.max()) if out_h is None else out_h
-    ow = int(new_w.max()) if out_w is None else out_w
-    # a bound on in/out over the batch without reading device tensors: canvas / smallest output
-    ry = x.shape[2] / max(1, min_out[0]) if min_out else None
-    rx = x.shape[3] / max(1, min_out[1]) if min_out else None
-    cpu = torch.device("cpu")
-    h, w, new_h, new_w, mode = (t.to(cpu) for t in (h, w, new_h, new_w, mode))
-    my = resize_matrix(h, new_h, mode, x.shape[2], oh, ry, x.device).to(x.dtype)   # [B, oh, Hc]
-    mx = resize_matrix(w, new_w, mode, x.shape[3], ow, rx, x.device).to(x.dtype)   # [B, ow, Wc]
+def resize_with_taps(x: Tensor, taps_y: tuple[Tensor, Tensor], taps_x: tuple[Tensor, Tensor]) -> Tensor:
+    """Resize every sample with its own taps (on ``x``'s device): two batched matrix products."""
+    my = taps_matrix(*taps_y, x.shape[2]).to(x.dtype)       # [B, oh, Hc]
+    mx = taps_matrix(*taps_x, x.shape[3]).to(x.dtype)       # [B, ow, Wc]
     return torch.matmul(torch.matmul(my[:, None], x), mx[:, None].transpose(-1, -2))
 
 
+def resize(x: Tensor, h: Tensor, w: Tensor, new_h: Tensor, new_w: Tensor, mode: Tensor,
+           out_h: int | None = None, out_w: int | None = None) -> Tensor:
+    """Resize every sample from its (h, w) to its own (new_h, new_w) with its own mode.
+
+    The canvas of the result is ``out_h x out_w`` (default: the largest new size). A convenience
+    for sizes on the CPU (taps built there and copied); the degradation builds its taps in its plan.
+    """
+    h, w, new_h, new_w, mode = (t.cpu().tolist() for t in (h, w, new_h, new_w, mode))
+    oh = max(new_h) if out_h is None else out_h
+    ow = max(new_w) if out_w is None else out_w
+    ty = resize_taps(h, new_h, mode, x.shape[2], oh)
+    tx = resize_taps(w, new_w, mode, x.shape[3], ow)
+    move = lambda t: tuple(v.to(x.device, non_blocking=True) for v in t)  # noqa: E731
+    return resize_with_taps(x, move(ty), move(tx))
+
+
 def valid_mask(h: Tensor, w: Tensor, hc: int, wc: int, device: torch.device | None = None) -> Tensor:
-    """``[B, 1, Hc, Wc]`` bool mask of each sample's valid region, on ``device``."""
+    """``[B, 1, Hc, Wc]`` bool mask of each sample's valid region, on ``device`` (computed there)."""
     dev = device or h.device
-    ys = (torch.arange(hc)[None, :] < h.cpu()[:, None]).to(dev, non_blocking=True)
-    xs = (torch.arange(wc)[None, :] < w.cpu()[:, None]).to(dev, non_blocking=True)
+    ys = torch.arange(hc, device=dev)[None, :] < h.to(dev)[:, None]
+    xs = torch.arange(wc, device=dev)[None, :] < w.to(dev)[:, None]
     return (ys[:, :, None] & xs[:, None, :])[:, None]

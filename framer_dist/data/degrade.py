@@ -32,8 +32,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import canvas as cv
-from .jpeg import jpeg
-from .rng import hash_normal
+from .jpeg import _dct2, jpeg_with_tables, quant_tables
+from .rng import (KEY_MASK, POISSON_SALT, _normal_table, _poisson_search_table, counter_hash,
+                  log2_ceil_index, normal_from_hash, poisson_index, poisson_noise_table)
 from .stream import splitmix64
 from .kernels import gaussian_kernel_1d, mixed_kernels, pulse_kernels, sinc_kernels
 
@@ -169,7 +170,7 @@ def sample_params(seed: int, p: DegradeParams) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# batched application
+# planning (CPU): every draw and every small table derived from it, for the whole batch
 
 
 def _t(values: list, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -199,68 +200,263 @@ def _stage_kernels_cpu(draws: list[dict], k: int) -> Tensor:
     return torch.where(apply, kern, pulse_kernels(len(draws), k, device))
 
 
-def _add_noise(x: Tensor, h: Tensor, w: Tensor, draws: list[dict], hs: list[int], ws: list[int]) -> Tensor:
-    """Gaussian or Poisson noise per sample, a function of the sample's own size and draws only
-    (not of the canvas or batch): Gaussian from a counter-based hash (:mod:`.rng`), Poisson from a
-    device generator seeded by the sample's draw."""
-    dev = x.device
-    noise = torch.zeros_like(x)
-    q = torch.clamp(torch.round(x * 255.0), 0, 255)
-    gray = (0.299 * q[:, 0] + 0.587 * q[:, 1] + 0.114 * q[:, 2]).round().clamp(0, 255)
-    b = x.shape[0]
-    vals_rgb = vals_gray = None
-    if not all(d["gaussian"] for d in draws):
-        # Poisson needs the number of distinct 8-bit values per sample (Real-ESRGAN's rule):
-        # mark the values present (plain stores of 1: deterministic, no atomics); pixels outside
-        # a sample's valid region go to the spare slot 256
-        valid = cv.valid_mask(h, w, x.shape[2], x.shape[3], dev)
-        vals = []
-        for plane in (q, gray[:, None]):
-            idx = torch.where(valid, plane.long(), torch.full_like(plane, 256, dtype=torch.long))
-            present = torch.zeros(b, 257, device=dev).scatter_(1, idx.reshape(b, -1), 1.0)
-            count = present[:, :256].sum(1).clamp_min(1).to(torch.float64)
-            vals.append((2.0 ** torch.ceil(torch.log2(count))).to(x.dtype))
-        vals_rgb, vals_gray = vals
-    if any(d["gaussian"] for d in draws):
-        # all Gaussian noise of the batch at once (counter-based: batch-independent)
-        sig = torch.tensor([d["sigma"] / 255.0 if d["gaussian"] else 0.0 for d in draws],
-                           dtype=x.dtype).to(dev, non_blocking=True).view(b, 1, 1, 1)
-        noise = hash_normal([d["seed"] for d in draws], hs, ws, [d["gray"] for d in draws], 3,
-                            x.shape[2], x.shape[3], dev) * sig
-    pois = [i for i, d in enumerate(draws) if not d["gaussian"]]
-    if pois:
-        # rates for the whole batch in a few ops; only the draw itself is per sample (its own
-        # generator and size), then one batched op turns counts into noise
-        mono = torch.tensor([d["gray"] for d in draws]).to(dev, non_blocking=True).view(b, 1, 1, 1)
-        v = torch.where(mono, vals_gray.view(b, 1, 1, 1), vals_rgb.view(b, 1, 1, 1))
-        img = torch.where(mono, gray[:, None].expand_as(q), q) / 255.0
-        rate = img * v
-        counts = torch.zeros_like(x)
-        for i in pois:
-            d, hh, ww = draws[i], hs[i], ws[i]
-            g = torch.Generator(device=dev)
-            g.manual_seed(d["seed"])
-            c = 1 if d["gray"] else 3
-            counts[i, :c, :hh, :ww] = torch.poisson(rate[i, :c, :hh, :ww], generator=g)
-        counts = torch.where(mono, counts[:, :1].expand_as(counts), counts)
-        scale = torch.tensor([0.0 if d["gaussian"] else d["poisson_scale"] for d in draws],
-                             dtype=x.dtype).to(dev, non_blocking=True).view(b, 1, 1, 1)
-        is_p = scale > 0
-        noise = torch.where(is_p, (counts / v - img) * scale, noise)
+@dataclass
+class DegradePlan:
+    """Everything a batch's degradation needs besides the HR pixels (see :func:`plan_degradation`).
+
+    ``tensors`` holds per-sample tables (kernels, sizes, resize taps, JPEG tables, noise
+    parameters), on the CPU until :meth:`to`; the rest are Python values fixed at planning time:
+    canvas sizes and which noise kinds / final orders occur (all of them on a static canvas)."""
+
+    p: DegradeParams
+    hw: tuple[int, int]                   # HR size
+    canvas1: tuple[int, int]              # canvas after the stage-1 resize
+    canvas2: tuple[int, int]              # canvas after the stage-2 resize
+    noise_kinds: tuple[tuple[bool, bool], tuple[bool, bool]]   # per stage: (Gaussian, Poisson) used
+    orders: tuple[bool, bool]             # final step: (resize first, JPEG first) used
+    tensors: dict[str, Tensor]
+
+    def packed(self, pin: bool = False) -> tuple[dict[torch.dtype, Tensor],
+                                                 list[tuple[str, torch.dtype, int, torch.Size]]]:
+        """All tensors as one flat buffer per dtype (written straight into pinned memory with
+        ``pin``, ready for an asynchronous copy) plus the layout to cut them out again."""
+        groups: dict[torch.dtype, list[Tensor]] = {}
+        layout = []
+        offsets: dict[torch.dtype, int] = {}
+        for name, t in self.tensors.items():
+            off = offsets.get(t.dtype, 0)
+            layout.append((name, t.dtype, off, t.shape))
+            groups.setdefault(t.dtype, []).append(t.reshape(-1))
+            offsets[t.dtype] = off + t.numel()
+        return {d: torch.cat(ts, out=torch.empty(offsets[d], dtype=d, pin_memory=pin))
+                for d, ts in groups.items()}, layout
+
+    def with_buffers(self, buffers: dict[torch.dtype, Tensor],
+                     layout: list[tuple[str, torch.dtype, int, torch.Size]]) -> "DegradePlan":
+        """The same plan with its tensors as views into ``buffers`` (e.g. a CUDA graph's static
+        input buffers: copying a new plan's packed buffers into them updates every view)."""
+        views = {name: buffers[d][off:off + math.prod(shape)].view(shape) for name, d, off, shape in layout}
+        return dataclasses.replace(self, tensors=views)
+
+    def to(self, device: torch.device | str) -> "DegradePlan":
+        """The plan on ``device`` in one copy per dtype (four), from pinned memory on CUDA."""
+        device = torch.device(device)
+        if all(t.device == device for t in self.tensors.values()):
+            return self
+        buffers, layout = self.packed(pin=device.type == "cuda")
+        return self.with_buffers({d: b.to(device, non_blocking=True) for d, b in buffers.items()}, layout)
+
+
+def _canvas_len(n: int, hi: float) -> int:
+    """The largest size ``max(1, int(n * f))`` any factor f <= max(hi, 1) can give."""
+    return max(1, int(n * max(hi, 1.0)))
+
+
+def _min_len(n: int, lo: float) -> int:
+    return max(1, int(n * min(lo, 1.0)))
+
+
+def _targets(draws: list[dict], name: str, hw: tuple[int, int]) -> tuple[list[int], list[int]]:
+    f = [d[name]["resize"]["factor"] for d in draws]
+    return [max(1, int(hw[0] * v)) for v in f], [max(1, int(hw[1] * v)) for v in f]
+
+
+def _taps_plan(prefix: str, n_in: tuple[list[int], list[int]], n_out: tuple[list[int], list[int]],
+               mode: list[int], canvas_in: tuple[int, int], canvas_out: tuple[int, int],
+               k: tuple[int | None, int | None]) -> dict[str, Tensor]:
+    out = {}
+    for axis, i in (("y", 0), ("x", 1)):
+        idx, w = cv.resize_taps(n_in[i], n_out[i], mode, canvas_in[i], canvas_out[i], k[i])
+        # int32 halves the plan's largest part (indices < canvas sizes); widened on the device
+        out[f"{prefix}{axis}_idx"], out[f"{prefix}{axis}_w"] = idx.to(torch.int32), w
+    return out
+
+
+def _noise_plan(prefix: str, noise: list[dict]) -> dict[str, Tensor]:
+    """Noise parameters; ``key`` is the hash key of the kind the sample uses (Poisson keys are
+    salted), so one counter hash per pixel serves both kinds."""
+    cpu = torch.device("cpu")
+    key = [(d["seed"] ^ (0 if d["gaussian"] else POISSON_SALT)) & KEY_MASK for d in noise]
+    return {f"{prefix}gauss": _t([d["gaussian"] for d in noise], cpu, torch.bool),
+            f"{prefix}sigma": _t([d["sigma"] / 255.0 for d in noise], cpu),
+            f"{prefix}scale": _t([d["poisson_scale"] for d in noise], cpu),
+            f"{prefix}mono": _t([int(d["gray"]) for d in noise], cpu, torch.long),
+            f"{prefix}key": _t(key, cpu, torch.long)}
+
+
+def _jpeg_plan(prefix: str, quality: list[int]) -> dict[str, Tensor]:
+    luma, chroma = quant_tables(torch.tensor(quality))
+    return {f"{prefix}luma": luma, f"{prefix}chroma": chroma}
+
+
+def _kinds(noise: list[dict], static: bool) -> tuple[bool, bool]:
+    if static:
+        return True, True
+    return any(d["gaussian"] for d in noise), not all(d["gaussian"] for d in noise)
+
+
+def plan_degradation(seeds: list[int], p: DegradeParams, hw: tuple[int, int],
+                     static_canvas: bool) -> DegradePlan:
+    """The host side of a batch's degradation: draws and every table derived from them (CPU).
+
+    ``static_canvas=True`` sizes the canvases and resize tap counts for the largest draw the
+    ranges allow, so every batch of the same (B, H, W, p) has the same tensor shapes (what a CUDA
+    graph needs); ``False`` uses the batch's largest (less padding: the CPU and per-image path).
+    A sample's result is the same either way (tested bit for bit on the CPU)."""
+    H, W = hw
+    b = len(seeds)
+    draws = [sample_params(s, p) for s in seeds]
+    lhw = (H // p.scale, W // p.scale)
+    cpu = torch.device("cpu")
+    t: dict[str, Tensor] = {"h0": _t([H] * b, cpu, torch.long), "w0": _t([W] * b, cpu, torch.long),
+                            "hl": _t([lhw[0]] * b, cpu, torch.long), "wl": _t([lhw[1]] * b, cpu, torch.long)}
+    # stage 1: HR size -> its own random size
+    s1 = _targets(draws, "stage1", hw)
+    if static_canvas:
+        c1 = (_canvas_len(H, p.stage1.resize_range[1]), _canvas_len(W, p.stage1.resize_range[1]))
+        k1 = tuple(cv.max_taps(n, _min_len(n, p.stage1.resize_range[0])) for n in hw)
+    else:
+        c1, k1 = (max(s1[0]), max(s1[1])), (None, None)
+    t["k1"] = _stage_kernels_cpu([d["stage1"]["blur"] for d in draws], p.stage1.kernel_size)
+    t.update(_taps_plan("r1", ([H] * b, [W] * b), s1, [d["stage1"]["resize"]["mode"] for d in draws],
+                        hw, c1, k1))
+    t["h1"], t["w1"] = _t(s1[0], cpu, torch.long), _t(s1[1], cpu, torch.long)
+    t.update(_noise_plan("n1", [d["stage1"]["noise"] for d in draws]))
+    t.update(_jpeg_plan("q1", [d["stage1"]["jpeg"] for d in draws]))
+    # stage 2: -> (H / scale) * its own factor
+    s2 = _targets(draws, "stage2", lhw)
+    if static_canvas:
+        c2 = (_canvas_len(lhw[0], p.stage2.resize_range[1]), _canvas_len(lhw[1], p.stage2.resize_range[1]))
+        k2 = tuple(cv.max_taps(c1[i], _min_len(lhw[i], p.stage2.resize_range[0])) for i in range(2))
+        kf = tuple(cv.max_taps(c2[i], lhw[i]) for i in range(2))
+    else:
+        c2, k2, kf = (max(s2[0]), max(s2[1])), (None, None), (None, None)
+    t["k2"] = _stage_kernels_cpu([d["stage2"]["blur"] for d in draws], p.stage2.kernel_size)
+    t.update(_taps_plan("r2", s1, s2, [d["stage2"]["resize"]["mode"] for d in draws], c1, c2, k2))
+    t["h2"], t["w2"] = _t(s2[0], cpu, torch.long), _t(s2[1], cpu, torch.long)
+    t.update(_noise_plan("n2", [d["stage2"]["noise"] for d in draws]))
+    # final: resize to H / scale (+ sinc) and JPEG, in each sample's order
+    fin = [d["final"] for d in draws]
+    k = p.final_kernel_size
+    sinc = sinc_kernels(_t([f["omega"] for f in fin], cpu), _t([f["size"] for f in fin], cpu, torch.long), k)
+    t["kf"] = torch.where(_t([f["sinc"] for f in fin], cpu, torch.bool)[:, None, None], sinc,
+                          pulse_kernels(b, k, cpu))
+    t.update(_taps_plan("rf", s2, ([lhw[0]] * b, [lhw[1]] * b), [f["resize_mode"] for f in fin],
+                        c2, lhw, kf))
+    t.update(_jpeg_plan("qf", [f["jpeg"] for f in fin]))
+    t["jpeg_first"] = _t([f["jpeg_first"] for f in fin], cpu, torch.bool)
+    first = [f["jpeg_first"] for f in fin]
+    orders = (True, True) if static_canvas else (not all(first), any(first))
+    kinds = tuple(_kinds([d[n]["noise"] for d in draws], static_canvas) for n in ("stage1", "stage2"))
+    return DegradePlan(p=p, hw=hw, canvas1=c1, canvas2=c2, noise_kinds=kinds, orders=orders, tensors=t)
+
+
+# ----------------------------------------------------------------------------------------------
+# execution (device only: no host reads, no host-to-device copies, no per-sample Python branches)
+
+
+def _vals_index(plane: Tensor, valid: Tensor) -> Tensor:
+    """``[B]`` log2 of Real-ESRGAN's ``vals`` = 2^ceil(log2(#distinct 8-bit values in the valid
+    region)): the values present are marked with plain stores of 1 (deterministic, no atomics);
+    pixels outside a sample's valid region go to the spare slot 256."""
+    b = plane.shape[0]
+    idx = torch.where(valid, plane.long(), 256)
+    present = torch.zeros(b, 257, device=plane.device).scatter_(1, idx.reshape(b, -1), 1.0)
+    return log2_ceil_index(present[:, :256].sum(1).clamp_min(1))
+
+
+def _poisson_noise(x: Tensor, q: Tensor, z: Tensor, h: Tensor, w: Tensor, mono: Tensor,
+                   scale: Tensor) -> Tensor:
+    """Real-ESRGAN's Poisson noise ``(Poisson(img * vals) / vals - img) * scale`` for the whole
+    batch, colour or gray (gray: the luma's counts on every channel, via the hash's mono key)."""
+    b, _, hc, wc = x.shape
+    gray = (0.299 * q[:, 0] + 0.587 * q[:, 1] + 0.114 * q[:, 2]).round().clamp(0, 255)[:, None]
+    valid = cv.valid_mask(h, w, hc, wc)
+    m = mono.view(b, 1, 1, 1).bool()
+    vi = torch.where(m, _vals_index(gray, valid).view(b, 1, 1, 1), _vals_index(q, valid).view(b, 1, 1, 1))
+    img_q = torch.where(m, gray.expand_as(q), q)
+    row = (img_q + (vi * 256).to(x.dtype)).long()        # CDF row v * 256 + q (exact integers)
+    return poisson_noise_table(str(x.device))[poisson_index(z, row)] * scale.to(x.dtype).view(b, 1, 1, 1)
+
+
+def _add_noise(x: Tensor, h: Tensor, w: Tensor, t: dict[str, Tensor], prefix: str,
+               kinds: tuple[bool, bool]) -> Tensor:
+    """Gaussian or Poisson noise per sample, a function of the sample's own size and key only
+    (not of the canvas or batch): both kinds come from one counter hash per pixel (:mod:`.rng`);
+    each kind the plan uses is computed for the whole batch and selected per sample."""
+    b, _, hc, wc = x.shape
+    z = counter_hash(t[prefix + "key"], h, w, t[prefix + "mono"], 3, hc, wc)
+    gaussian, poisson = kinds
+    if gaussian:
+        gauss = normal_from_hash(z) * t[prefix + "sigma"].to(x.dtype).view(b, 1, 1, 1)
+    if poisson:
+        q = torch.clamp(torch.round(x * 255.0), 0, 255)
+        pois = _poisson_noise(x, q, z, h, w, t[prefix + "mono"], t[prefix + "scale"])
+    if gaussian and poisson:
+        noise = torch.where(t[prefix + "gauss"].view(b, 1, 1, 1), gauss, pois)
+    else:
+        noise = gauss if gaussian else pois
     return (x + noise).clamp(0, 1)
 
 
-def _stage(x: Tensor, h: Tensor, w: Tensor, draws: list[dict], name: str, k: int,
-           target: tuple[list[int], list[int]]) -> tuple[Tensor, Tensor, Tensor]:
-    dev = x.device
-    x = cv.filter2d(x, h, w, stage_kernels([d[name]["blur"] for d in draws], k, dev))
-    hs, ws = target
-    cpu = torch.device("cpu")
-    nh, nw = _t(hs, cpu, torch.long), _t(ws, cpu, torch.long)
-    mode = _t([d[name]["resize"]["mode"] for d in draws], cpu, torch.long)
-    x = cv.resize(x, h, w, nh, nw, mode, max(hs), max(ws), (min(hs), min(ws)))
-    x = _add_noise(x, nh, nw, [d[name]["noise"] for d in draws], hs, ws)
-    return x, nh, nw
+def _taps(t: dict[str, Tensor], prefix: str) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    return (t[prefix + "y_idx"], t[prefix + "y_w"]), (t[prefix + "x_idx"], t[prefix + "x_w"])
+
+
+def _run_stage(x: Tensor, t: dict[str, Tensor], s: str, h: Tensor, w: Tensor,
+               kinds: tuple[bool, bool]) -> Tensor:
+    """Blur at the current sizes ``h, w``, resize to the stage's sizes, add noise."""
+    x = cv.filter2d(x, h, w, t["k" + s])
+    x = cv.resize_with_taps(x, *_taps(t, "r" + s))
+    return _add_noise(x, t["h" + s], t["w" + s], t, "n" + s, kinds)
+
+
+def _run_final(x: Tensor, t: dict[str, Tensor], orders: tuple[bool, bool]) -> Tensor:
+    """Resize to the LR size + final sinc, and JPEG, in each sample's order: each order the plan
+    uses is computed for the whole batch and selected per sample (branch-free batching)."""
+    hl, wl, h2, w2 = t["hl"], t["wl"], t["h2"], t["w2"]
+    taps = _taps(t, "rf")
+    outs = []
+    if orders[0]:
+        a = cv.filter2d(cv.resize_with_taps(x, *taps), hl, wl, t["kf"])
+        outs.append(jpeg_with_tables(a.clamp(0, 1), t["qfluma"], t["qfchroma"], hl, wl))
+    if orders[1]:
+        bb = jpeg_with_tables(x.clamp(0, 1), t["qfluma"], t["qfchroma"], h2, w2)
+        outs.append(cv.filter2d(cv.resize_with_taps(bb, *taps), hl, wl, t["kf"]))
+    if len(outs) == 1:
+        return outs[0]
+    return torch.where(t["jpeg_first"].view(-1, 1, 1, 1), outs[1], outs[0])
+
+
+def run_plan(hr: Tensor, plan: DegradePlan) -> dict[str, Tensor]:
+    """The device side of :func:`_degrade`: pixel work only, with the plan's tensors on ``hr``'s
+    device. No host reads, host-to-device copies or per-sample Python branches (capturable in a
+    CUDA graph; tested with a dispatch mode that records such ops)."""
+    p, t = plan.p, plan.tensors
+    x = hr.float().clamp(0, 1)
+    if p.usm:
+        x = usm_sharp(x, p)
+    target = x
+    x = _run_stage(x, t, "1", t["h0"], t["w0"], plan.noise_kinds[0])
+    x = jpeg_with_tables(x, t["q1luma"], t["q1chroma"], t["h1"], t["w1"])
+    x = _run_stage(x, t, "2", t["h1"], t["w1"], plan.noise_kinds[1])
+    lr = _run_final(x, t, plan.orders)
+    lr = torch.clamp(torch.round(lr * 255.0), 0, 255) / 255.0
+    lr_up = F.interpolate(lr, size=tuple(hr.shape[2:]), mode="bicubic", align_corners=False).clamp(0, 1)
+    return {"hr": target.to(hr.dtype), "lr": lr.to(hr.dtype), "lr_up": lr_up.to(hr.dtype)}
+
+
+def prepare_device(device: torch.device | str, p: DegradeParams, hw: tuple[int, int]) -> None:
+    """Build the cached device tables (DCT, USM blur matrices, normal and Poisson tables) now, so
+    :func:`run_plan` only reads them (required before a CUDA graph capture)."""
+    dev = str(torch.device(device))
+    _dct2(dev)
+    _normal_table(dev)
+    _poisson_search_table(dev)
+    poisson_noise_table(dev)
+    if p.usm:
+        for n in hw:
+            _blur_matrix(n, _usm_size(p), dev)
 
 
 @functools.lru_cache(maxsize=16)
@@ -269,7 +465,7 @@ def _blur_matrix(n: int, size: int, device: str) -> Tensor:
     a separable blur is two GEMMs ``T @ X @ T^T`` (much faster on GPUs than a 51-tap conv)."""
     g = gaussian_kernel_1d(size, 0.0).double()
     pad = size // 2
-    src = cv.border_index(torch.tensor([n]), n, pad, "reflect")[0]      # [n + 2 pad]
+    src = cv.border_index(torch.full((1,), n), n, pad, "reflect")[0]      # [n + 2 pad]
     rows = torch.arange(n)[:, None]
     taps = torch.arange(size)[None, :]
     mat = torch.zeros(n, n, dtype=torch.float64)
@@ -277,9 +473,13 @@ def _blur_matrix(n: int, size: int, device: str) -> Tensor:
     return mat.float().to(device)
 
 
+def _usm_size(p: DegradeParams) -> int:
+    return p.usm_radius + 1 if p.usm_radius % 2 == 0 else p.usm_radius     # 50 -> 51, as BasicSR
+
+
 def usm_sharp(img: Tensor, p: DegradeParams) -> Tensor:
     """BasicSR's USMSharp on a uniform batch ``[B, 3, H, W]`` in [0, 1]."""
-    size = p.usm_radius + 1 if p.usm_radius % 2 == 0 else p.usm_radius     # 50 -> 51, as BasicSR
+    size = _usm_size(p)
     _, _, hh, ww = img.shape
     ty = _blur_matrix(hh, size, str(img.device)).to(img.dtype)
     tx = _blur_matrix(ww, size, str(img.device)).to(img.dtype)
@@ -296,104 +496,92 @@ def usm_sharp(img: Tensor, p: DegradeParams) -> Tensor:
 
 @contextlib.contextmanager
 def _full_fp32():
-    """Exact fp32 for the pixel maths whatever the trainer set (TF32 matmuls/convs would change
-    8-bit roundings and make a sample's pair depend on the device's algorithm choice)."""
+    """Exact fp32 for the pixel maths whatever the trainer set (TF32 matmuls/convs or an enclosing
+    autocast would change 8-bit roundings and make a sample's pair depend on the device's algorithm
+    choice, and a graph captured under them would bake that in)."""
     prev = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("highest")
     try:
-        with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True,
-                                        allow_tf32=False):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.backends.cudnn.flags(enabled=True, benchmark=False,
+                                                           deterministic=True, allow_tf32=False))
+            for dev in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+                stack.enter_context(torch.autocast(dev, enabled=False))
             yield
     finally:
         torch.set_float32_matmul_precision(prev)
 
 
 def degrade(hr: Tensor, seeds: list[int] | Tensor, p: DegradeParams | None = None,
-            batched: bool | None = None) -> dict[str, Tensor]:
+            batched: bool | None = None, graph: bool | None = None) -> dict[str, Tensor]:
     """Degrade a batch of HR images (see :func:`_degrade`).
 
     ``batched=None`` picks the faster path for the device: one batched call on accelerators, one
     call per image on the CPU (the padded canvas wastes FLOPs that only GPUs can spare). Both give
-    bit-identical results on the CPU (tested)."""
+    bit-identical results on the CPU (tested). ``graph`` (default: batched on CUDA) replays a
+    cached CUDA graph of the batched call (:class:`~.degrade_graph.GraphedDegrader`); its outputs
+    equal the eager batched call's on the same device."""
     if batched is None:
         batched = hr.device.type != "cpu"
     if not batched and hr.shape[0] > 1:
-        if isinstance(seeds, Tensor):
-            seeds = seeds.tolist()
-        return degrade_loop(hr, list(seeds), p)
+        return degrade_loop(hr, _seed_list(seeds), p)
+    if graph is None:
+        graph = batched and hr.device.type == "cuda"
+    if graph:
+        from .degrade_graph import default_degrader
+        return default_degrader()(hr, seeds, p)
     with _full_fp32():
         return _degrade(hr, seeds, p)
 
 
-def _degrade(hr: Tensor, seeds: list[int] | Tensor, p: DegradeParams | None = None) -> dict[str, Tensor]:
-    """Degrade a batch of HR images.
+def _seed_list(seeds: list[int] | Tensor) -> list[int]:
+    return [int(s) for s in (seeds.tolist() if isinstance(seeds, Tensor) else seeds)]
 
-    Args:
-        hr: ``[B, 3, H, W]`` float in [0, 1] on any device; H and W divisible by ``p.scale``.
-        seeds: one integer per sample; equal seeds and images give equal outputs.
-    Returns:
-        ``hr``: the target (USM-sharpened if ``p.usm``) ``[B, 3, H, W]``;
-        ``lr``: ``[B, 3, H/scale, W/scale]`` 8-bit-quantised LR;
-        ``lr_up``: ``lr`` bicubic-upsampled to ``[B, 3, H, W]`` and clamped to [0, 1]. All in [0, 1].
-    """
+
+def check_inputs(hr: Tensor, seeds: list[int] | Tensor,
+                 p: DegradeParams | None) -> tuple[DegradeParams, list[int]]:
+    """Validate a degradation call; returns the parameters (default Table 6) and the seed list."""
     p = p or DegradeParams()
     if hr.ndim != 4 or hr.shape[1] != 3:
         raise ValueError(f"degrade expects HR images [B, 3, H, W], got shape {tuple(hr.shape)}")
     b, _, H, W = hr.shape
     if H % p.scale or W % p.scale:
         raise ValueError(f"HR size {H}x{W} is not divisible by the scale {p.scale}")
-    seeds = [int(s) for s in (seeds.tolist() if isinstance(seeds, Tensor) else seeds)]
+    seeds = _seed_list(seeds)
     if len(seeds) != b:
         raise ValueError(f"degrade got {len(seeds)} seeds for a batch of {b}")
-    dev = hr.device
-    x = hr.float().clamp(0, 1)
-    if p.usm:
-        x = usm_sharp(x, p)
-    target = x
-    draws = [sample_params(s, p) for s in seeds]
-    lh, lw = H // p.scale, W // p.scale
-    cpu = torch.device("cpu")                   # sizes, qualities, modes: small, kept on the CPU
-    h = torch.full((b,), H, dtype=torch.long)
-    w = torch.full((b,), W, dtype=torch.long)
+    return p, seeds
 
-    f1 = [d["stage1"]["resize"]["factor"] for d in draws]
-    t1 = ([max(1, int(H * f)) for f in f1], [max(1, int(W * f)) for f in f1])
-    x, h, w = _stage(x, h, w, draws, "stage1", p.stage1.kernel_size, t1)
-    x = jpeg(x, _t([d["stage1"]["jpeg"] for d in draws], cpu, torch.long), h, w)
 
-    f2 = [d["stage2"]["resize"]["factor"] for d in draws]
-    t2 = ([max(1, int(lh * f)) for f in f2], [max(1, int(lw * f)) for f in f2])
-    x, h, w = _stage(x, h, w, draws, "stage2", p.stage2.kernel_size, t2)
+def _degrade(hr: Tensor, seeds: list[int] | Tensor, p: DegradeParams | None = None,
+             static_canvas: bool | None = None) -> dict[str, Tensor]:
+    """Degrade a batch of HR images: :func:`plan_degradation` on the CPU, then :func:`run_plan`.
 
-    fin = [d["final"] for d in draws]
-    k = p.final_kernel_size
-    sinc = sinc_kernels(_t([f["omega"] for f in fin], cpu), _t([f["size"] for f in fin], cpu, torch.long), k)
-    use = _t([f["sinc"] for f in fin], cpu, torch.bool)[:, None, None]
-    fkern = torch.where(use, sinc, pulse_kernels(b, k, cpu)).to(dev, non_blocking=True)
-    fmode = _t([f["resize_mode"] for f in fin], cpu, torch.long)
-    fq = _t([f["jpeg"] for f in fin], cpu, torch.long)
-    jpeg_first = _t([f["jpeg_first"] for f in fin], cpu, torch.bool)[:, None, None, None].to(dev)
-    lh_t = torch.full((b,), lh, dtype=torch.long)
-    lw_t = torch.full((b,), lw, dtype=torch.long)
-
-    # both orders are computed for the whole batch and selected per sample: branch-free batching
-    a = cv.resize(x, h, w, lh_t, lw_t, fmode, lh, lw, (lh, lw))
-    a = cv.filter2d(a, lh_t, lw_t, fkern)
-    a = jpeg(a.clamp(0, 1), fq)
-    bb = jpeg(x.clamp(0, 1), fq, h, w)
-    bb = cv.resize(bb, h, w, lh_t, lw_t, fmode, lh, lw, (lh, lw))
-    bb = cv.filter2d(bb, lh_t, lw_t, fkern)
-    lr = torch.where(jpeg_first, bb, a)
-    lr = torch.clamp(torch.round(lr * 255.0), 0, 255) / 255.0
-    lr_up = F.interpolate(lr, size=(H, W), mode="bicubic", align_corners=False).clamp(0, 1)
-    return {"hr": target.to(hr.dtype), "lr": lr.to(hr.dtype), "lr_up": lr_up.to(hr.dtype)}
+    Args:
+        hr: ``[B, 3, H, W]`` float in [0, 1] on any device; H and W divisible by ``p.scale``.
+        seeds: one integer per sample; equal seeds and images give equal outputs.
+        static_canvas: see :func:`plan_degradation`; default: static on CUDA (so the eager and
+            the graphed path run the same shapes and give the same bits), dynamic elsewhere.
+    Returns:
+        ``hr``: the target (USM-sharpened if ``p.usm``) ``[B, 3, H, W]``;
+        ``lr``: ``[B, 3, H/scale, W/scale]`` 8-bit-quantised LR;
+        ``lr_up``: ``lr`` bicubic-upsampled to ``[B, 3, H, W]`` and clamped to [0, 1]. All in [0, 1].
+    """
+    p, seeds = check_inputs(hr, seeds, p)
+    if static_canvas is None:
+        static_canvas = hr.device.type == "cuda"
+    plan = plan_degradation(seeds, p, tuple(hr.shape[2:]), static_canvas).to(hr.device)
+    prepare_device(hr.device, p, tuple(hr.shape[2:]))
+    return run_plan(hr, plan)
 
 
 def degrade_loop(hr: Tensor, seeds: list[int], p: DegradeParams | None = None) -> dict[str, Tensor]:
-    """The same degradation one image at a time (the benchmark's baseline; equal results)."""
+    """The same degradation one image at a time, eager, each on its own (dynamic) canvas (the
+    benchmark's baseline; equal results on the CPU)."""
     if len(seeds) != hr.shape[0]:
         raise ValueError(f"degrade got {len(seeds)} seeds for a batch of {hr.shape[0]}")
-    outs = [degrade(hr[i:i + 1], [s], p, batched=True) for i, s in enumerate(seeds)]
+    with _full_fp32():
+        outs = [_degrade(hr[i:i + 1], [s], p, static_canvas=False) for i, s in enumerate(seeds)]
     return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
 
 

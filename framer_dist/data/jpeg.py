@@ -95,14 +95,19 @@ def jpeg(x: Tensor, quality: Tensor, h: Tensor | None = None, w: Tensor | None =
     ``h``/``w`` give per-sample valid sizes on a canvas (see :mod:`.canvas`); by default the whole
     image. Returns the decoded images in [0, 1], quantised to 8 bits, on the canvas of ``x``.
     """
+    ql, qc = (t.to(x.device, non_blocking=True) for t in quant_tables(quality.cpu()))
+    b, _, hc, wc = x.shape
+    h = torch.full((b,), hc, device=x.device) if h is None else h.to(x.device)
+    w = torch.full((b,), wc, device=x.device) if w is None else w.to(x.device)
+    return jpeg_with_tables(x, ql, qc, h, w)
+
+
+def jpeg_with_tables(x: Tensor, luma: Tensor, chroma_table: Tensor, h: Tensor, w: Tensor) -> Tensor:
+    """:func:`jpeg` with the quantisation tables ``[B, 8, 8]`` (:func:`quant_tables`) and the valid
+    sizes ``[B]`` already on ``x``'s device: device work only (no host reads or copies)."""
     b, c, hc, wc = x.shape
     if c != 3:
         raise ValueError(f"jpeg expects RGB [B, 3, H, W], got shape {tuple(x.shape)}")
-    dev = x.device
-    if h is None:
-        h = torch.full((b,), hc)
-    if w is None:
-        w = torch.full((b,), wc)
     ph, pw = -(-hc // 16) * 16, -(-wc // 16) * 16
     xp = pad_canvas(x.float(), h, w, 0, "replicate", ph, pw)
     rgb = torch.round(xp.clamp(0, 1) * 255.0)
@@ -113,14 +118,13 @@ def jpeg(x: Tensor, quality: Tensor, h: Tensor | None = None, w: Tensor | None =
     cb = torch.round(F.avg_pool2d(cb[:, None], 2)[:, 0])
     cr = torch.round(F.avg_pool2d(cr[:, None], 2)[:, 0])
     # chroma planes are (ph/2, pw/2): pad to whole 8x8 blocks (ph/2 is a multiple of 8 already)
-    ql, qc = (t.to(dev, non_blocking=True) for t in quant_tables(quality.cpu()))
-    dct = _dct2(str(dev))
-    y = torch.round(_code_plane(y, ql, dct)).clamp(0, 255)
-    cb = torch.round(_code_plane(cb, qc, dct)).clamp(0, 255)
-    cr = torch.round(_code_plane(cr, qc, dct)).clamp(0, 255)
+    dct = _dct2(str(x.device))
+    y = torch.round(_code_plane(y, luma, dct)).clamp(0, 255)
+    cb = torch.round(_code_plane(cb, chroma_table, dct)).clamp(0, 255)
+    cr = torch.round(_code_plane(cr, chroma_table, dct)).clamp(0, 255)
     # fancy upsampling = triangular filter = bilinear x2, replicating each sample's chroma edge
     # at ceil(h/2) x ceil(w/2) as libjpeg does (not the MCU padding, which depends on the canvas)
-    chroma = pad_canvas(torch.stack([cb, cr], 1), (h.cpu() + 1) // 2, (w.cpu() + 1) // 2, 0, "replicate")
+    chroma = pad_canvas(torch.stack([cb, cr], 1), (h + 1) // 2, (w + 1) // 2, 0, "replicate")
     chroma = F.interpolate(chroma, scale_factor=2, mode="bilinear", align_corners=False)
     cb, cr = chroma[:, 0] - 128.0, chroma[:, 1] - 128.0
     r = y + 1.402 * cr
