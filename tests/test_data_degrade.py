@@ -166,6 +166,23 @@ def test_canvas_filter_equals_single_image_reflect_filter():
         torch.testing.assert_close(out[i:i + 1, :, :h[i], :w[i]], ref, atol=1e-5, rtol=0)
 
 
+def test_fft_filter_of_full_images_equals_direct_reflect_filter():
+    x = torch.rand(3, 3, 37, 52)
+    kern = mixed_kernels(torch.tensor([1, 3, 4]), torch.tensor([21, 15, 21]), torch.tensor([2.0, 1.0, 3.0]),
+                         torch.tensor([1.0, 2.5, 0.5]), torch.tensor([0.3, -1.0, 2.0]),
+                         torch.tensor([1, 2.0, 1.5]), 21)
+    full = (torch.full((3,), 37), torch.full((3,), 52))
+    xp = cv.pad_canvas(x, *full, 10, "reflect")
+    torch.testing.assert_close(cv.correlate_fft(xp, kern), cv.filter2d(x, *full, kern), atol=2e-6, rtol=0)
+    # per-sample valid sizes on one canvas (the stage-2 blur), as the GPU path runs it
+    h, w = torch.tensor([37, 20, 9]), torch.tensor([52, 33, 40])
+    xp = cv.pad_canvas(x, h, w, 10, "reflect")
+    fft, direct = cv.correlate_fft(xp, kern), cv.filter2d(x, h, w, kern)
+    for i in range(3):
+        torch.testing.assert_close(fft[i, :, :h[i], :w[i]], direct[i, :, :h[i], :w[i]], atol=2e-6, rtol=0)
+    assert [cv._fft_size(n) for n in (532, 59, 1, 7)] == [540, 60, 1, 8]
+
+
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(10 * np.log10(1.0 / np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)))
 
@@ -207,8 +224,7 @@ def test_bench_tiny_mode(tmp_path):
     assert r["batched_images_per_s"] > 0 and r["loop_images_per_s"] > 0
 
 
-def test_usm_blur_matrix_equals_reflect_convolution():
-    from framer_dist.data.degrade import _blur_matrix
+def test_usm_blur_equals_separable_reflect_convolution():
     from framer_dist.data.kernels import gaussian_kernel_1d
 
     x = torch.rand(2, 3, 40, 56)
@@ -216,7 +232,10 @@ def test_usm_blur_matrix_equals_reflect_convolution():
     ref = F.pad(x, (5, 5, 5, 5), mode="reflect")
     ref = F.conv2d(ref.reshape(6, 1, 50, 66), g.view(1, 1, 1, 11))
     ref = F.conv2d(ref, g.view(1, 1, 11, 1)).view(2, 3, 40, 56)
-    ours = _blur_matrix(40, 11, "cpu") @ x @ _blur_matrix(56, 11, "cpu").T
+    from framer_dist.data.degrade import _blur_matrix
+    ours = _blur_matrix(40, 11, "cpu") @ x @ _blur_matrix(56, 11, "cpu").T   # usm_sharp on CPU
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+    ours = cv.correlate_fft(F.pad(x, (5, 5, 5, 5), mode="reflect"), (g[:, None] * g[None, :])[None])  # on GPUs
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
 
 

@@ -447,16 +447,18 @@ def run_plan(hr: Tensor, plan: DegradePlan) -> dict[str, Tensor]:
 
 
 def prepare_device(device: torch.device | str, p: DegradeParams, hw: tuple[int, int]) -> None:
-    """Build the cached device tables (DCT, USM blur matrices, normal and Poisson tables) now, so
+    """Build the cached device tables (DCT, USM kernel, normal and Poisson tables) now, so
     :func:`run_plan` only reads them (required before a CUDA graph capture)."""
     dev = str(torch.device(device))
     _dct2(dev)
     _normal_table(dev)
     _poisson_search_table(dev)
     poisson_noise_table(dev)
-    if p.usm:
+    if p.usm and torch.device(device).type == "cpu":
         for n in hw:
             _blur_matrix(n, _usm_size(p), dev)
+    elif p.usm:
+        _usm_kernel(_usm_size(p), dev)
 
 
 @functools.lru_cache(maxsize=16)
@@ -473,6 +475,14 @@ def _blur_matrix(n: int, size: int, device: str) -> Tensor:
     return mat.float().to(device)
 
 
+@functools.lru_cache(maxsize=8)
+def _usm_kernel(size: int, device: str) -> Tensor:
+    """``[1, size, size]``: the separable Gaussian of USM (OpenCV's sigma rule from the size), as
+    one 2-D kernel for the FFT filter (reflect-101 borders, OpenCV's default)."""
+    g = gaussian_kernel_1d(size, 0.0).double()
+    return (g[:, None] * g[None, :]).float()[None].to(device)
+
+
 def _usm_size(p: DegradeParams) -> int:
     return p.usm_radius + 1 if p.usm_radius % 2 == 0 else p.usm_radius     # 50 -> 51, as BasicSR
 
@@ -480,12 +490,19 @@ def _usm_size(p: DegradeParams) -> int:
 def usm_sharp(img: Tensor, p: DegradeParams) -> Tensor:
     """BasicSR's USMSharp on a uniform batch ``[B, 3, H, W]`` in [0, 1]."""
     size = _usm_size(p)
-    _, _, hh, ww = img.shape
-    ty = _blur_matrix(hh, size, str(img.device)).to(img.dtype)
-    tx = _blur_matrix(ww, size, str(img.device)).to(img.dtype)
+    dev = str(img.device)
+    if img.device.type == "cpu":  # two GEMMs: exact and batch-independent on the CPU
+        ty, tx = _blur_matrix(img.shape[2], size, dev), _blur_matrix(img.shape[3], size, dev)
 
-    def blur(t: Tensor) -> Tensor:
-        return torch.matmul(torch.matmul(ty, t), tx.T)
+        def blur(t: Tensor) -> Tensor:
+            return torch.matmul(torch.matmul(ty, t), tx.T)
+    else:                         # FFT on GPUs: ~3x cheaper than the dense GEMMs at 512 px
+        kernel = _usm_kernel(size, dev).to(img.dtype)
+        full = (torch.full((img.shape[0],), img.shape[2], device=img.device),
+                torch.full((img.shape[0],), img.shape[3], device=img.device))
+
+        def blur(t: Tensor) -> Tensor:
+            return cv.filter2d(t, *full, kernel)
 
     residual = img - blur(img)
     mask = (residual.abs() * 255 > p.usm_threshold).to(img.dtype)
