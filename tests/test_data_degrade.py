@@ -399,3 +399,11 @@ def test_degrade_ignores_an_enclosing_autocast():
         out = degrade(hr, [3, 4], batched=True)
     for k in ref:
         assert torch.equal(out[k], ref[k]), k
+
+
+def test_graphed_degrader_refuses_bad_settings_and_cpu_tensors():
+    from framer_dist.data.degrade_graph import GraphedDegrader
+    with pytest.raises(ValueError, match="max_graphs must be >= 1"):
+        GraphedDegrader(max_graphs=0)
+    with pytest.raises(ValueError, match="needs a CUDA tensor, got device cpu"):
+        GraphedDegrader()(torch.rand(1, 3, 16, 16), [0])

@@ -33,7 +33,7 @@ def test_graphed_equals_eager_bitwise():
         ref = _eager(hr, seeds)
         for k in ref:
             assert torch.equal(out[k], ref[k]), k
-    assert len(g._graphs) == 1
+    assert len(g) == 1
 
 
 def test_degrade_defaults_to_the_graph_and_equals_eager():
@@ -95,3 +95,11 @@ def test_run_plan_on_cuda_does_no_host_reads_or_transfers():
     with _full_fp32(), rec:
         run_plan(hr, plan)
     assert rec.bad == []
+
+
+def test_graph_cache_keeps_the_most_recent_sizes_only():
+    g = GraphedDegrader(max_graphs=2)
+    for b in (4, 5, 4, 6):                  # 5 is the least recently used when 6 arrives
+        out = g(_hr(b), list(range(b)))
+        assert out["lr"].shape[0] == b
+    assert len(g) == 2 and {k[0] for k in g._graphs} == {4, 6}

@@ -17,6 +17,7 @@ call :meth:`GraphedDegrader.clear` to free it.
 from __future__ import annotations
 
 import functools
+from collections import OrderedDict
 
 import torch
 from torch import Tensor
@@ -62,9 +63,14 @@ class _Captured:
 class GraphedDegrader:
     """Callable like :func:`~.degrade.degrade` (CUDA only): plans on the CPU, replays a graph."""
 
-    def __init__(self, warmup: int = 3) -> None:
+    def __init__(self, warmup: int = 3, max_graphs: int = 2) -> None:
+        if max_graphs < 1:
+            raise ValueError(f"GraphedDegrader: max_graphs must be >= 1, got {max_graphs}")
         self.warmup = warmup
-        self._graphs: dict[tuple, _Captured] = {}
+        # each graph holds a memory pool of a few GB: keep the most recently used few, so a
+        # stream of odd batch sizes (last batches of shards) cannot pile pools up
+        self.max_graphs = max_graphs
+        self._graphs: OrderedDict[tuple, _Captured] = OrderedDict()
 
     def __call__(self, hr: Tensor, seeds: list[int] | Tensor,
                  p: DegradeParams | None = None) -> dict[str, Tensor]:
@@ -75,9 +81,16 @@ class GraphedDegrader:
         plan = plan_degradation(seeds, p, (H, W), static_canvas=True)
         key = (b, H, W, hr.dtype, hr.device, p)
         with torch.cuda.device(hr.device):               # capture and replay on hr's GPU
-            if key not in self._graphs:
+            if key in self._graphs:
+                self._graphs.move_to_end(key)
+            else:
+                while len(self._graphs) >= self.max_graphs:
+                    self._graphs.popitem(last=False)     # frees that graph's pool
                 self._graphs[key] = _Captured(hr, plan, self.warmup)
             return self._graphs[key](hr, plan)
+
+    def __len__(self) -> int:
+        return len(self._graphs)
 
     def clear(self) -> None:
         """Drop every cached graph (and with it its memory pool)."""

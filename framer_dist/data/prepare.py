@@ -91,7 +91,8 @@ def prepare_pairs(images: str, out_dir: str | Path, *, resolution: int = 512, sc
         hr_l, lr_l = [], []
         for b in range(0, len(crops), batch_size):
             hr = torch.stack(crops[b:b + batch_size]).to(device).float() / 255.0
-            o = degrade(hr, seeds[b:b + batch_size], params)
+            # a shard's short last batch runs eagerly: no CUDA graph (and pool) per odd size
+            o = degrade(hr, seeds[b:b + batch_size], params, graph=None if len(hr) == batch_size else False)
             hr_l.append(encode_pixels(vae, o["hr"] * 2 - 1).to(dt).cpu())
             lr_l.append(encode_pixels(vae, o["lr_up"] * 2 - 1).to(dt).cpu())
         path = out / f"pairs-{k:05d}.safetensors"
