@@ -300,17 +300,22 @@ def _objective(students: Tensor, teacher: Tensor, cfg: FramerConfig, generator: 
         sel = [metrics[f"l_{n}"] for n in ("lf", "hf") if kinds[n] == kind]
         metrics[f"l_{kind}"] = torch.stack(sel).mean(0) if sel else torch.zeros_like(metrics["l_lf"])
     metrics["loss_layer"] = layer_loss_used.detach()
-    metrics["nonfinite"] = ((~finite_dev[:n_layers]) | ~finite_dev[n_layers]).float()
+    metrics["nonfinite"] = _nonfinite_flags(finite_dev, n_layers)
     metrics["skipped"] = torch.zeros(n_layers, device=students.device)
     return FramerResult(total, metrics, neg if neg is not None else torch.full((n_layers,), -1),
                         pending_finite=finite_dev if defer else None)
 
 
+def _nonfinite_flags(finite: Tensor, n_layers: int) -> Tensor:
+    """``[L]`` float from per-feature finiteness ``[L+1]`` (students, then the teacher): 1 where a
+    student layer is non-finite, all ones when the teacher is. No host read."""
+    return ((~finite[:n_layers]) | ~finite[n_layers]).float()
+
+
 def _skipped_result(n_layers: int, finite: Tensor, neg: Tensor | None, device: torch.device) -> FramerResult:
     """``framer.nonfinite = 'skip'``: a zero loss (no graph) and every metric zero except the flags."""
     metrics = {k: torch.zeros(n_layers, device=device) for k in METRIC_KEYS}
-    bad = (~finite[:n_layers]).float() if bool(finite[n_layers]) else torch.ones(n_layers)
-    metrics["nonfinite"] = bad.to(device)
+    metrics["nonfinite"] = _nonfinite_flags(finite, n_layers).to(device)
     metrics["skipped"] = torch.ones(n_layers, device=device)
     return FramerResult(torch.zeros((), device=device), metrics,
                         neg if neg is not None else torch.full((n_layers,), -1))
