@@ -45,6 +45,10 @@ class ReadoutStats:
 class DiT4SRTransformer(SD3Transformer2DModel):
     """SD3/SD3.5 MMDiT with the LR image as a second image-token stream."""
 
+    # The output head, which the velocity readout runs after every block: distributed backends
+    # may keep it gathered (parallel.zero3_persist_head).
+    readout_head_modules = ("norm_out", "proj_out")
+
     @register_to_config
     def __init__(
         self,

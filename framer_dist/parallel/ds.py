@@ -2,18 +2,34 @@
 
 Our config is the single source of truth for precision, micro-batch, accumulation and clipping:
 they are injected into the DeepSpeed JSON, and a JSON that says otherwise is an error.
+
+ZeRO-3 fetch granularity: DeepSpeed's own ``zero_optimization.leaf_module`` (classes, names or
+name suffixes; ``ds_configs/zero3.json`` names ``DiT4SRBlock``) makes each transformer block one
+fetch unit (one coalesced all-gather, one set of hooks) instead of one per Linear/norm. Two
+things this module adds so that works and pays off (docs/distributed.md, "ZeRO-3 fetch units"):
+
+* DeepSpeed reduces a leaf's gradients from a *full backward hook* on the leaf. When none of the
+  leaf's inputs requires grad (the first block in control and LoRA modes: its inputs come from
+  frozen embedders) torch fires that hook as soon as the gradient of the leaf's *outputs* exists,
+  before any parameter gradient: DeepSpeed then fills ``param.grad`` with ``zeros_like`` of the
+  released (0-element) parameter and the real gradient fails to accumulate ("The size of tensor
+  a (0) must match ..."). :func:`guard_leaf_inputs` makes the smallest floating input of such a
+  call require grad, so the hook fires after the block's backward as intended.
+* ``parallel.zero3_persist_head``: the output head the FRAMER readout uses after every block
+  stays gathered (DeepSpeed's persistent parameters), see :func:`persist_modules`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -93,6 +109,105 @@ def _skip_cpu_shm_op() -> None:
         mod.build_shm_op = lambda: None
 
 
+def _leaf_input_needs_grad(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """Forward pre-hook of a ZeRO-3 leaf with trainable parameters: when grad is on and no
+    floating tensor argument requires grad, replace the smallest one with a detached copy that
+    does (no data copy). Its gradient is computed and dropped; the only cost is that the leaf's
+    backward also computes input gradients (the frozen layers' dX) in that one call."""
+    if not torch.is_grad_enabled():
+        return None
+    found = [(i, a) for i, a in enumerate(args) if isinstance(a, Tensor) and a.is_floating_point()]
+    if not found or any(a.requires_grad for _, a in found):
+        return None
+    i, a = min(found, key=lambda t: t[1].numel())
+    out = list(args)
+    out[i] = a.detach().requires_grad_(True)
+    return tuple(out)
+
+
+def guard_leaf_inputs(module: nn.Module) -> list[str]:
+    """Register :func:`_leaf_input_needs_grad` (first in order, before DeepSpeed's own pre-hooks
+    and before torch sets up the full backward hook) on every ZeRO-3 leaf module that holds
+    trainable parameters. Returns the leaves' names."""
+    from deepspeed.utils import z3_leaf_module
+
+    names = []
+    for n, m in module.named_modules():
+        if z3_leaf_module(m):
+            names.append(n)
+            if any(p.requires_grad for p in m.parameters()):
+                m.register_forward_pre_hook(_leaf_input_needs_grad, prepend=True)
+    return names
+
+
+def persist_modules(engine: Any, names: Iterable[str]) -> int:
+    """Mark the parameters of the named submodules of ``engine.module`` as ZeRO-3 persistent, as
+    DeepSpeed does for parameters under ``stage3_param_persistence_threshold``: gathered at the
+    first use, never released between uses, partitioned for the optimizer step and gathered again
+    right after it (one all-gather per step instead of one per use). Returns how many parameter
+    elements became persistent (each rank then holds them in full)."""
+    optimizer = engine.optimizer
+    persistent = optimizer.persistent_parameters
+    # the optimizer and the parameter coordinator share this list (stage3.py)
+    assert persistent is optimizer.parameter_offload.persistent_parameters
+    modules = dict(engine.module.named_modules())
+    added = 0
+    for name in names:
+        for p in modules[name].parameters():
+            if not p.ds_persist:
+                p.ds_persist = True
+                persistent.append(p)
+                added += p.ds_numel
+    return added
+
+
+@contextlib.contextmanager
+def zero3_fetch_counter() -> Iterator[dict[str, int]]:
+    """Count what ZeRO-3's parameter coordinator does inside the block (for benchmarks and tests;
+    it patches the coordinator class while active): ``hook_fetches`` (module fetch requests from
+    the forward/backward hooks), ``allgathers`` (coalesced all-gather launches, prefetches
+    included), ``params_gathered`` / ``numel_gathered``, ``releases`` (parameters partitioned
+    again). The once-per-step gather of persistent parameters after the optimizer step goes
+    around the coordinator and is not counted."""
+    from deepspeed.runtime.zero import partitioned_param_coordinator as ppc
+
+    cls = ppc.PartitionedParameterCoordinator
+    gather_name = "_PartitionedParameterCoordinator__all_gather_params_"
+    release_name = "_PartitionedParameterCoordinator__release_param"
+    orig_fetch, orig_gather, orig_release = (cls.fetch_sub_module, getattr(cls, gather_name),
+                                             getattr(cls, release_name))
+    counts = {"hook_fetches": 0, "allgathers": 0, "params_gathered": 0, "numel_gathered": 0,
+              "releases": 0}
+    unavailable = ppc.ZeroParamStatus.NOT_AVAILABLE
+
+    def fetch(self: Any, sub_module: nn.Module, forward: bool) -> None:
+        counts["hook_fetches"] += 1
+        return orig_fetch(self, sub_module, forward)
+
+    def gather(self: Any, params: Any, forward: bool, quantize: bool = False) -> None:
+        todo = [p for p in params if p.ds_status == unavailable]
+        if todo:
+            counts["allgathers"] += 1
+            counts["params_gathered"] += len(todo)
+            counts["numel_gathered"] += sum(p.ds_numel for p in todo)
+        return orig_gather(self, params, forward, quantize)
+
+    def release(self: Any, param: Any, free_data: bool = True) -> None:
+        if param.ds_status == ppc.ZeroParamStatus.AVAILABLE and not param.ds_active_sub_modules:
+            counts["releases"] += 1
+        return orig_release(self, param, free_data)
+
+    cls.fetch_sub_module = fetch
+    setattr(cls, gather_name, gather)
+    setattr(cls, release_name, release)
+    try:
+        yield counts
+    finally:
+        cls.fetch_sub_module = orig_fetch
+        setattr(cls, gather_name, orig_gather)
+        setattr(cls, release_name, orig_release)
+
+
 class DeepSpeedBackend(Backend):
     name = "deepspeed"
 
@@ -120,6 +235,13 @@ class DeepSpeedBackend(Backend):
         self.engine = engine
         self.model = engine
         self._micro = 0
+        self.zero3_leaves: list[str] = []
+        self.zero3_persistent_numel = 0
+        if self.stage == 3:
+            self.zero3_leaves = guard_leaf_inputs(engine.module)
+            head = getattr(model, "readout_head_modules", ())
+            if cfg.parallel.zero3_persist_head and head:
+                self.zero3_persistent_numel = persist_modules(engine, head)
         if cfg.train.ema:
             self.ema = _DSEma(self, cfg.train.ema_decay)  # type: ignore[assignment]
         return self
