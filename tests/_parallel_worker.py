@@ -8,6 +8,7 @@ loaded.pt (the full trainable state right after a resume), info.json.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -28,13 +29,16 @@ from framer_dist.preempt import PreemptionHandler, exit_for_requeue  # noqa: E40
 GLOBAL_BATCH = 4
 
 
-def ds_json(out: Path, stage: int) -> str:
+def ds_json(out: Path, stage: int, leaf: list[str] | None = None) -> str:
     # every rank writes the same content atomically: no rank can read a missing/partial file
-    p = out / f"ds_zero{stage}.json"
-    tmp = out / f".ds_zero{stage}.{os.environ['RANK']}.json"
-    tmp.write_text(json.dumps({"zero_optimization": {
-        "stage": stage, "stage3_param_persistence_threshold": 0,
-        "reduce_bucket_size": 1 << 20, "allgather_bucket_size": 1 << 20}}))
+    zero = {"stage": stage, "stage3_param_persistence_threshold": 0,
+            "reduce_bucket_size": 1 << 20, "allgather_bucket_size": 1 << 20}
+    if leaf:  # DeepSpeed's own ZeRO-3 leaf-module setting: these classes become fetch units
+        zero["leaf_module"] = {"classes": leaf}
+    name = f"ds_zero{stage}{'_leaf' if leaf else ''}"
+    p = out / f"{name}.json"
+    tmp = out / f".{name}.{os.environ['RANK']}.json"
+    tmp.write_text(json.dumps({"zero_optimization": zero}))
     os.replace(tmp, p)
     return str(p)
 
@@ -50,7 +54,7 @@ def run_phase(out: Path, ph: dict) -> None:
           "train.grad_clip=1.0", f"train.ema={str(ph.get('ema', False)).lower()}", "train.ema_decay=0.5",
           f"checkpoint.preempt_signal='{ph.get('signal', 'SIGUSR1')}'"]
     if ph["backend"] == "deepspeed":
-        ov.append(f"parallel.ds_config='{ph.get('ds_config') or ds_json(out, ph.get('stage', 3))}'")
+        ov.append(f"parallel.ds_config='{ph.get('ds_config') or ds_json(out, ph.get('stage', 3), ph.get('leaf'))}'")
     cfg = load_config(None, ov)
     model, params = make_model(0, ph.get("mode", "control"))
     be = setup_backend(cfg, model, params)
@@ -72,6 +76,10 @@ def run_phase(out: Path, ph: dict) -> None:
             if be.is_main:
                 torch.save(sd, pdir / "loaded.pt")
     losses: dict[int, float] = {}
+    if ph.get("count_fetches"):  # ZeRO-3: what the parameter coordinator does in each step
+        from framer_dist.parallel.ds import zero3_fetch_counter
+        info["zero3_leaves"] = be.zero3_leaves
+        info["fetches"] = []
     for step in range(start, ph["steps"]):
         seed_rng(cfg.train.seed, step, be.rank, gen)
         if ph.get("preempt_at") == step and be.rank == ph.get("preempt_rank", 1):
@@ -79,12 +87,16 @@ def run_phase(out: Path, ph: dict) -> None:
         micro = batch(step, be.rank, be.world_size, 1, GLOBAL_BATCH)
         assert len(micro) == be.grad_accum
         local = 0.0
-        for x, y in micro:
-            with be.autocast():
-                loss = ((be.model(x.to(be.device)) - y.to(be.device)).float() ** 2).mean()
-            be.backward(loss)
-            local += loss.detach().float() / len(micro)
-        norm = be.step()
+        counter = zero3_fetch_counter() if ph.get("count_fetches") else contextlib.nullcontext()
+        with counter as counts:
+            for x, y in micro:
+                with be.autocast():
+                    loss = ((be.model(x.to(be.device)) - y.to(be.device)).float() ** 2).mean()
+                be.backward(loss)
+                local += loss.detach().float() / len(micro)
+            norm = be.step()
+        if counts is not None:
+            info["fetches"].append(dict(counts))
         losses[step] = float(be.gather(local.reshape(1)).mean())
         assert torch.isfinite(torch.tensor(norm)), norm
         done = step + 1

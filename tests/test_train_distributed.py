@@ -54,8 +54,8 @@ def _free_port() -> int:
 def _backend_args(backend: str, tmp: Path) -> list[str]:
     if backend == "deepspeed":
         ds = tmp / "zero3.json"  # tiny params must really be partitioned: threshold 0
-        ds.write_text(json.dumps({"zero_optimization": {
-            "stage": 3, "stage3_param_persistence_threshold": 0,
+        ds.write_text(json.dumps({"zero_optimization": {  # blocks as ZeRO-3 leaves, as shipped
+            "stage": 3, "stage3_param_persistence_threshold": 0, "leaf_module": {"classes": ["DiT4SRBlock"]},
             "reduce_bucket_size": 1 << 20, "allgather_bucket_size": 1 << 20}}))
         return ["--ds", str(ds)]
     return ["--backend", backend]
