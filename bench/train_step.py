@@ -62,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", default=None, choices=["bf16", "fp32"],
                    help="default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit"])
+    p.add_argument("--ds-config", default=None,
+                   help="DeepSpeed JSON for the zero3 runs (default ds_configs/zero3.json); each ZeRO-3 "
+                        "run also counts its parameter fetches and all-gathers over one step of each kind")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps of each kind first")
     p.add_argument("--steps", type=int, default=10, help="turns of each kind (ABBA order)")
     p.add_argument("--block", type=int, default=1,
@@ -83,7 +86,9 @@ def make_config(a: argparse.Namespace, mode: str, backend: str, device: str) -> 
           f"parallel.compile={'true' if a.compile else 'false'}", f"train.device=\"{device}\"",
           f"train.optimizer=\"{a.optimizer}\"", "framer.enabled=true"]
     if ds_json:
-        ov.append(f"parallel.ds_config=\"{ROOT / ds_json}\"")
+        if backend == "zero3" and a.ds_config:
+            ds_json = a.ds_config
+        ov.append(f"parallel.ds_config=\"{(ROOT / ds_json).resolve()}\"")
     if a.ac == "blocks":
         ov.append(f"parallel.ac_blocks=[{a.ac_blocks}]")
     return load_config(None, ov + list(a.overrides))
@@ -175,6 +180,17 @@ def run_combo(a: argparse.Namespace, mode: str, backend_key: str, device_type: s
                 if m is not None:
                     mems[kind].append(m)
 
+    fetches = None
+    if getattr(backend, "stage", None) == 3:  # DeepSpeed ZeRO-3: what one step fetches
+        from framer_dist.parallel.ds import zero3_fetch_counter
+        fetches = {}
+        for kind, c in (("baseline", base_cfg), ("framer", cfg)):
+            for _ in range(2):  # after a change of step kind ZeRO-3 drops its trace, then re-records it
+                one_step(c)
+            with zero3_fetch_counter() as counts:
+                one_step(c)
+            fetches[kind] = dict(counts)
+
     if a.profile:
         from torch.profiler import ProfilerActivity, profile
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -201,6 +217,11 @@ def run_combo(a: argparse.Namespace, mode: str, backend_key: str, device_type: s
                            "compile": a.compile, "block": a.block,
                            "trainable_params": sum(p.numel() for p in params),
                            "total_params": sum(p.numel() for p in model.parameters())}
+    if cfg.parallel.backend == "deepspeed":
+        res["ds_config"] = os.path.relpath(cfg.parallel.ds_config, ROOT)
+    if fetches is not None:
+        res["zero3"] = {"fetches_per_step": fetches, "leaf_modules": len(backend.zero3_leaves),
+                        "persistent_head_numel": backend.zero3_persistent_numel}
     for kind in ("baseline", "framer"):
         med = statistics.median(times[kind])
         flops = train_flops_per_sample(geometry, (a.resolution // 8,) * 2, text_tokens, mode,
@@ -296,6 +317,18 @@ def markdown(result: dict[str, Any]) -> str:
             b, f = r["baseline"]["phase_ms_median"], r["framer"]["phase_ms_median"]
             lines.append(f"| {r['mode']} | {r['backend']} | " + " | ".join(
                 f"{b[p]:.1f} -> {f[p]:.1f} ({f[p] - b[p]:+.1f})" for p in PHASES) + " |")
+    z3 = [r for r in result["runs"] if "zero3" in r]
+    if z3:
+        lines += ["", "ZeRO-3 coordinator work in one step (baseline -> FRAMER): hook fetch requests, "
+                  "coalesced all-gathers, parameters gathered", "",
+                  "| mode | backend | DeepSpeed JSON | leaf modules | persistent head numel | hook fetches "
+                  "| all-gathers | params gathered |", "|---|---|---|---|---|---|---|---|"]
+        for r in z3:
+            b, f = r["zero3"]["fetches_per_step"]["baseline"], r["zero3"]["fetches_per_step"]["framer"]
+            lines.append(f"| {r['mode']} | {r['backend']} | {r.get('ds_config', '')} | {r['zero3']['leaf_modules']} "
+                         f"| {r['zero3']['persistent_head_numel']} | "
+                         + " | ".join(f"{b[k]} -> {f[k]}" for k in ("hook_fetches", "allgathers", "params_gathered"))
+                         + " |")
     return "\n".join(lines) + "\n"
 
 
