@@ -70,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block", type=int, default=1,
                    help="consecutive steps per turn; with > 1 the first of each turn is not timed, "
                         "since a change of module order makes ZeRO-3 re-record its prefetch trace")
+    p.add_argument("--skip", type=int, default=1,
+                   help="with --block > 1: untimed steps at the start of each turn (ZeRO-3 needs 2 to be "
+                        "steady: the first drops its prefetch trace, the second re-records it)")
     p.add_argument("--profile", default=None,
                    help="also profile 2 steps of each kind with torch.profiler; write the kernel table here")
     p.add_argument("--out", default=None, help="JSON result path (a .md summary is written beside)")
@@ -172,8 +175,8 @@ def run_combo(a: argparse.Namespace, mode: str, backend_key: str, device_type: s
         for kind, c in order:
             for j in range(a.block):
                 t, m, ph = one_step(c)
-                if a.block > 1 and j == 0:
-                    continue  # the first step after a switch re-traces (ZeRO-3 prefetch order)
+                if a.block > 1 and j < a.skip:
+                    continue  # the first steps after a switch re-trace (ZeRO-3 prefetch order)
                 times[kind].append(t)
                 for name, v in ph.items():
                     phase_ms[kind][name].append(v)
@@ -214,7 +217,7 @@ def run_combo(a: argparse.Namespace, mode: str, backend_key: str, device_type: s
                            "batch": a.batch, "resolution": a.resolution, "text_tokens": text_tokens,
                            "activation_checkpointing": a.ac,
                            "checkpointed_blocks": len(ac_indices(cfg, model.num_blocks)),
-                           "compile": a.compile, "block": a.block,
+                           "compile": a.compile, "block": a.block, "skip": a.skip if a.block > 1 else 0,
                            "trainable_params": sum(p.numel() for p in params),
                            "total_params": sum(p.numel() for p in model.parameters())}
     if cfg.parallel.backend == "deepspeed":
