@@ -46,7 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help=argparse.SUPPRESS)  # passed by the deepspeed launcher; LOCAL_RANK wins
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
-    return p.parse_args(argv)
+    # intermixed: overrides may sit before and after the flags (`... train.steps=2 --out d x.y=1`)
+    return p.parse_intermixed_args(argv)
 
 
 def build_config(args: argparse.Namespace) -> Config:

@@ -55,6 +55,15 @@ def test_bad_config_or_path_is_a_clear_error(argv, names, capsys):
     assert not torch.distributed.is_initialized()
 
 
+def test_overrides_may_come_before_and_after_flags():
+    """`... train.steps=2 --out DIR log.every=1 --resume auto`: every dotted override is kept
+    (the docs allow any number of them anywhere, as `... --resume auto` appended to a command)."""
+    args = parse_args(["--config", TINY, "train.steps=2", "--out", "x", "log.every=1",
+                       "--resume", "auto", "data.batch_size=1"])
+    assert args.overrides == ["train.steps=2", "log.every=1", "data.batch_size=1"]
+    assert (args.out, args.resume) == ("x", "auto")
+
+
 def test_bad_ds_config_fails_before_the_process_group(tmp_path):
     """As the deepspeed launcher would start rank 0 of 2: a process group init would block
     waiting for rank 1, so a prompt exit proves the check ran first."""
