@@ -102,6 +102,15 @@ def check_paths(cfg: Config) -> None:
     r = cfg.checkpoint.resume
     if r not in ("", "auto", "none"):
         need("checkpoint.resume", r, "dir")
+    else:
+        from framer_dist.checkpoint import list_valid_checkpoints
+        root = Path(cfg.checkpoint.dir or Path(cfg.train.out_dir) / "checkpoints")
+        found = list_valid_checkpoints(root) if r != "auto" else []
+        if found:  # a fresh run here would mix with (and not overwrite) the earlier run's saves
+            raise ConfigError(
+                f"config key 'checkpoint.resume': {root} already holds checkpoints of an earlier "
+                f"run (newest {found[-1].name}); continue it with --resume auto, or start afresh "
+                "with another train.out_dir (or checkpoint.dir) or after removing that folder")
     for key, value in (("train.out_dir", cfg.train.out_dir), ("checkpoint.dir", cfg.checkpoint.dir),
                        ("log.dir", cfg.log.dir)):
         if value and Path(value).exists() and not Path(value).is_dir():

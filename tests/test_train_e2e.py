@@ -131,6 +131,22 @@ def test_framer_run_logs_documented_tags_heatmap_and_resumes(tmp_path):
     assert [h["step"] for h in res2.history] == [4, 5]
 
 
+def test_fresh_start_over_earlier_checkpoints_is_refused(tmp_path, capsys):
+    """A run without --resume in an out_dir that holds checkpoints would keep the earlier run's
+    step_N ("same step saved twice: keep the first"), leave `latest` on the earlier run and mix
+    two runs in one folder; the CLI refuses before anything starts and says how to go on."""
+    out = str(tmp_path / "run")
+    base = ["--config", TINY, "--out", out, SYN, "data.resolution=64", "train.steps=1",
+            "checkpoint.export=[]", "log.heatmap_every=0"]
+    assert main(base) == 0
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint.resume" in err and "--resume auto" in err and "Traceback" not in err
+    assert main(base + ["train.steps=2", "--resume", "auto"]) == 0
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*")) == [
+        "step_00000001", "step_00000002"]
+
+
 # ----------------------------------------------------------------------------------------------
 # training modes and exports
 
