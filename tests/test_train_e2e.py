@@ -47,6 +47,10 @@ def _cfg(out: Path, *overrides: str):
     (["--config", TINY, 'model.pretrained="no/such/sd35"', SYN], "model.pretrained"),
     (["--config", TINY, 'checkpoint.export=["lora"]', SYN], "checkpoint.export"),
     (["--config", TINY, "train.global_batch_size=3", SYN], "train.global_batch_size"),
+    (["--config", TINY, "data.resolution=48"], "data.resolution"),
+    (["--config", TINY, f'model.pretrained="{REPO / "configs"}"', SYN], "model.pretrained"),
+    (["--config", TINY, f'data.vae="{REPO / "configs"}"'], "data.vae"),
+    (["--config", TINY, "--backend", "fsdp2", SYN], "parallel.backend"),
 ])
 def test_bad_config_or_path_is_a_clear_error(argv, names, capsys):
     assert main(argv) == 2
@@ -62,6 +66,25 @@ def test_overrides_may_come_before_and_after_flags():
                        "--resume", "auto", "data.batch_size=1"])
     assert args.overrides == ["train.steps=2", "log.every=1", "data.batch_size=1"]
     assert (args.out, args.resume) == ("x", "auto")
+
+
+def test_data_source_errors_are_one_line(tmp_path, capsys):
+    """Problems only the data source can see (a folder without images) end in one line naming
+    the key and exit code 2, not a traceback."""
+    empty = tmp_path / "photos"
+    empty.mkdir()
+    assert main(["--config", TINY, "--out", str(tmp_path / "run"), f'data.path="{empty}"']) == 2
+    err = capsys.readouterr().err
+    assert "data.path" in err and str(empty) in err and "Traceback" not in err
+
+
+def test_ds_json_contents_are_checked_before_the_launch(tmp_path, capsys):
+    """A DeepSpeed JSON with its own optimizer section: refused up front, naming the file."""
+    ds = tmp_path / "zero3.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}, "optimizer": {"type": "Adam"}}))
+    assert main(["--config", TINY, "--ds", str(ds), SYN]) == 2
+    err = capsys.readouterr().err
+    assert str(ds) in err and "optimizer" in err and "Traceback" not in err
 
 
 def test_bad_ds_config_fails_before_the_process_group(tmp_path):
