@@ -145,3 +145,18 @@ def test_16bit_ground_truth_is_scaled_not_clipped(tmp_path):
     np.testing.assert_array_equal(got[..., 1], gray8)
     rows, mean = evaluate_folder(tmp_path / "pred", tmp_path / "gt", ["psnr"], crop_border=0)
     assert math.isinf(mean["psnr"])
+
+
+def test_two_predictions_with_the_same_name_are_refused(tmp_path, capsys):
+    """`--pred a/out --pred b/out` both default to the row name "out": the second used to
+    replace the first silently in every table."""
+    for d in ("a/out", "b/out", "hr"):
+        _save(tmp_path / d, "x.png", _rand(0))
+    argv = ["--pred", str(tmp_path / "a" / "out"), "--pred", str(tmp_path / "b" / "out"),
+            "--gt", str(tmp_path / "hr"), "--out", str(tmp_path / "e")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "'out'" in err and "METHOD=DIR" in err
+    assert not (tmp_path / "e").exists()
+    assert main(argv[:1] + [f"A={tmp_path / 'a' / 'out'}", "--pred", f"B={tmp_path / 'b' / 'out'}"]
+                + argv[4:]) == 0
