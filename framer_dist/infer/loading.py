@@ -7,10 +7,10 @@ Checkpoint kinds (``--kind auto`` recognises them by their files):
 - ``control``: ``dit4sr_control.safetensors`` (the DiT4SR layers only) on top of ``--base``, the
   stock SD3/SD3.5 folder it was trained from.
 - ``lora``: ``pytorch_lora_weights.safetensors`` on top of ``--base``; a control file in the same
-  folder (LoRA mode trains the control layers too) is loaded as well.
+  folder or the one above (LoRA mode trains the control layers too) is loaded as well.
 
-A folder holding several exports (e.g. ``export/diffusers``, ``export/control``) resolves to the
-full one first.
+A folder holding several exports (e.g. the trainer's ``export/`` with ``transformer/`` and
+``dit4sr_control.safetensors``) resolves to the full one first.
 """
 
 from __future__ import annotations
