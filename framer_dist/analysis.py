@@ -260,7 +260,18 @@ def main(argv: list[str] | None = None) -> int:
                           else ("cpu" if args.device == "auto" else args.device))
     try:
         cfg = load_config(args.config, args.override).framer
-        timesteps = [int(t) for t in args.timesteps.split(",") if t.strip()]
+        try:
+            timesteps = [int(t) for t in args.timesteps.split(",") if t.strip()]
+        except ValueError:
+            raise InferenceError(f"--timesteps: expected a comma list of integers in (0, 1000], "
+                                 f"got {args.timesteps!r}") from None
+        specs = [(label or Path(path).name, path)
+                 for label, _, path in (spec.rpartition("=") for spec in args.checkpoint)]
+        labels = [label for label, _ in specs]
+        dup = sorted({label for label in labels if labels.count(label) > 1})
+        if dup:  # one curve per label: a second checkpoint of the same label would replace the first
+            raise InferenceError(f"several --checkpoint paths have the label {', '.join(map(repr, dup))}; "
+                                 "name them with LABEL=PATH")
         folder = Path(args.images) if args.images else _default_images()
         files = list_images(folder)[: args.max_images]
         images = [read_image(f) for f in files]
@@ -271,11 +282,8 @@ def main(argv: list[str] | None = None) -> int:
             if missing:
                 raise InferenceError(f"no LR image in {args.lr} for: {', '.join(missing[:5])}")
             lr_images = [read_image(lr_by_stem[f.stem]) for f in files]
-        models = []
-        for spec in args.checkpoint:
-            label, _, path = spec.rpartition("=")
-            models.append((label or Path(path).name,
-                           load_transformer(path, kind=args.kind, base=args.base, device=device, dtype=dtype)))
+        models = [(label, load_transformer(path, kind=args.kind, base=args.base, device=device, dtype=dtype))
+                  for label, path in specs]
         vae = load_vae(args.vae if args.vae is not None else (args.base or ""), device=device, dtype=dtype)
         prompt = None
         if args.prompt is not None:
@@ -287,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         result = analyze(models, images, vae, cfg, timesteps, prompt, args.scale, args.max_size,
                          args.seed, lr_images)
         result["images"] = [f.name for f in files]
-        result["checkpoints"] = {label: spec.rpartition("=")[2] for (label, _), spec in zip(models, args.checkpoint)}
+        result["checkpoints"] = dict(specs)
         paths = write_outputs(result, args.out)
     except (InferenceError, ConfigError) as e:
         print(f"analyze_hierarchy: error: {e}", file=sys.stderr)

@@ -301,6 +301,10 @@ def _cross_checks(cfg: Config) -> None:
                           "needs a non-empty list of block indices")
     if cfg.data.source != "synthetic" and not cfg.data.path:
         raise ConfigError(f"config key 'data.path': data.source={cfg.data.source!r} needs a path")
+    d = cfg.data
+    if d.source in ("folder", "webdataset") and d.resolution % (d.scale * 8):  # 8: the VAE factor
+        raise ConfigError(f"config key 'data.resolution': {d.resolution} must be a multiple of "
+                          f"data.scale x 8 = {d.scale * 8} (the LR crop is VAE-encoded)")
 
 
 def parse_override(text: str) -> tuple[str, Any]:

@@ -311,11 +311,19 @@ def main(argv: list[str] | None = None) -> int:
         if not metrics:
             print("error: nothing to compute: no --gt and no --iqa-weights", file=sys.stderr)
             return 2
+    preds = []
+    for spec in args.pred:
+        name, _, folder = spec.rpartition("=")
+        preds.append((name or Path(folder).name, folder))
+    names = [n for n, _ in preds]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:  # one row per name: a second folder of the same name would replace the first
+        print(f"error: several --pred folders have the row name {', '.join(map(repr, dup))}; "
+              "name them with METHOD=DIR", file=sys.stderr)
+        return 2
     try:
         means, per_image = {}, {}
-        for spec in args.pred:
-            name, _, folder = spec.rpartition("=")
-            name = name or Path(folder).name
+        for name, folder in preds:
             per_image[name], means[name] = evaluate_folder(folder, args.gt, metrics, args.crop_border,
                                                            args.iqa_weights, args.device)
         paths = write_tables(args.out, args.dataset, means, per_image, metrics)

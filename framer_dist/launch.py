@@ -241,7 +241,8 @@ def plan_submission(args: argparse.Namespace) -> Plan:
             raise ConfigError(f"--ds given with --backend {backend}: drop one of them")
         backend_args = ["--backend", backend]
         extra = [f'parallel.backend="{backend}"']
-    cfg = load_config(cfg_path, [*args.overrides, *extra])  # names the bad key
+    # as the trainer will see it (trainer_command adds --resume auto)
+    cfg = load_config(cfg_path, [*args.overrides, *extra, 'checkpoint.resume="auto"'])  # names the bad key
     if any(o.split("=", 1)[0].strip() == "checkpoint.preempt_signal" for o in args.overrides):
         raise ConfigError("config key 'checkpoint.preempt_signal' is set by the launcher to the "
                           "signal submitit sends (SUBMITIT_PREEMPT_SIGNAL, default USR2); drop "
@@ -286,6 +287,10 @@ def plan_submission(args: argparse.Namespace) -> Plan:
         if args.exclusive:
             params["slurm_exclusive"] = True
         cluster = "slurm"
+    # the trainer's own up-front checks (paths, crop size, DeepSpeed JSON, global batch) for the
+    # world size this job will have, so that a bad run never waits in the queue
+    from framer_dist.train import check_paths
+    check_paths(cfg, world_size=params["nodes"] * params["tasks_per_node"], on_this_machine=False)
     return Plan(spec=spec, folder=folder, cluster=cluster, parameters=params,
                 max_requeues=args.max_requeues)
 

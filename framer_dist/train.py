@@ -46,7 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help=argparse.SUPPRESS)  # passed by the deepspeed launcher; LOCAL_RANK wins
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
-    return p.parse_args(argv)
+    # intermixed: overrides may sit before and after the flags (`... train.steps=2 --out d x.y=1`)
+    return p.parse_intermixed_args(argv)
 
 
 def build_config(args: argparse.Namespace) -> Config:
@@ -68,8 +69,11 @@ def build_config(args: argparse.Namespace) -> Config:
     return cfg
 
 
-def check_paths(cfg: Config) -> None:
-    """Every file and folder the run needs, checked before any process group or model exists."""
+def check_paths(cfg: Config, world_size: int | None = None, on_this_machine: bool = True) -> None:
+    """Every file and folder the run needs, checked before any process group or model exists.
+
+    ``world_size``: the launch's (default: the launcher's WORLD_SIZE, else 1).
+    ``on_this_machine=False`` (a submitter on a login node) skips the launcher and CUDA checks."""
     def need(key: str, value: str, kind: str) -> None:
         if not value:
             return
@@ -87,6 +91,13 @@ def check_paths(cfg: Config) -> None:
             raise ConfigError(f"config key 'parallel.ds_config': {cfg.parallel.ds_config} is not "
                               f"valid JSON: {e}") from None
     need("model.pretrained", cfg.model.pretrained, "dir")
+    if cfg.model.pretrained:
+        from framer_dist.models.loading import (PretrainedLoadError, read_transformer_config,
+                                                resolve_transformer_dir)
+        try:
+            read_transformer_config(resolve_transformer_dir(cfg.model.pretrained))
+        except PretrainedLoadError as e:
+            raise ConfigError(str(e)) from None
     d = cfg.data
     if d.source in ("folder", "cached"):
         need("data.path", d.path, "dir")
@@ -95,12 +106,24 @@ def check_paths(cfg: Config) -> None:
     need("data.prompt_embeddings", d.prompt_embeddings, "dir")
     need("data.captions", d.captions, "file")
     need("data.vae", d.vae, "dir")
+    if d.vae and not any((Path(d.vae) / sub / "config.json").is_file() for sub in ("", "vae")):
+        raise ConfigError(f"config key 'data.vae': no diffusers VAE (config.json) in {d.vae} "
+                          "or its vae/ folder")
     if "lora" in cfg.checkpoint.export and cfg.train.mode != "lora":
         raise ConfigError("config key 'checkpoint.export': 'lora' needs train.mode='lora', this run "
                           f"trains {cfg.train.mode!r}")
     r = cfg.checkpoint.resume
     if r not in ("", "auto", "none"):
         need("checkpoint.resume", r, "dir")
+    else:
+        from framer_dist.checkpoint import list_valid_checkpoints
+        root = Path(cfg.checkpoint.dir or Path(cfg.train.out_dir) / "checkpoints")
+        found = list_valid_checkpoints(root) if r != "auto" else []
+        if found:  # a fresh run here would mix with (and not overwrite) the earlier run's saves
+            raise ConfigError(
+                f"config key 'checkpoint.resume': {root} already holds checkpoints of an earlier "
+                f"run (newest {found[-1].name}); continue it with --resume auto, or start afresh "
+                "with another train.out_dir (or checkpoint.dir) or after removing that folder")
     for key, value in (("train.out_dir", cfg.train.out_dir), ("checkpoint.dir", cfg.checkpoint.dir),
                        ("log.dir", cfg.log.dir)):
         if value and Path(value).exists() and not Path(value).is_dir():
@@ -108,7 +131,24 @@ def check_paths(cfg: Config) -> None:
     # The launcher already fixed the world size: check the global batch divides before joining.
     import os
     from framer_dist.parallel.common import resolve_grad_accum
-    resolve_grad_accum(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    accum = resolve_grad_accum(cfg, world)
+    if cfg.parallel.backend == "deepspeed":  # the JSON's contents against our config
+        from framer_dist.parallel.ds import build_ds_config
+        build_ds_config(cfg, accum, world)
+    if not on_this_machine:
+        return
+    backend = cfg.parallel.backend
+    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if backend != "none" and missing:
+        raise ConfigError(
+            f"config key 'parallel.backend': {backend!r} needs a distributed launcher, but "
+            f"{', '.join(missing)} are not set: start it with `torchrun --nproc-per-node N "
+            "framer_dist/train.py ...` or `deepspeed framer_dist/train.py ...` (one process is "
+            "fine), or use --backend none for a plain single process")
+    if backend == "none" and world > 1:
+        raise ConfigError(f"config key 'parallel.backend': 'none' is single-process, but this was "
+                          f"launched with WORLD_SIZE={world}; use --backend fsdp2 or --ds JSON")
     if cfg.train.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("config key 'train.device': 'cuda' requested but CUDA is not available")
 
@@ -424,7 +464,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:  # before any process group: a clear message, no traceback
         print(f"framer-train: error: {e}", file=sys.stderr)
         return 2
-    result = train(cfg)
+    from framer_dist.data import DataSourceError
+    from framer_dist.models.loading import PretrainedLoadError
+    try:
+        result = train(cfg)
+    except (ConfigError, DataSourceError, PretrainedLoadError) as e:
+        # what only the data source or the weights reveal (no images, no empty-prompt cache, a
+        # preset that does not fit the folder): the message names the key; no traceback
+        print(f"framer-train: error: {e}", file=sys.stderr)
+        return 2
     if result.preempted:
         return cfg.checkpoint.requeue_exit_code
     return 0

@@ -79,3 +79,16 @@ def test_tool_writes_png_and_json_for_two_checkpoints(tmp_path, capsys):
     (imgs / "bad.png").write_bytes(b"\x89PNG broken")
     assert main(["--checkpoint", str(tmp_path / "baseline"), "--out", str(tmp_path / "o3")] + common) == 2
     assert "cannot read image" in capsys.readouterr().err
+
+
+def test_tool_refuses_duplicate_labels_and_bad_timesteps(tmp_path, capsys):
+    """Two checkpoints with the same label (`runs/a/export/transformer`, `runs/b/export/transformer`)
+    used to draw one curve, the second replacing the first; a non-numeric --timesteps was a
+    traceback. Both are one-line errors before any model is loaded."""
+    a, b = tmp_path / "a" / "transformer", tmp_path / "b" / "transformer"
+    common = ["--out", str(tmp_path / "out"), "--device", "cpu"]
+    assert main(["--checkpoint", str(a), "--checkpoint", str(b)] + common) == 2
+    err = capsys.readouterr().err
+    assert "'transformer'" in err and "LABEL=PATH" in err
+    assert main(["--checkpoint", str(a), "--timesteps", "300,abc"] + common) == 2
+    assert "--timesteps" in capsys.readouterr().err

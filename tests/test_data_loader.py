@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from framer_dist.config import load_config
+from framer_dist.config import ConfigError, load_config
 from framer_dist.data import DataSourceError, build_dataloader, encode_batch, load_vae
 from framer_dist.data.prompts import write_empty, write_shard
 from framer_dist.data.stream import item_at
@@ -183,9 +183,8 @@ def test_bad_config_errors_name_the_key(tmp_path):
         build_dataloader(_cfg("data.source='folder'", f"data.path='{tmp_path}/empty'"), 0, 1, 0)
     with pytest.raises(DataSourceError, match="no cached-pair shards"):
         build_dataloader(_cfg("data.source='cached'", f"data.path='{tmp_path}/empty'"), 0, 1, 0)
-    with pytest.raises(DataSourceError, match="data.resolution"):
-        build_dataloader(_cfg("data.source='folder'", f"data.path='{tmp_path}/empty'",
-                              "data.resolution=40"), 0, 1, 0)
+    with pytest.raises(ConfigError, match="data.resolution"):  # refused by the config itself
+        _cfg("data.source='folder'", f"data.path='{tmp_path}/empty'", "data.resolution=40")
     with pytest.raises(DataSourceError, match="data.degrade_online"):
         build_dataloader(_cfg("data.source='folder'", f"data.path='{tmp_path}/empty'",
                               "data.degrade_online=false"), 0, 1, 0)

@@ -127,3 +127,36 @@ def test_unreadable_image_and_missing_metric_weights(tmp_path, capsys):
     if not has_pyiqa:
         with pytest.raises(MetricError, match="pyiqa"):
             load_iqa_metric("niqe", w)
+
+
+def test_16bit_ground_truth_is_scaled_not_clipped(tmp_path):
+    """A 16-bit PNG (common for HR test sets) is read as 8-bit RGB scaled by 255/65535, as the
+    training data path does; PIL's plain convert("RGB") clips it to white."""
+    from framer_dist.infer.io import read_image
+
+    rgb = _rand(5, 24, 32)
+    gray8 = rgb[..., 0]
+    (tmp_path / "gt").mkdir()
+    (tmp_path / "pred").mkdir()
+    Image.fromarray(gray8.astype(np.uint16) * 257).save(tmp_path / "gt" / "a.png")  # I;16
+    Image.fromarray(np.repeat(gray8[..., None], 3, axis=2)).save(tmp_path / "pred" / "a.png")
+    got = read_image(tmp_path / "gt" / "a.png")
+    assert got.dtype == np.uint8 and got.shape == (24, 32, 3)
+    np.testing.assert_array_equal(got[..., 1], gray8)
+    rows, mean = evaluate_folder(tmp_path / "pred", tmp_path / "gt", ["psnr"], crop_border=0)
+    assert math.isinf(mean["psnr"])
+
+
+def test_two_predictions_with_the_same_name_are_refused(tmp_path, capsys):
+    """`--pred a/out --pred b/out` both default to the row name "out": the second used to
+    replace the first silently in every table."""
+    for d in ("a/out", "b/out", "hr"):
+        _save(tmp_path / d, "x.png", _rand(0))
+    argv = ["--pred", str(tmp_path / "a" / "out"), "--pred", str(tmp_path / "b" / "out"),
+            "--gt", str(tmp_path / "hr"), "--out", str(tmp_path / "e")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "'out'" in err and "METHOD=DIR" in err
+    assert not (tmp_path / "e").exists()
+    assert main(argv[:1] + [f"A={tmp_path / 'a' / 'out'}", "--pred", f"B={tmp_path / 'b' / 'out'}"]
+                + argv[4:]) == 0

@@ -333,6 +333,17 @@ def test_radial_mask_boundaries():
     assert torch.isfinite(s.grad).all()
 
 
+def test_empty_band_with_a_gather_function():
+    """radius >= sqrt(2) empties the HF band; the trainer always passes a gather (also on one
+    rank), whose key split must cope with zero-width keys and agree with the no-gather result."""
+    s, t = _inputs()
+    cfg = _cfg(radius=2.0)
+    want = framer_objective(s, t, cfg, torch.Generator().manual_seed(0))
+    got = framer_objective(s, t, cfg, torch.Generator().manual_seed(0), gather=lambda x: x.clone())
+    torch.testing.assert_close(got.loss, want.loss)
+    torch.testing.assert_close(got.metrics["l_hf"], torch.full((L,), math.log(2 * B)))
+
+
 def test_column_weights_count_mirrors():
     for w in (8, 9):
         count, sqrt_w = column_weights(w, True, torch.device("cpu"))

@@ -240,3 +240,34 @@ def test_cli_with_sd3_text_encoders_and_llava_captions(parts, tmp_path):
     assert main(common[:1] + [str(tmp_path / "o_llava")] + common[1:] + ["--llava", str(llava)]) == 0
     for d in ("o_prompt", "o_llava"):
         assert Image.open(tmp_path / d / "a.png").size == (24, 16)
+
+
+def test_lora_run_export_folder_loads_its_control_layers_too(parts, tmp_path):
+    """The trainer's LoRA export (checkpoint.export = ["control", "lora"]) is
+    export/dit4sr_control.safetensors + export/lora/pytorch_lora_weights.safetensors; loading
+    export/ (as docs/inference.md shows) or export/lora must apply both, as the trainer's model."""
+    from framer_dist.config import LoraConfig
+    from framer_dist.infer.loading import load_transformer
+    from framer_dist.models import apply_training_mode, load_pretrained, save_lora
+
+    model, _, _ = parts
+    full = save_model(model, tmp_path / "base")
+    trained = load_pretrained(full)
+    apply_training_mode(trained, "lora", LoraConfig(rank=2, alpha=2.0))
+    with torch.no_grad():  # what training changes: the control layers and the adapters
+        for n, p in trained.named_parameters():
+            if "lora_B" in n or "_control" in n:
+                p.add_(torch.randn_like(p) * 0.3)
+    export = tmp_path / "export"
+    save_control(trained, export)            # as train.write_exports lays them out
+    save_lora(trained, export / "lora")
+    g = torch.Generator().manual_seed(0)
+    x = dict(hidden_states=torch.randn(1, 16, 8, 8, generator=g),
+             lr_latent=torch.randn(1, 16, 8, 8, generator=g), timestep=torch.tensor([500.0]),
+             encoder_hidden_states=torch.randn(1, 6, 32, generator=g),
+             pooled_projections=torch.randn(1, 32, generator=g))
+    with torch.no_grad():
+        want = trained.eval()(**x).sample
+        for ckpt in (export, export / "lora"):
+            got = load_transformer(ckpt, base=full)(**x).sample
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

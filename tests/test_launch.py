@@ -167,6 +167,8 @@ def test_submit_without_config_fails_before_queueing(tmp_path: Path, capsys) -> 
     (["--config", "{cfg}", "--ds", "missing.json"], "DeepSpeed config not found: missing.json"),
     (["--config", "{cfg}", "--nodes", "2"], "--nodes must be 1"),
     (["--config", "{cfg}", "checkpoint.preempt_signal=SIGUSR1"], "set by the launcher"),
+    (["--config", "{cfg}", 'data.source="folder"', 'data.path="no/such/photos"'], "data.path"),
+    (["--config", "{cfg}", "--tasks", "3"], "train.global_batch_size"),  # 4 is not 2 x 3 x k
 ])
 def test_submit_bad_options_fail_before_queueing(tmp_path: Path, capsys, argv, message) -> None:
     cfg = _write_config(tmp_path, tmp_path / "run")
@@ -179,6 +181,16 @@ def test_submit_bad_options_fail_before_queueing(tmp_path: Path, capsys, argv, m
     assert not folder.exists()
 
 
+def test_submit_resubmission_over_checkpoints_is_valid(tmp_path: Path, capsys) -> None:
+    """The launcher always resumes (--resume auto): an out_dir with checkpoints is no error."""
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step_00000002").mkdir(parents=True)
+    (out / "checkpoints" / "step_00000002" / "COMPLETE").write_text("{}")
+    cfg = _write_config(tmp_path, out)
+    assert launch.main(["--config", str(cfg), "--local", "--cpu", "--dry-run"]) == 0
+    assert "--resume auto" in capsys.readouterr().out
+
+
 def test_slurm_plan_maps_every_option(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.setenv("PATH", f"{FAKE_SLURM}{os.pathsep}{os.environ['PATH']}")  # submitit wants srun
     cfg = _write_config(tmp_path, tmp_path / "run")
@@ -187,7 +199,7 @@ def test_slurm_plan_maps_every_option(tmp_path: Path, monkeypatch, capsys) -> No
                       "--partition", "gpu", "--account", "proj", "--qos", "high",
                       "--constraint", "h200", "--mem", "0", "--time", "1-00:00:00",
                       "--cpus-per-task", "12", "--folder", str(folder), "--dry-run",
-                      "framer.weight=0.05"])
+                      "train.global_batch_size=64", "framer.weight=0.05"])  # 64 = 2 x 32 ranks
     assert rc == 0
     out = capsys.readouterr().out
     for line in ["--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8", "--partition=gpu",

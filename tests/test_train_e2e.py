@@ -47,12 +47,44 @@ def _cfg(out: Path, *overrides: str):
     (["--config", TINY, 'model.pretrained="no/such/sd35"', SYN], "model.pretrained"),
     (["--config", TINY, 'checkpoint.export=["lora"]', SYN], "checkpoint.export"),
     (["--config", TINY, "train.global_batch_size=3", SYN], "train.global_batch_size"),
+    (["--config", TINY, "data.resolution=48"], "data.resolution"),
+    (["--config", TINY, f'model.pretrained="{REPO / "configs"}"', SYN], "model.pretrained"),
+    (["--config", TINY, f'data.vae="{REPO / "configs"}"'], "data.vae"),
+    (["--config", TINY, "--backend", "fsdp2", SYN], "parallel.backend"),
 ])
 def test_bad_config_or_path_is_a_clear_error(argv, names, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert names in err and "Traceback" not in err
     assert not torch.distributed.is_initialized()
+
+
+def test_overrides_may_come_before_and_after_flags():
+    """`... train.steps=2 --out DIR log.every=1 --resume auto`: every dotted override is kept
+    (the docs allow any number of them anywhere, as `... --resume auto` appended to a command)."""
+    args = parse_args(["--config", TINY, "train.steps=2", "--out", "x", "log.every=1",
+                       "--resume", "auto", "data.batch_size=1"])
+    assert args.overrides == ["train.steps=2", "log.every=1", "data.batch_size=1"]
+    assert (args.out, args.resume) == ("x", "auto")
+
+
+def test_data_source_errors_are_one_line(tmp_path, capsys):
+    """Problems only the data source can see (a folder without images) end in one line naming
+    the key and exit code 2, not a traceback."""
+    empty = tmp_path / "photos"
+    empty.mkdir()
+    assert main(["--config", TINY, "--out", str(tmp_path / "run"), f'data.path="{empty}"']) == 2
+    err = capsys.readouterr().err
+    assert "data.path" in err and str(empty) in err and "Traceback" not in err
+
+
+def test_ds_json_contents_are_checked_before_the_launch(tmp_path, capsys):
+    """A DeepSpeed JSON with its own optimizer section: refused up front, naming the file."""
+    ds = tmp_path / "zero3.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}, "optimizer": {"type": "Adam"}}))
+    assert main(["--config", TINY, "--ds", str(ds), SYN]) == 2
+    err = capsys.readouterr().err
+    assert str(ds) in err and "optimizer" in err and "Traceback" not in err
 
 
 def test_bad_ds_config_fails_before_the_process_group(tmp_path):
@@ -120,6 +152,22 @@ def test_framer_run_logs_documented_tags_heatmap_and_resumes(tmp_path):
                 "checkpoint.export=[]", 'checkpoint.resume="auto"')
     res2 = train(cfg2)
     assert [h["step"] for h in res2.history] == [4, 5]
+
+
+def test_fresh_start_over_earlier_checkpoints_is_refused(tmp_path, capsys):
+    """A run without --resume in an out_dir that holds checkpoints would keep the earlier run's
+    step_N ("same step saved twice: keep the first"), leave `latest` on the earlier run and mix
+    two runs in one folder; the CLI refuses before anything starts and says how to go on."""
+    out = str(tmp_path / "run")
+    base = ["--config", TINY, "--out", out, SYN, "data.resolution=64", "train.steps=1",
+            "checkpoint.export=[]", "log.heatmap_every=0"]
+    assert main(base) == 0
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint.resume" in err and "--resume auto" in err and "Traceback" not in err
+    assert main(base + ["train.steps=2", "--resume", "auto"]) == 0
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*")) == [
+        "step_00000001", "step_00000002"]
 
 
 # ----------------------------------------------------------------------------------------------

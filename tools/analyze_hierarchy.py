@@ -2,8 +2,8 @@
 """The paper's Fig. 7 (per-layer LF/HF similarity to the final layer) and Fig. 9 (FAW/FAM weights
 over layers) for one or more checkpoints; see framer_dist/analysis.py.
 
-    python tools/analyze_hierarchy.py --checkpoint baseline=runs/base/export/diffusers \
-        --checkpoint FRAMER=runs/framer/export/diffusers --vae sd35m/ --out hierarchy/
+    python tools/analyze_hierarchy.py --checkpoint baseline=runs/base/export/transformer \
+        --checkpoint FRAMER=runs/framer/export/transformer --vae sd35m/ --out hierarchy/
 """
 
 import sys

@@ -190,7 +190,8 @@ def _gather_keys(bands: dict[str, BandFeatures], kinds: dict[str, str], n_layers
     out = group.all_gather(torch.cat(parts, dim=1))  # [Bg, sum]
     result, start = {}, 0
     for n, (m, k) in zip(names, sizes):
-        block = out[:, start:start + m * k].reshape(-1, m, k)
+        # explicit batch size: an empty band (radius >= sqrt(2)) has k = 0, where -1 is ambiguous
+        block = out[:, start:start + m * k].reshape(out.shape[0], m, k)
         start += m * k
         result[n + "_t"] = block[:, 0]
         if pos is not None:

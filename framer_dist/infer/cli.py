@@ -1,6 +1,6 @@
 """``framer-sr``: super-resolve an image or a folder of images with a trained checkpoint.
 
-    framer-sr in/ out/ --checkpoint runs/x/export/diffusers --vae sd35m/ --text-encoders sd35m/
+    framer-sr in/ out/ --checkpoint runs/x/export/transformer --vae sd35m/ --text-encoders sd35m/
     framer-sr lr.png out/ --checkpoint ctrl.safetensors --base sd35m/ --prompt "a red car"
 
 Every option and its default is in docs/inference.md.

@@ -29,15 +29,20 @@ def list_images(path: str | Path) -> list[Path]:
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """RGB uint8 ``[H, W, 3]``; an unreadable or missing file raises ``InferenceError`` naming it."""
+    """RGB uint8 ``[H, W, 3]`` (converted like the training data, framer_dist.data.images.to_rgb);
+    an unreadable or missing file raises ``InferenceError`` naming it."""
     from PIL import Image, UnidentifiedImageError
 
     p = Path(path)
     if not p.is_file():
         raise InferenceError(f"image not found: {p}")
+    from framer_dist.data.images import to_rgb
+
     try:
         with Image.open(p) as im:
-            return np.asarray(im.convert("RGB")).copy()
+            # the training data's conversion: 16-bit scaled (convert("RGB") clips it to white),
+            # alpha composited on white, EXIF orientation applied
+            return np.asarray(to_rgb(im)[0], dtype=np.uint8).copy()
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise InferenceError(f"cannot read image {p}: {e}") from None
 

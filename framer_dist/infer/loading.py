@@ -7,10 +7,10 @@ Checkpoint kinds (``--kind auto`` recognises them by their files):
 - ``control``: ``dit4sr_control.safetensors`` (the DiT4SR layers only) on top of ``--base``, the
   stock SD3/SD3.5 folder it was trained from.
 - ``lora``: ``pytorch_lora_weights.safetensors`` on top of ``--base``; a control file in the same
-  folder (LoRA mode trains the control layers too) is loaded as well.
+  folder or the one above (LoRA mode trains the control layers too) is loaded as well.
 
-A folder holding several exports (e.g. ``export/diffusers``, ``export/control``) resolves to the
-full one first.
+A folder holding several exports (e.g. the trainer's ``export/`` with ``transformer/`` and
+``dit4sr_control.safetensors``) resolves to the full one first.
 """
 
 from __future__ import annotations
@@ -75,8 +75,13 @@ def load_transformer(checkpoint: str | Path, *, kind: str = "auto", base: str | 
             if not Path(base).exists():
                 raise InferenceError(f"--base folder not found: {base}")
             model = load_pretrained(base)
-            control = path if found_kind == "control" else path.parent / CONTROL_FILE
-            if control.is_file():
+            if found_kind == "control":
+                control = path
+            else:  # next to the adapter, or one up: the trainer writes export/dit4sr_control.safetensors
+                # and export/lora/pytorch_lora_weights.safetensors
+                control = next((d / CONTROL_FILE for d in (path.parent, path.parent.parent)
+                                if (d / CONTROL_FILE).is_file()), None)
+            if control is not None:
                 load_control(model, control)
             if found_kind == "lora":
                 load_lora(model, path)
