@@ -2,7 +2,7 @@
 
 Only the parameter draws run on the CPU, from one ``numpy`` generator per sample seeded by that
 sample's seed: kernels, noise, resizing and JPEG then run on the batch's device for the whole
-batch at once (the noise itself comes from a device generator seeded from the sample's draws).
+batch at once (the noise itself is a counter hash of the sample's key and pixel position, :mod:`.rng`).
 A sample's output depends only on its image and its seed, never on its batch-mates, so a batch
 is reproducible bit for bit on the same device type and a resumed run sees the same pairs.
 
@@ -33,8 +33,8 @@ from torch import Tensor
 
 from . import canvas as cv
 from .jpeg import _dct2, jpeg_with_tables, quant_tables
-from .rng import (KEY_MASK, POISSON_SALT, _normal_table, _poisson_search_table, counter_hash,
-                  log2_ceil_index, normal_from_hash, poisson_index, poisson_noise_table)
+from .noise import add_noise
+from .rng import KEY_MASK, POISSON_SALT, _normal_table, _poisson_search_table, poisson_noise_table
 from .stream import splitmix64
 from .kernels import gaussian_kernel_1d, mixed_kernels, pulse_kernels, sinc_kernels
 
@@ -355,50 +355,6 @@ def plan_degradation(seeds: list[int], p: DegradeParams, hw: tuple[int, int],
 # execution (device only: no host reads, no host-to-device copies, no per-sample Python branches)
 
 
-def _vals_index(plane: Tensor, valid: Tensor) -> Tensor:
-    """``[B]`` log2 of Real-ESRGAN's ``vals`` = 2^ceil(log2(#distinct 8-bit values in the valid
-    region)): the values present are marked with plain stores of 1 (deterministic, no atomics);
-    pixels outside a sample's valid region go to the spare slot 256."""
-    b = plane.shape[0]
-    idx = torch.where(valid, plane.long(), 256)
-    present = torch.zeros(b, 257, device=plane.device).scatter_(1, idx.reshape(b, -1), 1.0)
-    return log2_ceil_index(present[:, :256].sum(1).clamp_min(1))
-
-
-def _poisson_noise(x: Tensor, q: Tensor, z: Tensor, h: Tensor, w: Tensor, mono: Tensor,
-                   scale: Tensor) -> Tensor:
-    """Real-ESRGAN's Poisson noise ``(Poisson(img * vals) / vals - img) * scale`` for the whole
-    batch, colour or gray (gray: the luma's counts on every channel, via the hash's mono key)."""
-    b, _, hc, wc = x.shape
-    gray = (0.299 * q[:, 0] + 0.587 * q[:, 1] + 0.114 * q[:, 2]).round().clamp(0, 255)[:, None]
-    valid = cv.valid_mask(h, w, hc, wc)
-    m = mono.view(b, 1, 1, 1).bool()
-    vi = torch.where(m, _vals_index(gray, valid).view(b, 1, 1, 1), _vals_index(q, valid).view(b, 1, 1, 1))
-    img_q = torch.where(m, gray.expand_as(q), q)
-    row = (img_q + (vi * 256).to(x.dtype)).long()        # CDF row v * 256 + q (exact integers)
-    return poisson_noise_table(str(x.device))[poisson_index(z, row)] * scale.to(x.dtype).view(b, 1, 1, 1)
-
-
-def _add_noise(x: Tensor, h: Tensor, w: Tensor, t: dict[str, Tensor], prefix: str,
-               kinds: tuple[bool, bool]) -> Tensor:
-    """Gaussian or Poisson noise per sample, a function of the sample's own size and key only
-    (not of the canvas or batch): both kinds come from one counter hash per pixel (:mod:`.rng`);
-    each kind the plan uses is computed for the whole batch and selected per sample."""
-    b, _, hc, wc = x.shape
-    z = counter_hash(t[prefix + "key"], h, w, t[prefix + "mono"], 3, hc, wc)
-    gaussian, poisson = kinds
-    if gaussian:
-        gauss = normal_from_hash(z) * t[prefix + "sigma"].to(x.dtype).view(b, 1, 1, 1)
-    if poisson:
-        q = torch.clamp(torch.round(x * 255.0), 0, 255)
-        pois = _poisson_noise(x, q, z, h, w, t[prefix + "mono"], t[prefix + "scale"])
-    if gaussian and poisson:
-        noise = torch.where(t[prefix + "gauss"].view(b, 1, 1, 1), gauss, pois)
-    else:
-        noise = gauss if gaussian else pois
-    return (x + noise).clamp(0, 1)
-
-
 def _taps(t: dict[str, Tensor], prefix: str) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
     return (t[prefix + "y_idx"], t[prefix + "y_w"]), (t[prefix + "x_idx"], t[prefix + "x_w"])
 
@@ -408,7 +364,7 @@ def _run_stage(x: Tensor, t: dict[str, Tensor], s: str, h: Tensor, w: Tensor,
     """Blur at the current sizes ``h, w``, resize to the stage's sizes, add noise."""
     x = cv.filter2d(x, h, w, t["k" + s])
     x = cv.resize_with_taps(x, *_taps(t, "r" + s))
-    return _add_noise(x, t["h" + s], t["w" + s], t, "n" + s, kinds)
+    return add_noise(x, t["h" + s], t["w" + s], t, "n" + s, kinds)
 
 
 def _run_final(x: Tensor, t: dict[str, Tensor], orders: tuple[bool, bool]) -> Tensor:

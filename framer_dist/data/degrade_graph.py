@@ -9,7 +9,7 @@ eager batched call's on the same device bit for bit (same kernels, same shapes; 
 
 Memory: each cached graph holds its private memory pool, i.e. every intermediate of one batched
 call at the static canvas (stage 1 up to 1.5 H x 1.5 W per sample, float32, with int64 noise hash
-words and float64 Poisson uniforms of that size), plus the static inputs and outputs. At 512 px,
+words of that size), plus the static inputs and outputs. At 512 px,
 batch 16, that is of the order of a few GB (``bench/degrade.py`` records the reserved memory);
 call :meth:`GraphedDegrader.clear` to free it.
 """
