@@ -54,12 +54,15 @@ def _fsync(path: Path) -> None:
 def write_text_atomic(path: str | Path, text: str) -> None:
     path = Path(path)
     tmp = _tmp_name(path)
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    _new_file_mode(tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        _new_file_mode(tmp)
+        os.replace(tmp, path)
+    finally:  # a failed write (disk full) leaves the previous file and no temporary
+        tmp.unlink(missing_ok=True)
 
 
 def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | Path,

@@ -262,8 +262,9 @@ def train(cfg: Config) -> RunResult:
     history_file = out_dir / "metrics.jsonl"
     if backend.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        from framer_dist.atomic import write_text_atomic
         from framer_dist.config import dump_toml
-        (out_dir / "config.toml").write_text(dump_toml(cfg))
+        write_text_atomic(out_dir / "config.toml", dump_toml(cfg))  # a crash keeps the old one
     text_tokens = None
     flops_per_sample: float | None = None
     peak = peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

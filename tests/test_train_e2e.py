@@ -234,3 +234,23 @@ def test_mode_trains_exports_and_reloads(tmp_path, mode, exports):
         last, avg = load_file(res.exports["control"]), load_file(res.exports["ema_control"])
         assert set(last) == set(avg)
         assert max((last[k] - avg[k]).abs().max().item() for k in last) > 0
+
+
+def test_config_toml_survives_a_crash_mid_write(tmp_path):
+    """The run folder's config.toml is rewritten on every (re)start; a crash or a full disk in the
+    middle of that write must leave the previous one whole, not a truncated file."""
+    from _disk_full import run_with_file_size_limit
+
+    out = tmp_path / "run"
+    base = ["--config", TINY, "--out", str(out), SYN, "data.resolution=64", "train.steps=1",
+            "checkpoint.export=[]", "log.heatmap_every=0"]
+    assert main(base) == 0
+    before = (out / "config.toml").read_text()
+    resume = base + ["train.steps=2", "--resume", "auto"]
+    code = ("import os, sys\nos.environ['FRAMER_NO_PROGRESS'] = '1'\n"
+            f"from framer_dist.train import main\nsys.exit(main({resume!r}))\n")
+    proc = run_with_file_size_limit(code, limit=len(before) // 2)
+    assert proc.returncode != 0 and "File too large" in proc.stderr, proc.stderr[-2000:]
+    assert "config.toml" in proc.stderr  # it failed writing the config, not before
+    assert (out / "config.toml").read_text() == before
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".tmp-")]
