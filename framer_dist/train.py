@@ -101,6 +101,12 @@ def check_paths(cfg: Config, world_size: int | None = None, on_this_machine: boo
     d = cfg.data
     if d.source in ("folder", "cached"):
         need("data.path", d.path, "dir")
+    if d.source == "cached":  # the cache's manifest against data.resolution / data.scale
+        from framer_dist.data.sources import DataSourceError, check_cache_manifest
+        try:
+            check_cache_manifest(d.path, d.resolution, d.scale)
+        except DataSourceError as e:
+            raise ConfigError(str(e)) from None
     elif d.source == "webdataset" and not any(ch in d.path for ch in "{:*"):
         need("data.path", d.path, "any")  # brace patterns and URLs are checked by the loader
     need("data.prompt_embeddings", d.prompt_embeddings, "dir")

@@ -254,3 +254,17 @@ def test_config_toml_survives_a_crash_mid_write(tmp_path):
     assert "config.toml" in proc.stderr  # it failed writing the config, not before
     assert (out / "config.toml").read_text() == before
     assert not [p.name for p in out.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_cached_data_other_than_the_manifest_fails_before_the_model(tmp_path, capsys):
+    """data.source='cached' with a data.scale the cache was not prepared with: one line naming
+    both values and the manifest, exit 2, from the up-front checks."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "manifest.json").write_text(json.dumps({"resolution": 64, "scale": 4}))
+    assert main(["--config", TINY, "--out", str(tmp_path / "run"), 'data.source="cached"',
+                 f'data.path="{cache}"', "data.resolution=64", "data.scale=2"]) == 2
+    err = capsys.readouterr().err
+    assert "data.scale=2" in err and "scale=4" in err and str(cache / "manifest.json") in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()  # refused before the run folder or the model
