@@ -263,8 +263,9 @@ def train(cfg: Config) -> RunResult:
 
     # -- logging -------------------------------------------------------------------------------
     log_dir = Path(cfg.log.dir or out_dir / "tb")
+    # after a resume at step N, TensorBoard discards what the interrupted run logged after N
     tb = metrics.TBWriter(log_dir if world == 1 or backend.is_main else log_dir / f"rank{rank}",
-                          enabled=logs_here)
+                          enabled=logs_here, purge_step=step + 1 if client else None)
     history_file = out_dir / "metrics.jsonl"
     if backend.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -154,6 +154,27 @@ def test_framer_run_logs_documented_tags_heatmap_and_resumes(tmp_path):
     assert [h["step"] for h in res2.history] == [4, 5]
 
 
+def test_resume_discards_the_interrupted_runs_later_events(tmp_path):
+    """A run checkpoints at step 2, logs step 3 and dies before its next checkpoint; the resumed
+    run starts from step 2 and logs step 3 again. Read back from the real event files, every
+    scalar and image has each step once (the interrupted run's step 3 purged), as TensorBoard
+    users expect after a restart."""
+    from framer_dist.train import train
+
+    over = ("checkpoint.every=2", "log.heatmap_every=1", "checkpoint.export=[]")
+    first = train(_cfg(tmp_path / "run", "train.steps=3", *over))
+    assert [e.step for e in _events(first.log_dir).Scalars("loss/total")] == [1, 2, 3]
+    step2 = tmp_path / "run" / "checkpoints" / "step_00000002"
+    res = train(_cfg(tmp_path / "run", "train.steps=4", *over, f'checkpoint.resume="{step2}"'))
+    assert [h["step"] for h in res.history] == [3, 4]
+    assert len(list(res.log_dir.glob("events.out.tfevents.*"))) == 2  # one file per process
+    acc = _events(res.log_dir)
+    for tag in ("loss/total", "loss/framer", "lr", "grad_norm"):
+        assert [e.step for e in acc.Scalars(tag)] == [1, 2, 3, 4], tag
+    assert [e.step for e in acc.Images("framer/heatmap")] == [1, 2, 3, 4]
+    assert acc.Scalars("loss/total")[2].value == pytest.approx(res.history[0]["loss/total"], rel=1e-6)
+
+
 def test_fresh_start_over_earlier_checkpoints_is_refused(tmp_path, capsys):
     """A run without --resume in an out_dir that holds checkpoints would keep the earlier run's
     step_N ("same step saved twice: keep the first"), leave `latest` on the earlier run and mix
