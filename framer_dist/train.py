@@ -119,17 +119,39 @@ def check_paths(cfg: Config, world_size: int | None = None, on_this_machine: boo
         raise ConfigError("config key 'checkpoint.export': 'lora' needs train.mode='lora', this run "
                           f"trains {cfg.train.mode!r}")
     r = cfg.checkpoint.resume
+    from framer_dist.checkpoint import find_checkpoint, list_valid_checkpoints
+    root = Path(cfg.checkpoint.dir or Path(cfg.train.out_dir) / "checkpoints")
     if r not in ("", "auto", "none"):
         need("checkpoint.resume", r, "dir")
     else:
-        from framer_dist.checkpoint import list_valid_checkpoints
-        root = Path(cfg.checkpoint.dir or Path(cfg.train.out_dir) / "checkpoints")
         found = list_valid_checkpoints(root) if r != "auto" else []
         if found:  # a fresh run here would mix with (and not overwrite) the earlier run's saves
             raise ConfigError(
                 f"config key 'checkpoint.resume': {root} already holds checkpoints of an earlier "
                 f"run (newest {found[-1].name}); continue it with --resume auto, or start afresh "
                 "with another train.out_dir (or checkpoint.dir) or after removing that folder")
+    try:  # the checkpoint a resume would load: it must fit this run's backend and optimizer
+        resume_from = find_checkpoint(root, r)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    from framer_dist.parallel.common import META_FILE, meta_mismatch
+    meta_file = resume_from / META_FILE if resume_from is not None else None
+    if meta_file is not None and meta_file.exists():  # none: Backend.load reports it
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            meta = e
+        if not isinstance(meta, dict):
+            raise ConfigError(f"config key 'checkpoint.resume': {meta_file} is not a framer_dist "
+                              f"backend meta file ({meta if isinstance(meta, Exception) else 'not a JSON object'})")
+        problem = meta_mismatch(meta, resume_from, cfg.parallel.backend, cfg.train.optimizer)
+        if problem:
+            was = meta.get("backend")
+            hint = ("; resume it with train.optimizer=" + json.dumps(meta.get("optimizer"))
+                    if was == cfg.parallel.backend else
+                    "; resume it with --ds <its DeepSpeed JSON>" if was == "deepspeed" else
+                    f"; resume it with --backend {was}")
+            raise ConfigError(f"config key 'checkpoint.resume': {problem}{hint}")
     for key, value in (("train.out_dir", cfg.train.out_dir), ("checkpoint.dir", cfg.checkpoint.dir),
                        ("log.dir", cfg.log.dir)):
         if value and Path(value).exists() and not Path(value).is_dir():

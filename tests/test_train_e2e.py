@@ -191,6 +191,34 @@ def test_fresh_start_over_earlier_checkpoints_is_refused(tmp_path, capsys):
         "step_00000001", "step_00000002"]
 
 
+def test_checkpoint_of_another_backend_or_optimizer_is_refused_before_the_model(tmp_path, capsys):
+    """A checkpoint's backend_meta.json says which backend and optimizer wrote it: resuming it with
+    another one is a one-line error (exit 2) from the up-front checks, before any model or
+    process group, naming the checkpoint and both values."""
+    out = tmp_path / "run"
+    base = ["--config", TINY, "--out", str(out), SYN, "data.resolution=64", "train.steps=1",
+            "checkpoint.export=[]", "log.heatmap_every=0"]
+    assert main(base) == 0  # a real checkpoint of the 'none' backend with AdamW state
+    ckpt = out / "checkpoints" / "step_00000001"
+    capsys.readouterr()
+    assert main(base + ["train.steps=2", "--resume", "auto", 'train.optimizer="adamw8bit"']) == 2
+    err = capsys.readouterr().err
+    assert str(ckpt) in err and "'adamw'" in err and "'adamw8bit'" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+    # another backend, launched as rank 0 of 2: a process group init would wait for rank 1, so a
+    # prompt exit 2 shows the check ran first
+    env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT="29733", PYTHONPATH=str(REPO), FRAMER_NO_PROGRESS="1")
+    proc = subprocess.run([sys.executable, str(REPO / "framer_dist" / "train.py"), "--backend",
+                           "fsdp2", *base, "train.steps=2", "--resume", str(ckpt)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert str(ckpt) in proc.stderr and "'none' backend" in proc.stderr
+    assert "parallel.backend='fsdp2'" in proc.stderr and "--backend none" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 # ----------------------------------------------------------------------------------------------
 # training modes and exports
 
