@@ -231,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="repeat: the first is drawn solid (e.g. baseline=...), the next dashed (FRAMER=...)")
     p.add_argument("--kind", default="auto", help="checkpoint kind for all (auto/full/control/lora)")
     p.add_argument("--base", default=None, help="base SD3 folder under control/LoRA checkpoints")
+    p.add_argument("--weights", default=None, choices=("ema", "main"),
+                   help="a trainer export with an EMA export (export/ema/): 'ema' or 'main'; "
+                        "default: EMA when present (as framer-sr)")
     p.add_argument("--images", default=None, help="HR image folder (default: the bundled photos)")
     p.add_argument("--lr", default=None, help="optional folder of matching LR images (same stems); "
                                                "default: bicubic x1/scale of the HR")
@@ -282,7 +285,11 @@ def main(argv: list[str] | None = None) -> int:
             if missing:
                 raise InferenceError(f"no LR image in {args.lr} for: {', '.join(missing[:5])}")
             lr_images = [read_image(lr_by_stem[f.stem]) for f in files]
-        models = [(label, load_transformer(path, kind=args.kind, base=args.base, device=device, dtype=dtype))
+        models = [(label, load_transformer(
+                      path, kind=args.kind, base=args.base, device=device, dtype=dtype,
+                      weights=args.weights,
+                      report=lambda line, label=label: print(f"analyze_hierarchy: {label}: {line}",
+                                                             file=sys.stderr)))
                   for label, path in specs]
         vae = load_vae(args.vae if args.vae is not None else (args.base or ""), device=device, dtype=dtype)
         prompt = None

@@ -107,6 +107,26 @@ def list_valid_checkpoints(root: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def find_checkpoint(root: str | Path, spec: str) -> Path | None:
+    """The checkpoint ``checkpoint.resume = spec`` names: '' / 'none' -> None; 'auto' -> the newest
+    valid checkpoint under ``root`` (None if there is none); else a checkpoint path (or a
+    checkpoint root with a ``latest`` pointer) that must be valid."""
+    if spec in ("", "none"):
+        return None
+    if spec == "auto":
+        valid = list_valid_checkpoints(root)
+        return valid[-1] if valid else None
+    p = Path(spec)
+    if p.is_dir() and not is_valid_checkpoint(p) and (p / LATEST).is_file():
+        p = p / (p / LATEST).read_text().strip()  # a checkpoint root was given
+    if not p.exists():
+        raise FileNotFoundError(f"config key 'checkpoint.resume': {spec} does not exist")
+    if not is_valid_checkpoint(p):
+        raise FileNotFoundError(f"config key 'checkpoint.resume': {p} is not a complete "
+                                f"checkpoint (no {MARKER} marker: the save was interrupted)")
+    return p
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -204,22 +224,8 @@ class CheckpointManager:
 
     # -- resume --------------------------------------------------------------------------------
     def find(self, spec: str) -> Path | None:
-        """'' / 'none' -> None; 'auto' -> newest valid checkpoint under the root (None if there is
-        none); else a checkpoint path that must be valid."""
-        if spec in ("", "none"):
-            return None
-        if spec == "auto":
-            valid = list_valid_checkpoints(self.root)
-            return valid[-1] if valid else None
-        p = Path(spec)
-        if p.is_dir() and not is_valid_checkpoint(p) and (p / LATEST).is_file():
-            p = p / (p / LATEST).read_text().strip()  # a checkpoint root was given
-        if not p.exists():
-            raise FileNotFoundError(f"config key 'checkpoint.resume': {spec} does not exist")
-        if not is_valid_checkpoint(p):
-            raise FileNotFoundError(f"config key 'checkpoint.resume': {p} is not a complete "
-                                    f"checkpoint (no {MARKER} marker: the save was interrupted)")
-        return p
+        """See :func:`find_checkpoint` (under this manager's root)."""
+        return find_checkpoint(self.root, spec)
 
     def resume(self, spec: str, generator: torch.Generator | None = None,
                seed: int = 0) -> dict[str, Any] | None:

@@ -23,26 +23,32 @@ import torch
 from framer_dist.config import Config, load_config
 
 PACKAGE = Path(__file__).resolve().parent
-PHOTOS = PACKAGE / "assets" / "photos"
+PHOTOS = PACKAGE / "assets" / "photos"  # package data: shipped with the package
+# The run config lives in the source checkout, as every config (configs/ at the repository root,
+# not package data): `make demo` installs the checkout editable (pip install -e .), so it is there.
 DEMO_CONFIG = PACKAGE.parent / "configs" / "tiny_cpu_demo.toml"
 IMAGE_EXT = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
-def demo_config(out: Path, steps: int, overrides: list[str]) -> Config:
-    """The repo's configs/tiny_cpu_demo.toml (built-in defaults when run from an installed
-    package), pointed at the packaged photos and ``out``."""
+class DemoError(Exception):
+    """The demo cannot start; the message says what is missing."""
+
+
+def demo_config(out: Path, steps: int, overrides: list[str], config: Path = DEMO_CONFIG) -> Config:
+    """``config`` (the checkout's configs/tiny_cpu_demo.toml) pointed at the packaged photos and
+    ``out``."""
+    if not Path(config).is_file():
+        raise DemoError(f"demo config not found: {config}; the demo runs from a source checkout "
+                        "(`make demo`, or `pip install -e .` there), or pass --config with a copy "
+                        "of the repository's configs/tiny_cpu_demo.toml")
     base = [
         'model.preset="tiny"', 'data.source="folder"', f'data.path="{PHOTOS.as_posix()}"',
         'train.device="cpu"', 'train.precision="fp32"', 'parallel.backend="none"',
     ]
-    if not DEMO_CONFIG.is_file():
-        base += ["data.resolution=64", "data.batch_size=2", "train.lr=1e-3",
-                 "checkpoint.every=20", 'checkpoint.export=["control"]', "log.every=5",
-                 "log.heatmap_every=10"]
     run = [f'train.out_dir="{out.as_posix()}"', f"train.steps={steps}",
            f"checkpoint.every={max(1, steps // 2)}", f"log.val_every={max(1, steps // 2)}",
            'checkpoint.resume=""']
-    return load_config(DEMO_CONFIG if DEMO_CONFIG.is_file() else None, base + run + overrides)
+    return load_config(config, base + run + overrides)
 
 
 def _photos() -> list[Path]:
@@ -121,17 +127,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
     ap.add_argument("--steps", type=int, default=40, help="optimizer steps (default 40)")
     ap.add_argument("--sample-steps", type=int, default=20, help="Euler steps of the upscale")
+    ap.add_argument("--config", type=Path, default=DEMO_CONFIG,
+                    help="run config (default: the checkout's configs/tiny_cpu_demo.toml)")
     ap.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = ap.parse_args(argv)
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
     out = Path(args.out)
+    try:  # before anything under --out is touched
+        cfg = demo_config(out, args.steps, args.overrides, args.config)
+    except DemoError as e:
+        print(f"demo: error: {e}", file=sys.stderr)
+        return 2
     if (out / "checkpoints").exists() or (out / "tb").exists():  # a fresh demo every time
         import shutil
         for sub in ("checkpoints", "tb", "export", "samples", "metrics.jsonl", "config.toml"):
             p = out / sub
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-    cfg = demo_config(out, args.steps, args.overrides)
     photos = _photos()
     print(f"[demo] training the tiny DiT4SR + FRAMER on {len(photos)} photos from {PHOTOS} "
           f"for {cfg.train.steps} steps on CPU", flush=True)

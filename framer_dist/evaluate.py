@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import os
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from framer_dist.atomic import write_text_atomic
 from framer_dist.infer.io import InferenceError, list_images, read_image
 
 
@@ -253,31 +255,44 @@ def markdown_table(dataset_results: dict[str, dict[str, dict[str, float]]], metr
     return "\n".join(lines) + "\n"
 
 
+def _csv_text(header: list[str], rows: list[list]) -> str:
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue()
+
+
 def write_tables(out_dir: str | Path, dataset: str, method_means: dict[str, dict[str, float]],
                  per_image: dict[str, list[dict]], metrics: list[str]) -> dict[str, Path]:
-    """Write this dataset's tables and merge it into ``results.json`` / ``table.md``."""
+    """Write this dataset's tables and merge it into ``results.json`` / ``table.md``.
+
+    Every file is replaced atomically: a crash (or a full disk) mid-write leaves the previous
+    ``results.json`` whole, with the datasets evaluated before."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"md": out / f"{dataset}.md", "csv": out / f"{dataset}.csv",
              "per_image": out / f"{dataset}_per_image.csv", "json": out / "results.json",
              "table": out / "table.md"}
-    paths["md"].write_text(markdown_table({dataset: method_means}, metrics))
-    with paths["csv"].open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["dataset", "method"] + metrics)
-        for method, r in method_means.items():
-            w.writerow([dataset, method] + [r.get(m) for m in metrics])
-    with paths["per_image"].open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["method", "image"] + metrics)
-        for method, rows in per_image.items():
-            for r in rows:
-                w.writerow([method, r["image"]] + [r.get(m) for m in metrics])
-    merged = json.loads(paths["json"].read_text()) if paths["json"].exists() else {}
+    merged = {}
+    if paths["json"].exists():  # read first: a damaged file stops before anything is written
+        try:
+            merged = json.loads(paths["json"].read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InferenceError(f"{paths['json']} is not valid JSON ({e}); it holds the results "
+                                 "merged so far: repair it or move it away") from None
+    write_text_atomic(paths["md"], markdown_table({dataset: method_means}, metrics))
+    write_text_atomic(paths["csv"], _csv_text(
+        ["dataset", "method"] + metrics,
+        [[dataset, method] + [r.get(m) for m in metrics] for method, r in method_means.items()]))
+    write_text_atomic(paths["per_image"], _csv_text(
+        ["method", "image"] + metrics,
+        [[method, r["image"]] + [r.get(m) for m in metrics]
+         for method, rows in per_image.items() for r in rows]))
     merged.setdefault(dataset, {}).update(method_means)
-    paths["json"].write_text(json.dumps(merged, indent=2, allow_nan=True))
+    write_text_atomic(paths["json"], json.dumps(merged, indent=2, allow_nan=True))
     all_metrics = [m for m in PAPER_METRICS if any(m in r for d in merged.values() for r in d.values())]
-    paths["table"].write_text(markdown_table(merged, all_metrics))
+    write_text_atomic(paths["table"], markdown_table(merged, all_metrics))
     return paths
 
 

@@ -29,15 +29,19 @@ HEATMAP_ROWS = (("w", "w_lf", "w_hf"), ("a", "a_lf", "a_hf"), ("cosine", "cos_lf
 
 
 class TBWriter:
-    """A thin TensorBoard writer that is a no-op when disabled (non-logging ranks)."""
+    """A thin TensorBoard writer that is a no-op when disabled (non-logging ranks).
 
-    def __init__(self, log_dir: str | Path, enabled: bool = True):
+    ``purge_step``: a resumed run's first step. TensorBoard then hides the events an interrupted
+    run logged at that step and later (after its last checkpoint), which the resumed run logs
+    again, instead of showing both."""
+
+    def __init__(self, log_dir: str | Path, enabled: bool = True, purge_step: int | None = None):
         self.enabled = enabled
         self._w = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter  # import here: only logging ranks pay
             Path(log_dir).mkdir(parents=True, exist_ok=True)
-            self._w = SummaryWriter(log_dir=str(log_dir))
+            self._w = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
     def scalars(self, values: Mapping[str, float], step: int) -> None:
         if self._w is None:

@@ -101,6 +101,12 @@ def check_paths(cfg: Config, world_size: int | None = None, on_this_machine: boo
     d = cfg.data
     if d.source in ("folder", "cached"):
         need("data.path", d.path, "dir")
+    if d.source == "cached":  # the cache's manifest against data.resolution / data.scale
+        from framer_dist.data.sources import DataSourceError, check_cache_manifest
+        try:
+            check_cache_manifest(d.path, d.resolution, d.scale)
+        except DataSourceError as e:
+            raise ConfigError(str(e)) from None
     elif d.source == "webdataset" and not any(ch in d.path for ch in "{:*"):
         need("data.path", d.path, "any")  # brace patterns and URLs are checked by the loader
     need("data.prompt_embeddings", d.prompt_embeddings, "dir")
@@ -113,17 +119,39 @@ def check_paths(cfg: Config, world_size: int | None = None, on_this_machine: boo
         raise ConfigError("config key 'checkpoint.export': 'lora' needs train.mode='lora', this run "
                           f"trains {cfg.train.mode!r}")
     r = cfg.checkpoint.resume
+    from framer_dist.checkpoint import find_checkpoint, list_valid_checkpoints
+    root = Path(cfg.checkpoint.dir or Path(cfg.train.out_dir) / "checkpoints")
     if r not in ("", "auto", "none"):
         need("checkpoint.resume", r, "dir")
     else:
-        from framer_dist.checkpoint import list_valid_checkpoints
-        root = Path(cfg.checkpoint.dir or Path(cfg.train.out_dir) / "checkpoints")
         found = list_valid_checkpoints(root) if r != "auto" else []
         if found:  # a fresh run here would mix with (and not overwrite) the earlier run's saves
             raise ConfigError(
                 f"config key 'checkpoint.resume': {root} already holds checkpoints of an earlier "
                 f"run (newest {found[-1].name}); continue it with --resume auto, or start afresh "
                 "with another train.out_dir (or checkpoint.dir) or after removing that folder")
+    try:  # the checkpoint a resume would load: it must fit this run's backend and optimizer
+        resume_from = find_checkpoint(root, r)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    from framer_dist.parallel.common import META_FILE, meta_mismatch
+    meta_file = resume_from / META_FILE if resume_from is not None else None
+    if meta_file is not None and meta_file.exists():  # none: Backend.load reports it
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            meta = e
+        if not isinstance(meta, dict):
+            raise ConfigError(f"config key 'checkpoint.resume': {meta_file} is not a framer_dist "
+                              f"backend meta file ({meta if isinstance(meta, Exception) else 'not a JSON object'})")
+        problem = meta_mismatch(meta, resume_from, cfg.parallel.backend, cfg.train.optimizer)
+        if problem:
+            was = meta.get("backend")
+            hint = ("; resume it with train.optimizer=" + json.dumps(meta.get("optimizer"))
+                    if was == cfg.parallel.backend else
+                    "; resume it with --ds <its DeepSpeed JSON>" if was == "deepspeed" else
+                    f"; resume it with --backend {was}")
+            raise ConfigError(f"config key 'checkpoint.resume': {problem}{hint}")
     for key, value in (("train.out_dir", cfg.train.out_dir), ("checkpoint.dir", cfg.checkpoint.dir),
                        ("log.dir", cfg.log.dir)):
         if value and Path(value).exists() and not Path(value).is_dir():
@@ -257,13 +285,15 @@ def train(cfg: Config) -> RunResult:
 
     # -- logging -------------------------------------------------------------------------------
     log_dir = Path(cfg.log.dir or out_dir / "tb")
+    # after a resume at step N, TensorBoard discards what the interrupted run logged after N
     tb = metrics.TBWriter(log_dir if world == 1 or backend.is_main else log_dir / f"rank{rank}",
-                          enabled=logs_here)
+                          enabled=logs_here, purge_step=step + 1 if client else None)
     history_file = out_dir / "metrics.jsonl"
     if backend.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        from framer_dist.atomic import write_text_atomic
         from framer_dist.config import dump_toml
-        (out_dir / "config.toml").write_text(dump_toml(cfg))
+        write_text_atomic(out_dir / "config.toml", dump_toml(cfg))  # a crash keeps the old one
     text_tokens = None
     flops_per_sample: float | None = None
     peak = peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

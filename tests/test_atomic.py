@@ -49,3 +49,40 @@ def test_directory_is_complete_or_absent(tmp_path: Path) -> None:
         write_dir_atomic(out, broken)
     assert (out / "f").read_text() == "new"  # the previous export survives a failed one
     assert [q.name for q in tmp_path.iterdir()] == ["model"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077], ids=["022", "002", "077"])
+def test_final_files_get_the_mode_open_gives_a_new_file(tmp_path: Path, umask: int) -> None:
+    """Teammates on a shared cluster read exports, checkpoints and data shards: the final files
+    have ``0o666 & ~umask`` (what ``open()`` gives), not the 0600 of a private temporary file
+    (safetensors writes through one; so does diffusers' ``save_pretrained``)."""
+    import os
+    import stat
+
+    from safetensors.torch import save_file
+
+    def mode(p: Path) -> int:
+        return stat.S_IMODE(os.stat(p).st_mode)
+
+    old = os.umask(umask)
+    try:
+        want = 0o666 & ~umask
+        st = save_safetensors_atomic({"a": torch.zeros(2)}, tmp_path / "x.safetensors")
+        save_safetensors_atomic({"a": torch.ones(2)}, st)  # replacing keeps the normal mode
+        write_text_atomic(tmp_path / "t.txt", "one")
+
+        def export(d: Path) -> None:
+            d.mkdir()
+            save_file({"w": torch.zeros(3)}, str(d / "model.safetensors"))
+            (d / "config.json").write_text("{}")
+
+        out = write_dir_atomic(tmp_path / "model", export)
+        with open(tmp_path / "reference", "w") as f:  # what a plain open() gives
+            f.write("x")
+    finally:
+        os.umask(old)
+    assert mode(tmp_path / "reference") == want
+    assert mode(st) == want
+    assert mode(tmp_path / "t.txt") == want
+    assert mode(out / "model.safetensors") == want
+    assert mode(out / "config.json") == want

@@ -196,3 +196,44 @@ def test_bad_config_errors_name_the_key(tmp_path):
     with pytest.raises(DataSourceError, match="unusable images"):
         next(iter(build_dataloader(_cfg("data.source='folder'", f"data.path='{bad}'"), 0, 1, 0)))
     assert item_at(5, 3, 0) in range(3)
+
+
+def _hand_cache(root: Path, latent: int, manifest: dict | None) -> Path:
+    """A cached-pair folder as tools/prepare_data.py leaves it (one shard + manifest.json)."""
+    import json
+
+    from framer_dist.atomic import save_safetensors_atomic
+
+    g = torch.Generator().manual_seed(0)
+    save_safetensors_atomic({"hr_latent": torch.randn(2, 16, latent, latent, generator=g),
+                             "lr_latent": torch.randn(2, 16, latent, latent, generator=g)},
+                            root / "pairs-00000.safetensors",
+                            metadata={"ids": json.dumps(["a#0", "b#0"])})
+    if manifest is not None:
+        (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def test_cached_source_refuses_resolution_or_scale_other_than_the_manifest(tmp_path):
+    """The cache's latents are fixed: a run whose data.resolution / data.scale differ from what
+    the cache was prepared with is refused (naming both values and the manifest), not trained
+    silently at the cache's size."""
+    cache = _hand_cache(tmp_path / "cache", 4, {"resolution": 32, "scale": 4, "passes": 1})
+    man = str(cache / "manifest.json")
+    ok = build_dataloader(_cfg("data.source='cached'", f"data.path='{cache}'", "data.scale=4"), 0, 1)
+    assert next(iter(ok))["hr_latent"].shape == (2, 16, 4, 4)
+    with pytest.raises(DataSourceError) as e:
+        build_dataloader(_cfg("data.source='cached'", f"data.path='{cache}'", "data.scale=2"), 0, 1)
+    msg = str(e.value)
+    assert "data.scale=2" in msg and "scale=4" in msg and man in msg and "resolution" not in msg
+    with pytest.raises(DataSourceError) as e:
+        build_dataloader(_cfg("data.source='cached'", f"data.path='{cache}'",
+                              "data.resolution=64", "data.scale=2"), 0, 1)
+    msg = str(e.value)
+    assert "data.resolution=64" in msg and "resolution=32" in msg and "data.scale=2" in msg
+    assert man in msg
+    # no manifest (a hand-made cache): the latent size still has to fit data.resolution
+    bare = _hand_cache(tmp_path / "bare", 4, None)
+    with pytest.raises(DataSourceError, match=r"data.resolution.*64.*8x8.*4x4"):
+        build_dataloader(_cfg("data.source='cached'", f"data.path='{bare}'",
+                              "data.resolution=64"), 0, 1)

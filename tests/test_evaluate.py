@@ -13,7 +13,7 @@ from skimage.color import rgb2ycbcr
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from framer_dist.evaluate import (MetricError, evaluate_folder, find_weight_file, load_iqa_metric,
-                                  main, psnr_y, rgb_to_y, ssim_y)
+                                  main, psnr_y, rgb_to_y, ssim_y, write_tables)
 from framer_dist.infer.io import InferenceError
 
 
@@ -160,3 +160,41 @@ def test_two_predictions_with_the_same_name_are_refused(tmp_path, capsys):
     assert not (tmp_path / "e").exists()
     assert main(argv[:1] + [f"A={tmp_path / 'a' / 'out'}", "--pred", f"B={tmp_path / 'b' / 'out'}"]
                 + argv[4:]) == 0
+
+
+def test_results_json_survives_a_crash_mid_write(tmp_path):
+    """results.json merges every dataset evaluated into the folder; a crash (here: the disk
+    filling up) while writing the next dataset's merge must leave the earlier results whole."""
+    from _disk_full import run_with_file_size_limit
+
+    out = tmp_path / "eval"
+    many = {f"method{i:03d}": {"psnr": 20.0 + i / 7, "ssim": 0.5 + i / 1000} for i in range(60)}
+    write_tables(out, "Big", many, {}, ["psnr", "ssim"])
+    before = (out / "results.json").read_text()
+    assert len(before) > 4096
+    code = ("from framer_dist.evaluate import write_tables\n"
+            f"write_tables({str(out)!r}, 'Small', {{'A': {{'psnr': 30.0, 'ssim': 0.9}}}}, {{}}, "
+            "['psnr', 'ssim'])\n")
+    proc = run_with_file_size_limit(code, limit=4096)
+    assert proc.returncode != 0 and "File too large" in proc.stderr, proc.stderr
+    assert (out / "Small.md").is_file()  # the small files went through; the merge did not
+    assert (out / "results.json").read_text() == before
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".tmp-")]
+    # without the limit the merge goes through
+    write_tables(out, "Small", {"A": {"psnr": 30.0, "ssim": 0.9}}, {}, ["psnr", "ssim"])
+    assert set(json.loads((out / "results.json").read_text())) == {"Big", "Small"}
+
+
+def test_damaged_results_json_is_a_clear_error(tmp_path, capsys):
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "results.json").write_text('{"Toy": {"A": {"psnr": 3')
+    gt = _rand(3)
+    _save(tmp_path / "hr", "x.png", gt)
+    _save(tmp_path / "a", "x.png", gt)
+    assert main(["--pred", f"A={tmp_path / 'a'}", "--gt", str(tmp_path / "hr"), "--dataset", "T",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert str(out / "results.json") in err and "Traceback" not in err
+    assert (out / "results.json").read_text() == '{"Toy": {"A": {"psnr": 3'
+    assert not (out / "T.md").exists()  # nothing written before the check

@@ -271,3 +271,54 @@ def test_lora_run_export_folder_loads_its_control_layers_too(parts, tmp_path):
         for ckpt in (export, export / "lora"):
             got = load_transformer(ckpt, base=full)(**x).sample
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_trainer_export_with_ema_loads_ema_by_default_says_so_and_main_on_request(parts, tmp_path,
+                                                                                  capsys):
+    """A run with train.ema exports export/transformer (last step) and export/ema/transformer.
+    --checkpoint export/ loads the EMA weights by default (the usual convention), --weights main
+    the last step's, and framer-sr prints one line naming what it loads."""
+    import copy
+
+    from framer_dist.infer.loading import load_transformer, resolve_checkpoint
+
+    model, vae, _ = parts
+    ema = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.add_(0.01)
+    export = tmp_path / "export"
+    save_model(model, export / "transformer")
+    save_model(ema, export / "ema" / "transformer")
+    ctrl = tmp_path / "ctrl_export"  # checkpoint.export = ["control"] with train.ema
+    save_control(model, ctrl)
+    save_control(ema, ctrl / "ema")
+
+    def same(a, b) -> bool:
+        return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+    lines: list[str] = []
+    got = load_transformer(export, report=lines.append)
+    assert same(got, ema) and not same(got, model)
+    assert len(lines) == 1 and str(export / "ema" / "transformer") in lines[0] and "EMA" in lines[0]
+    assert same(load_transformer(export, weights="ema"), ema)
+    assert same(load_transformer(export, weights="main"), model)
+    # the control-layer exports follow the same choice
+    assert resolve_checkpoint(ctrl)[:2] == ("control", ctrl / "ema" / "dit4sr_control.safetensors")
+    assert resolve_checkpoint(ctrl, weights="main")[:2] == ("control",
+                                                            ctrl / "dit4sr_control.safetensors")
+    # a choice that does not exist is an error, not a silent fallback
+    with pytest.raises(InferenceError, match="no EMA export"):
+        load_transformer(export / "transformer", weights="ema")
+    with pytest.raises(InferenceError, match="inside an EMA export"):
+        load_transformer(export / "ema" / "transformer", weights="main")
+
+    vae.save_pretrained(tmp_path / "vae")
+    _write_png(tmp_path / "in" / "a.png", 8, 8, 0)
+    capsys.readouterr()
+    assert main([str(tmp_path / "in"), str(tmp_path / "out"), "--checkpoint", str(export),
+                 "--weights", "main", "--vae", str(tmp_path / "vae"), "--text-encoders", "hashed",
+                 "--steps", "1", "--process-size", "0", "--tile", "8", "--tile-overlap", "4",
+                 "--no-progress", "--prompt", "x"]) == 0
+    said = [l for l in capsys.readouterr().err.splitlines() if "loading" in l]
+    assert len(said) == 1 and str(export / "transformer") in said[0] and "main weights" in said[0]

@@ -42,3 +42,35 @@ def test_demo_runs_end_to_end(tmp_path):
     assert (out / "analysis" / "layer_similarity.png").is_file()
     # the run trained on the bundled photos (folder source), not synthetic latents
     assert "photos" in (out / "config.toml").read_text()
+
+
+def test_package_data_patterns_match_files_in_the_package():
+    """Every package-data pattern in pyproject.toml names files that exist inside framer_dist/
+    (the run configs live at the repository root and are not package data)."""
+    import tomllib
+
+    data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    for pattern in data["framer_dist"]:
+        assert [p for p in (REPO / "framer_dist").glob(pattern) if p.is_file()], pattern
+
+
+def test_demo_reads_the_checkout_config_and_a_missing_one_is_a_clear_error(tmp_path, capsys):
+    """The demo's one config is configs/tiny_cpu_demo.toml (no second copy of its values in code);
+    without it (a non-checkout install) the demo says so in one line before touching --out."""
+    import tomllib
+
+    from framer_dist.demo import DEMO_CONFIG, PHOTOS, demo_config, main
+
+    assert DEMO_CONFIG == REPO / "configs" / "tiny_cpu_demo.toml"
+    toml = tomllib.loads(DEMO_CONFIG.read_text())
+    cfg = demo_config(tmp_path / "demo", 4, [])
+    assert cfg.data.resolution == toml["data"]["resolution"]
+    assert cfg.data.num_workers == toml["data"]["num_workers"]
+    assert cfg.checkpoint.keep_last == toml["checkpoint"]["keep_last"]
+    assert cfg.framer.feature == toml["framer"]["feature"]
+    assert cfg.data.path == PHOTOS.as_posix() and cfg.train.steps == 4
+    missing = tmp_path / "no" / "tiny_cpu_demo.toml"
+    assert main(["--out", str(tmp_path / "demo"), "--config", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert "demo config not found" in err and str(missing) in err and "Traceback" not in err
+    assert not (tmp_path / "demo").exists()

@@ -154,6 +154,27 @@ def test_framer_run_logs_documented_tags_heatmap_and_resumes(tmp_path):
     assert [h["step"] for h in res2.history] == [4, 5]
 
 
+def test_resume_discards_the_interrupted_runs_later_events(tmp_path):
+    """A run checkpoints at step 2, logs step 3 and dies before its next checkpoint; the resumed
+    run starts from step 2 and logs step 3 again. Read back from the real event files, every
+    scalar and image has each step once (the interrupted run's step 3 purged), as TensorBoard
+    users expect after a restart."""
+    from framer_dist.train import train
+
+    over = ("checkpoint.every=2", "log.heatmap_every=1", "checkpoint.export=[]")
+    first = train(_cfg(tmp_path / "run", "train.steps=3", *over))
+    assert [e.step for e in _events(first.log_dir).Scalars("loss/total")] == [1, 2, 3]
+    step2 = tmp_path / "run" / "checkpoints" / "step_00000002"
+    res = train(_cfg(tmp_path / "run", "train.steps=4", *over, f'checkpoint.resume="{step2}"'))
+    assert [h["step"] for h in res.history] == [3, 4]
+    assert len(list(res.log_dir.glob("events.out.tfevents.*"))) == 2  # one file per process
+    acc = _events(res.log_dir)
+    for tag in ("loss/total", "loss/framer", "lr", "grad_norm"):
+        assert [e.step for e in acc.Scalars(tag)] == [1, 2, 3, 4], tag
+    assert [e.step for e in acc.Images("framer/heatmap")] == [1, 2, 3, 4]
+    assert acc.Scalars("loss/total")[2].value == pytest.approx(res.history[0]["loss/total"], rel=1e-6)
+
+
 def test_fresh_start_over_earlier_checkpoints_is_refused(tmp_path, capsys):
     """A run without --resume in an out_dir that holds checkpoints would keep the earlier run's
     step_N ("same step saved twice: keep the first"), leave `latest` on the earlier run and mix
@@ -168,6 +189,34 @@ def test_fresh_start_over_earlier_checkpoints_is_refused(tmp_path, capsys):
     assert main(base + ["train.steps=2", "--resume", "auto"]) == 0
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*")) == [
         "step_00000001", "step_00000002"]
+
+
+def test_checkpoint_of_another_backend_or_optimizer_is_refused_before_the_model(tmp_path, capsys):
+    """A checkpoint's backend_meta.json says which backend and optimizer wrote it: resuming it with
+    another one is a one-line error (exit 2) from the up-front checks, before any model or
+    process group, naming the checkpoint and both values."""
+    out = tmp_path / "run"
+    base = ["--config", TINY, "--out", str(out), SYN, "data.resolution=64", "train.steps=1",
+            "checkpoint.export=[]", "log.heatmap_every=0"]
+    assert main(base) == 0  # a real checkpoint of the 'none' backend with AdamW state
+    ckpt = out / "checkpoints" / "step_00000001"
+    capsys.readouterr()
+    assert main(base + ["train.steps=2", "--resume", "auto", 'train.optimizer="adamw8bit"']) == 2
+    err = capsys.readouterr().err
+    assert str(ckpt) in err and "'adamw'" in err and "'adamw8bit'" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+    # another backend, launched as rank 0 of 2: a process group init would wait for rank 1, so a
+    # prompt exit 2 shows the check ran first
+    env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT="29733", PYTHONPATH=str(REPO), FRAMER_NO_PROGRESS="1")
+    proc = subprocess.run([sys.executable, str(REPO / "framer_dist" / "train.py"), "--backend",
+                           "fsdp2", *base, "train.steps=2", "--resume", str(ckpt)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert str(ckpt) in proc.stderr and "'none' backend" in proc.stderr
+    assert "parallel.backend='fsdp2'" in proc.stderr and "--backend none" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,3 +283,37 @@ def test_mode_trains_exports_and_reloads(tmp_path, mode, exports):
         last, avg = load_file(res.exports["control"]), load_file(res.exports["ema_control"])
         assert set(last) == set(avg)
         assert max((last[k] - avg[k]).abs().max().item() for k in last) > 0
+
+
+def test_config_toml_survives_a_crash_mid_write(tmp_path):
+    """The run folder's config.toml is rewritten on every (re)start; a crash or a full disk in the
+    middle of that write must leave the previous one whole, not a truncated file."""
+    from _disk_full import run_with_file_size_limit
+
+    out = tmp_path / "run"
+    base = ["--config", TINY, "--out", str(out), SYN, "data.resolution=64", "train.steps=1",
+            "checkpoint.export=[]", "log.heatmap_every=0"]
+    assert main(base) == 0
+    before = (out / "config.toml").read_text()
+    resume = base + ["train.steps=2", "--resume", "auto"]
+    code = ("import os, sys\nos.environ['FRAMER_NO_PROGRESS'] = '1'\n"
+            f"from framer_dist.train import main\nsys.exit(main({resume!r}))\n")
+    proc = run_with_file_size_limit(code, limit=len(before) // 2)
+    assert proc.returncode != 0 and "File too large" in proc.stderr, proc.stderr[-2000:]
+    assert "config.toml" in proc.stderr  # it failed writing the config, not before
+    assert (out / "config.toml").read_text() == before
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_cached_data_other_than_the_manifest_fails_before_the_model(tmp_path, capsys):
+    """data.source='cached' with a data.scale the cache was not prepared with: one line naming
+    both values and the manifest, exit 2, from the up-front checks."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "manifest.json").write_text(json.dumps({"resolution": 64, "scale": 4}))
+    assert main(["--config", TINY, "--out", str(tmp_path / "run"), 'data.source="cached"',
+                 f'data.path="{cache}"', "data.resolution=64", "data.scale=2"]) == 2
+    err = capsys.readouterr().err
+    assert "data.scale=2" in err and "scale=4" in err and str(cache / "manifest.json") in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()  # refused before the run folder or the model

@@ -52,7 +52,7 @@ def open_source(d: DataConfig) -> FolderSource | TarSource | CachedSource | None
         return FolderSource(d.path)
     if d.source == "webdataset":
         return TarSource(d.path)
-    return CachedSource(d.path)
+    return CachedSource(d.path, resolution=d.resolution, scale=d.scale)
 
 
 class SampleStream(IterableDataset):

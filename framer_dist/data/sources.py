@@ -121,17 +121,50 @@ class TarSource:
 
 
 CACHE_KEYS = ("hr_latent", "lr_latent")
+MANIFEST = "manifest.json"  # tools/prepare_data.py's parameters (framer_dist.data.prepare)
+LATENT_FACTOR = 8
+
+
+def check_cache_manifest(root: str | Path, resolution: int, scale: int) -> None:
+    """``data.resolution`` / ``data.scale`` must be what the cache was prepared with: its latents
+    are fixed (the trainer would otherwise silently train at the cache's size and degradation
+    while the run's config, logs and FLOP counts say another). A cache without a manifest is
+    checked by its latent shape in :class:`CachedSource` only."""
+    m = Path(root) / MANIFEST
+    if not m.is_file():
+        return
+    try:
+        params = json.loads(m.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataSourceError(f"config key 'data.path': {m} is not valid JSON ({e})") from None
+    if not isinstance(params, dict):
+        raise DataSourceError(f"config key 'data.path': {m} is not a prepare_data manifest "
+                              "(a JSON object)")
+    wrong = [(k, v, params[k]) for k, v in (("resolution", resolution), ("scale", scale))
+             if k in params and params[k] != v]
+    if wrong:
+        have = ", ".join(f"data.{k}={v}" for k, v, _ in wrong)
+        made = ", ".join(f"{k}={c}" for k, _, c in wrong)
+        fix = " ".join(f"data.{k}={c}" for k, _, c in wrong)
+        raise DataSourceError(
+            f"config key '{'/'.join('data.' + k for k, _, _ in wrong)}': this run has {have}, but "
+            f"the cached pairs in {root} were prepared with {made} ({m}); set {fix} or prepare a "
+            f"cache for this run (tools/prepare_data.py {' '.join(f'--{k} {v}' for k, v, _ in wrong)})")
 
 
 class CachedSource:
     """Cached-pair shards written by ``tools/prepare_data.py``: ``*.safetensors`` files holding
     ``hr_latent``/``lr_latent`` ``[n, C, h, w]`` and metadata ``ids`` (JSON list, one per row,
-    ``<image id>#<pass>``)."""
+    ``<image id>#<pass>``). With ``resolution``/``scale`` (the run's ``data.*``) the cache's
+    ``manifest.json`` and latent sizes must agree with them."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, resolution: int | None = None,
+                 scale: int | None = None) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataSourceError(f"config key 'data.path': cache folder not found: {self.root}")
+        if resolution is not None and scale is not None:
+            check_cache_manifest(self.root, resolution, scale)
         self.shards = sorted(p for p in self.root.glob("*.safetensors"))
         if not self.shards:
             raise DataSourceError(f"config key 'data.path': no cached-pair shards (*.safetensors) "
@@ -146,6 +179,13 @@ class CachedSource:
                     raise DataSourceError(f"config key 'data.path': {p} is not a cached-pair shard "
                                           f"(needs tensors {CACHE_KEYS} and metadata 'ids')")
                 ids = json.loads(meta["ids"])
+                hw = f.get_slice("hr_latent").get_shape()[-2:]
+            if resolution is not None and list(hw) != [resolution // LATENT_FACTOR] * 2:
+                raise DataSourceError(
+                    f"config key 'data.resolution': {resolution} needs latents of "
+                    f"{resolution // LATENT_FACTOR}x{resolution // LATENT_FACTOR}, but {p} holds "
+                    f"{hw[0]}x{hw[1]} ({hw[0] * LATENT_FACTOR} px crops); set data.resolution to "
+                    "the cache's crop size")
             self.ids.extend(ids)
             self.rows.extend((si, r) for r in range(len(ids)))
 

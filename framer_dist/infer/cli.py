@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .io import InferenceError, list_images, read_image, to_tensor, to_uint8, write_image
-from .loading import KINDS, load_transformer, load_vae
+from .loading import KINDS, WEIGHTS, load_transformer, load_vae
 from .pipeline import InferenceOptions, SRPipeline
 from .prompts import (NEGATIVE_PROMPT, POSITIVE_SUFFIX, CachedEmbeddings, HashedPromptEncoder,
                       caption_for, read_captions, sd3_text_encoder)
@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint", required=True,
                    help="full transformer folder, control-layer file or LoRA adapter (or a folder of exports)")
     g.add_argument("--kind", default="auto", choices=KINDS, help="checkpoint kind")
+    g.add_argument("--weights", default=None, choices=WEIGHTS,
+                   help="with a trainer export holding an EMA export (export/ema/, train.ema): "
+                        "'ema' or 'main' (the last step's weights); default: EMA when present")
     g.add_argument("--base", default=None,
                    help="pretrained SD3/SD3.5 folder under a control/LoRA checkpoint; also the default "
                         "source of --vae, --text-encoders and the scheduler config")
@@ -107,7 +110,9 @@ def run(args: argparse.Namespace) -> list[Path]:
                           else ("cpu" if args.device == "auto" else args.device))
     dtype = DTYPES[args.dtype]
     captions = read_captions(args.captions) if args.captions else None  # fail early on a bad file
-    model = load_transformer(args.checkpoint, kind=args.kind, base=args.base, device=device, dtype=dtype)
+    model = load_transformer(args.checkpoint, kind=args.kind, base=args.base, device=device,
+                             dtype=dtype, weights=args.weights,
+                             report=lambda line: print(f"framer-sr: {line}", file=sys.stderr))
     vae_src = args.vae if args.vae is not None else (args.base or "")
     vae = load_vae(vae_src, device=device, dtype=dtype, tiling=args.vae_tiling)
     text = _text_encoder(args, model, device, dtype)

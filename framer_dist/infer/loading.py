@@ -11,12 +11,18 @@ Checkpoint kinds (``--kind auto`` recognises them by their files):
 
 A folder holding several exports (e.g. the trainer's ``export/`` with ``transformer/`` and
 ``dit4sr_control.safetensors``) resolves to the full one first.
+
+Weights (``weights``, ``--weights ema|main``): with ``train.ema`` the trainer also writes the
+same exports from the EMA weights under ``export/ema/``. A checkpoint folder holding an ``ema/``
+export loads the EMA weights by default (the convention of diffusers/DiT4SR training scripts,
+whose EMA weights are the ones meant for inference); ``main`` loads the last step's weights
+beside it. ``load_transformer`` reports which through ``report`` (one line).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -25,14 +31,17 @@ from .io import InferenceError
 CONTROL_FILE = "dit4sr_control.safetensors"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 KINDS = ("auto", "full", "control", "lora")
+WEIGHTS = ("ema", "main")
+EMA_DIR = "ema"  # the trainer's export/ema/ (framer_dist.train.export)
 
 
 def _is_full(p: Path) -> bool:
     return (p / "config.json").is_file() or (p / "transformer" / "config.json").is_file()
 
 
-def detect_kind(path: str | Path) -> tuple[str, Path]:
-    """(kind, the path to load) for a checkpoint file or folder; raises naming what was looked for."""
+def detect_kind(path: str | Path, skip: tuple[str, ...] = ()) -> tuple[str, Path]:
+    """(kind, the path to load) for a checkpoint file or folder; raises naming what was looked for.
+    ``skip``: names of sub-folders not to look in."""
     p = Path(path).expanduser()
     if not p.exists():
         raise InferenceError(f"checkpoint not found: {p}")
@@ -40,7 +49,7 @@ def detect_kind(path: str | Path) -> tuple[str, Path]:
         if p.name.endswith(".safetensors"):
             return ("lora" if "lora" in p.name else "control"), p
         raise InferenceError(f"checkpoint {p} is a file but not .safetensors")
-    candidates = [p] + sorted(d for d in p.iterdir() if d.is_dir())
+    candidates = [p] + sorted(d for d in p.iterdir() if d.is_dir() and d.name not in skip)
     for c in candidates:
         if _is_full(c):
             return "full", c
@@ -55,16 +64,52 @@ def detect_kind(path: str | Path) -> tuple[str, Path]:
                          "sub-folders")
 
 
-def load_transformer(checkpoint: str | Path, *, kind: str = "auto", base: str | Path | None = None,
-                     device: Any = None, dtype: torch.dtype | None = None):
-    """The DiT4SR transformer of ``checkpoint`` in eval mode."""
-    from framer_dist.models import PretrainedLoadError, load_control, load_lora, load_pretrained
+def resolve_checkpoint(checkpoint: str | Path, kind: str = "auto", weights: str | None = None
+                       ) -> tuple[str, Path, str]:
+    """(kind, the path to load, a description of the weights chosen) for ``checkpoint``.
 
+    ``weights``: ``None`` = the EMA export when ``checkpoint`` holds one (``ema/``), else what it
+    holds; ``"ema"`` / ``"main"`` insist (an error when there is no such choice to make)."""
     if kind not in KINDS:
         raise InferenceError(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    found_kind, path = detect_kind(checkpoint)
+    if weights not in (None, *WEIGHTS):
+        raise InferenceError(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    p = Path(checkpoint).expanduser()
+    beside = p.is_dir() and (p / EMA_DIR).is_dir()
+    # a path into the EMA export itself: ema/, ema/transformer, ema/lora/<file>
+    inside = not beside and EMA_DIR in p.resolve().parts[-3:]
+    if beside and weights in (None, "ema"):
+        found_kind, path = detect_kind(p / EMA_DIR)
+        which = "EMA weights (--weights main for the last step's)"
+    elif beside:
+        found_kind, path = detect_kind(p, skip=(EMA_DIR,))
+        which = "main weights, the last step's (--weights ema for the EMA export)"
+    else:
+        if weights == "ema" and not inside:
+            raise InferenceError(f"--weights ema: {p} holds no EMA export (an {EMA_DIR}/ folder, "
+                                 "written by the trainer with train.ema = true)")
+        if weights == "main" and inside:
+            raise InferenceError(f"--weights main: {p} is inside an EMA export ({EMA_DIR}/); point "
+                                 "--checkpoint at the export folder above it")
+        found_kind, path = detect_kind(p)
+        which = "EMA weights" if inside else "main weights"
     if kind != "auto" and kind != found_kind:
         raise InferenceError(f"--kind {kind}: {checkpoint} looks like a {found_kind} checkpoint ({path})")
+    return found_kind, path, which
+
+
+def load_transformer(checkpoint: str | Path, *, kind: str = "auto", base: str | Path | None = None,
+                     device: Any = None, dtype: torch.dtype | None = None,
+                     weights: str | None = None, report: Callable[[str], None] | None = None):
+    """The DiT4SR transformer of ``checkpoint`` in eval mode (``weights``: see
+    :func:`resolve_checkpoint`); ``report`` gets one line saying what is loaded."""
+    from framer_dist.models import PretrainedLoadError, load_control, load_lora, load_pretrained
+
+    found_kind, path, which = resolve_checkpoint(checkpoint, kind, weights)
+    if report is not None:  # name the folder the weights come from (a pipeline root's transformer/)
+        shown = path / "transformer" if found_kind == "full" and not (path / "config.json").is_file() \
+            else path
+        report(f"loading the {found_kind} checkpoint {shown}: {which}")
     try:
         if found_kind == "full":
             model = load_pretrained(path)

@@ -24,6 +24,19 @@ CLIENT_STATE_FILE = "client_state.pt"
 META_FILE = "backend_meta.json"
 
 
+def meta_mismatch(meta: dict[str, Any], path: str | Path, backend: str, optimizer: str) -> str | None:
+    """Why a checkpoint with backend meta ``meta`` cannot be loaded by ``backend`` with
+    ``optimizer`` state (``None`` when it can): the backends' file layouts and the optimizers'
+    state differ. Checked up front by ``train.check_paths`` and again by ``Backend.load``."""
+    if meta.get("backend") != backend:
+        return (f"checkpoint {path} was written by the {meta.get('backend')!r} backend; it cannot "
+                f"be loaded with parallel.backend={backend!r}")
+    if meta.get("optimizer") != optimizer:
+        return (f"checkpoint {path} holds {meta.get('optimizer')!r} optimizer state but "
+                f"train.optimizer is {optimizer!r}")
+    return None
+
+
 # ----------------------------------------------------------------------------------------------
 # process group
 
@@ -308,13 +321,9 @@ class Backend:
     def _check_meta(self, path: Path) -> dict[str, Any]:
         """The checkpoint's layout must fit this run: same backend, same optimizer state kind."""
         meta = self.read_meta(path)
-        if meta["backend"] != self.name:
-            raise RuntimeError(
-                f"checkpoint {path} was written by the {meta['backend']!r} backend; it cannot be "
-                f"loaded with parallel.backend={self.name!r}")
-        if meta.get("optimizer") != self.cfg.train.optimizer:
-            raise RuntimeError(f"checkpoint {path} holds {meta.get('optimizer')!r} optimizer state but "
-                               f"train.optimizer is {self.cfg.train.optimizer!r}")
+        problem = meta_mismatch(meta, path, self.name, self.cfg.train.optimizer)
+        if problem:
+            raise RuntimeError(problem)
         return meta
 
     # -- shared optimizer step -----------------------------------------------------------------
