@@ -129,6 +129,10 @@ class TrainConfig:
     min_lr_ratio: float = _f(0.0, "cosine floor as a fraction of lr", min=0.0, max=1.0)
     grad_clip: float = _f(1.0, "global grad-norm clip (0 = off)", min=0.0)
     precision: Literal["fp32", "bf16"] = _f("bf16", "compute precision (master weights fp32)")
+    frozen_bf16: bool = _f(
+        True, "backend 'none' with precision bf16: hold the frozen Linear/Conv weights in bf16 "
+              "(autocast casts them to bf16 at every use anyway: bit-identical results, about half "
+              "the frozen weights' memory, no per-use casts; DeepSpeed holds the whole module in bf16)")
     seed: int = _f(0, "global seed")
     ema: bool = _f(False, "keep an EMA of the trainable parameters")
     ema_decay: float = _f(0.9999, "EMA decay", min=0.0, max=1.0)

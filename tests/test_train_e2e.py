@@ -285,6 +285,30 @@ def test_mode_trains_exports_and_reloads(tmp_path, mode, exports):
         assert max((last[k] - avg[k]).abs().max().item() for k in last) > 0
 
 
+def test_lora_run_in_bf16_holds_frozen_layers_in_bf16_validates_and_exports(tmp_path):
+    """precision bf16 on the 'none' backend holds the frozen layers in bf16 (train.frozen_bf16):
+    validation sampling, the heat map, checkpoints, a resume and the exports all work with it,
+    and the whole-transformer export holds those weights as the run used them (bf16 values)."""
+    from framer_dist.config import ModelConfig
+    from framer_dist.models import build_model
+    from framer_dist.train import train
+
+    common = ('train.mode="lora"', 'train.precision="bf16"', "lora.rank=4", "train.lr=1e-2",
+              "log.val_every=2", "log.heatmap_every=2", "checkpoint.every=2",
+              'checkpoint.export=["lora", "diffusers"]')
+    res = train(_cfg(tmp_path / "run", *common, "train.steps=2"))
+    q = res.model.transformer_blocks[0].attn.to_q
+    assert q.base_layer.weight.dtype == torch.bfloat16 and q.lora_A["default"].weight.dtype == torch.float32
+    res2 = train(_cfg(tmp_path / "run", *common, "train.steps=3", 'checkpoint.resume="auto"'))
+    assert res2.steps_done == 3
+    exported = build_model(ModelConfig(preset="tiny", pretrained=str(res2.exports["diffusers"])))
+    torch.manual_seed(0)                  # the trainer's init: the same random "pretrained" base
+    base = build_model(ModelConfig(preset="tiny"))
+    w = exported.transformer_blocks[0].ff.net[2].weight      # frozen, not a LoRA target
+    assert w.dtype == torch.float32
+    assert torch.equal(w, base.transformer_blocks[0].ff.net[2].weight.to(torch.bfloat16).float())
+
+
 def test_config_toml_survives_a_crash_mid_write(tmp_path):
     """The run folder's config.toml is rewritten on every (re)start; a crash or a full disk in the
     middle of that write must leave the previous one whole, not a truncated file."""

@@ -98,3 +98,54 @@ def test_tensorboard_scalars_and_heatmap_read_back(tmp_path):
     # disabled writer writes nothing
     TBWriter(tmp_path / "off", enabled=False).scalars({"x": 1}, 0)
     assert not (tmp_path / "off").exists()
+
+
+@pytest.mark.parametrize("mode", ["control", "lora"])
+def test_frozen_layers_in_bf16_give_the_same_bits_with_less_memory(mode):
+    """Backend 'none', precision bf16: frozen Linear/Conv weights are held in bf16 (autocast casts
+    them at every use anyway), so loss and gradients equal the all-fp32-weights run bit for bit."""
+    import copy
+
+    from framer_dist.config import load_config
+    from framer_dist.framer import select_layers
+    from framer_dist.models import apply_training_mode, build_model
+    from framer_dist.objective import micro_batch_loss
+    from framer_dist.parallel import setup_backend
+
+    runs = {}
+    for frozen_bf16 in (False, True):
+        cfg = load_config(None, ['model.preset="tiny"', 'train.precision="bf16"', 'train.device="cpu"',
+                                 f'train.mode="{mode}"', f"train.frozen_bf16={str(frozen_bf16).lower()}"])
+        torch.manual_seed(0)
+        model = build_model(cfg.model)
+        backend = setup_backend(cfg, model, apply_training_mode(model, mode, cfg.lora))
+        c = model.config
+        g = torch.Generator().manual_seed(1)
+        lat = (2, c.in_channels, 16, 16)
+        batch = {"hr_latent": torch.randn(lat, generator=g), "lr_latent": torch.randn(lat, generator=g),
+                 "prompt_embeds": torch.randn(2, 8, c.joint_attention_dim, generator=g),
+                 "pooled": torch.randn(2, c.pooled_projection_dim, generator=g)}
+        sigma, noise = torch.rand(2, generator=g), torch.randn(lat, generator=g)
+        students, teacher = select_layers(model.num_blocks, cfg.framer)
+        loss = micro_batch_loss(backend.model, batch, sigma, noise, cfg, students, teacher,
+                                torch.Generator().manual_seed(3), autocast=backend.autocast())
+        backend.backward(loss.total)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        dtypes = {n: p.dtype for n, p in model.named_parameters()}
+        not_layers = {f"{mn}.{pn}" for mn, m in model.named_modules()
+                      if not isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+                      for pn, _ in m.named_parameters(recurse=False)}
+        nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        runs[frozen_bf16] = (loss.total.detach(), grads, dtypes, nbytes, backend.frozen_bf16_numel)
+
+    (l32, g32, d32, b32, n32), (l16, g16, d16, b16, n16) = runs[False], runs[True]
+    assert not_layers, "the tiny model has norm/embedding parameters"
+    assert n32 == 0 and n16 > 0
+    assert set(d32.values()) == {torch.float32}
+    frozen_bf16 = {n for n, d in d16.items() if d == torch.bfloat16}
+    assert frozen_bf16 and not frozen_bf16 & set(g16)                    # trainable stay fp32
+    assert any(n.endswith("to_q.weight") or n.endswith("to_q.base_layer.weight") for n in frozen_bf16)
+    assert not frozen_bf16 & not_layers                                  # norms etc. keep fp32
+    assert b16 < 0.75 * b32
+    assert torch.equal(l32, l16)
+    assert g32.keys() == g16.keys() and all(torch.equal(g32[k], g16[k]) for k in g32)

@@ -211,6 +211,22 @@ class EMA:
             t.copy_(sd[n])
 
 
+def cast_frozen_layers(model: nn.Module, dtype: torch.dtype) -> int:
+    """Cast the weights of every Linear and Conv layer none of whose own parameters train to
+    ``dtype``; returns how many parameter elements were cast. Under autocast to ``dtype`` these
+    layers cast their weights at every use (frozen weights are not in autocast's cast cache), so
+    holding them in ``dtype`` gives the same bits with less memory and no casts. Norms and every
+    other frozen parameter keep their dtype (autocast runs norms in fp32, where a rounded weight
+    would change results)."""
+    cast = 0
+    for m in model.modules():
+        own = list(m.parameters(recurse=False))
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and own and not any(p.requires_grad for p in own):
+            m.to(dtype)
+            cast += sum(p.numel() for p in own)
+    return cast
+
+
 # ----------------------------------------------------------------------------------------------
 # the base class
 

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from framer_dist.config import Config
-from framer_dist.parallel.common import EMA, Backend, lr_lambda, trainable_names
+from framer_dist.parallel.common import EMA, Backend, cast_frozen_layers, lr_lambda, trainable_names
 from framer_dist.parallel.optim import build_optimizer
 
 STATE_FILE = "single_state.pt"
@@ -21,6 +21,9 @@ class SingleBackend(Backend):
     def __init__(self, cfg: Config, model: nn.Module, params: list[nn.Parameter],
                  device: torch.device) -> None:
         super().__init__(cfg, model.to(device), rank=0, world_size=1, local_rank=0, device=device)
+        self.frozen_bf16_numel = 0
+        if cfg.train.frozen_bf16 and self.compute_dtype == torch.bfloat16:
+            self.frozen_bf16_numel = cast_frozen_layers(model, torch.bfloat16)
         self.params = list(params)
         self.names = trainable_names(model, self.params)
         self.optimizer = build_optimizer(cfg, self.params)
