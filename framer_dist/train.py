@@ -118,11 +118,56 @@ def check_paths(cfg: Config, world_size: int | None = None, on_this_machine: boo
     if "lora" in cfg.checkpoint.export and cfg.train.mode != "lora":
         raise ConfigError("config key 'checkpoint.export': 'lora' needs train.mode='lora', this run "
                           f"trains {cfg.train.mode!r}")
+    for key, value in (("train.out_dir", cfg.train.out_dir), ("checkpoint.dir", cfg.checkpoint.dir),
+                       ("log.dir", cfg.log.dir)):
+        if value and Path(value).exists() and not Path(value).is_dir():
+            raise ConfigError(f"config key '{key}': {value} exists and is not a folder")
+    # The launcher already fixed the world size: check the global batch divides before joining.
+    import os
+    from framer_dist.parallel.common import resolve_grad_accum
+    world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    accum = resolve_grad_accum(cfg, world)
+    if cfg.parallel.backend == "deepspeed":  # the JSON's contents against our config
+        from framer_dist.parallel.ds import build_ds_config
+        build_ds_config(cfg, accum, world)
+    if on_this_machine:
+        _check_launcher(cfg, world)
+    # last: the run folder's state (after every check of the config itself, which a mistake there
+    # should report first)
+    _check_resume_state(cfg)
+
+
+def _check_launcher(cfg: Config, world: int) -> None:
+    """The launcher's env vars and the device fit the backend (skipped by a submitter)."""
+    import os
+    backend = cfg.parallel.backend
+    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if backend != "none" and missing:
+        raise ConfigError(
+            f"config key 'parallel.backend': {backend!r} needs a distributed launcher, but "
+            f"{', '.join(missing)} are not set: start it with `torchrun --nproc-per-node N "
+            "framer_dist/train.py ...` or `deepspeed framer_dist/train.py ...` (one process is "
+            "fine), or use --backend none for a plain single process")
+    if backend == "none" and world > 1:
+        raise ConfigError(f"config key 'parallel.backend': 'none' is single-process, but this was "
+                          f"launched with WORLD_SIZE={world}; use --backend fsdp2 or --ds JSON")
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config key 'train.device': 'cuda' requested but CUDA is not available")
+
+
+def _check_resume_state(cfg: Config) -> None:
+    """What checkpoint.resume finds in the run's checkpoint folder: an explicit checkpoint exists,
+    a fresh run does not land on an earlier run's checkpoints, and the checkpoint a resume would
+    load was written by this backend and optimizer."""
+    def need(key: str, value: str) -> None:
+        if value and not Path(value).is_dir():
+            raise ConfigError(f"config key '{key}': folder not found: {value}")
+
     r = cfg.checkpoint.resume
     from framer_dist.checkpoint import find_checkpoint, list_valid_checkpoints
     root = Path(cfg.checkpoint.dir or Path(cfg.train.out_dir) / "checkpoints")
     if r not in ("", "auto", "none"):
-        need("checkpoint.resume", r, "dir")
+        need("checkpoint.resume", r)
     else:
         found = list_valid_checkpoints(root) if r != "auto" else []
         if found:  # a fresh run here would mix with (and not overwrite) the earlier run's saves
@@ -152,33 +197,6 @@ def check_paths(cfg: Config, world_size: int | None = None, on_this_machine: boo
                     "; resume it with --ds <its DeepSpeed JSON>" if was == "deepspeed" else
                     f"; resume it with --backend {was}")
             raise ConfigError(f"config key 'checkpoint.resume': {problem}{hint}")
-    for key, value in (("train.out_dir", cfg.train.out_dir), ("checkpoint.dir", cfg.checkpoint.dir),
-                       ("log.dir", cfg.log.dir)):
-        if value and Path(value).exists() and not Path(value).is_dir():
-            raise ConfigError(f"config key '{key}': {value} exists and is not a folder")
-    # The launcher already fixed the world size: check the global batch divides before joining.
-    import os
-    from framer_dist.parallel.common import resolve_grad_accum
-    world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
-    accum = resolve_grad_accum(cfg, world)
-    if cfg.parallel.backend == "deepspeed":  # the JSON's contents against our config
-        from framer_dist.parallel.ds import build_ds_config
-        build_ds_config(cfg, accum, world)
-    if not on_this_machine:
-        return
-    backend = cfg.parallel.backend
-    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
-    if backend != "none" and missing:
-        raise ConfigError(
-            f"config key 'parallel.backend': {backend!r} needs a distributed launcher, but "
-            f"{', '.join(missing)} are not set: start it with `torchrun --nproc-per-node N "
-            "framer_dist/train.py ...` or `deepspeed framer_dist/train.py ...` (one process is "
-            "fine), or use --backend none for a plain single process")
-    if backend == "none" and world > 1:
-        raise ConfigError(f"config key 'parallel.backend': 'none' is single-process, but this was "
-                          f"launched with WORLD_SIZE={world}; use --backend fsdp2 or --ds JSON")
-    if cfg.train.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("config key 'train.device': 'cuda' requested but CUDA is not available")
 
 
 # ----------------------------------------------------------------------------------------------
