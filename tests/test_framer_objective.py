@@ -114,7 +114,7 @@ def test_matches_reference_all_switches(mask, faw, fam, random_negatives, in_bat
     {"faw_denominator": "teacher"}, {"faw_denominator": "none"},
     {"lf_loss": "inter", "hf_loss": "intra"}, {"lf_loss": "inter", "hf_loss": "inter"},
     {"lf_loss": "intra", "hf_loss": "intra"}, {"use_rfft": False}, {"tau": 0.2}, {"cutoff": 0.5},
-    {"radius": 0.0}, {"radius": 0.2}, {"radius": 1.5}, {"plain_l2": True},
+    {"radius": 0.0}, {"radius": 0.2}, {"radius": 0.6}, {"radius": 1.5}, {"plain_l2": True},
     {"layer_reduce": "sum"}, {"layer_reduce": "sum", "faw": False, "in_batch_negatives": False},
     {"layer_reduce": "sum", "plain_l2": True},
 ])
@@ -311,6 +311,23 @@ def test_radial_mask_properties(h, w, radius):
     half = radial_lf_mask(h, w, radius, True, torch.device("cpu"))
     assert torch.equal(half, full[:, : w // 2 + 1])  # the rfft half is the same mask
     assert radial_lf_mask(h, w, radius, False, torch.device("cpu")) is full  # cached
+
+
+@pytest.mark.parametrize("h,w,radius", [(8, 10, 0.6), (10, 10, 0.6), (20, 20, 0.3), (6, 10, 0.2), (9, 15, 0.4)])
+def test_radial_mask_bin_exactly_on_the_radius_is_lf(h, w, radius):
+    """Spec: M_LF = 1[rho <= r] with fx = 2 kx / W. A bin whose exact frequency equals r (here
+    kx = r W / 2 on the fy = 0 row) is LF. ``fftfreq(n) * 2`` computes k * (1/n) * 2 with two
+    roundings (3 * 0.1 * 2 = 0.6000000000000001 > 0.6) and used to drop such bins; the
+    frequencies must be the correctly rounded 2k/n, as the reference's."""
+    from framer_dist.framer.reference import _radial_lf
+    k = round(radius * w / 2)
+    assert 2 * k / w == radius  # the bin (0, k) lies exactly on the radius
+    for half in (False, True):
+        m = radial_lf_mask(h, w, radius, half, torch.device("cpu"))
+        assert m[0, k], (half, k)
+    full = radial_lf_mask(h, w, radius, False, torch.device("cpu"))
+    ref = torch.fft.ifftshift(_radial_lf(h, w, radius, torch.device("cpu")), dim=(-2, -1)).bool()
+    assert torch.equal(full, ref)
 
 
 def test_radial_mask_boundaries():
