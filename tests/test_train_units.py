@@ -98,3 +98,15 @@ def test_tensorboard_scalars_and_heatmap_read_back(tmp_path):
     # disabled writer writes nothing
     TBWriter(tmp_path / "off", enabled=False).scalars({"x": 1}, 0)
     assert not (tmp_path / "off").exists()
+
+
+def test_heatmap_has_the_per_band_loss_panel():
+    """FRAMER_SPEC.md section 6: the layers x {LF, HF} heat map shows w, a, L_intra, L_inter and
+    the teacher cosine. The loss panel is l_lf / l_hf (L_intra on LF and L_inter on HF with the
+    default band assignment), so the image has four panels, not three."""
+    from framer_dist.metrics import HEATMAP_ROWS, heatmap_image
+    assert ("loss", "l_lf", "l_hf") in HEATMAP_ROWS
+    layers = [0, 1, 2]
+    base = {k: torch.linspace(0, 1, 3) for k in ("w_lf", "w_hf", "a_lf", "a_hf", "cos_lf", "cos_hf")}
+    with_loss = {**base, "l_lf": torch.tensor([0.5, 0.7, 0.69]), "l_hf": torch.tensor([2.3, 1.9, 1.5])}
+    assert heatmap_image(with_loss, layers).shape[1] > heatmap_image(base, layers).shape[1]
