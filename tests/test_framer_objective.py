@@ -123,7 +123,7 @@ def test_matches_reference_other_switches(mask, extra):
 
 
 @pytest.mark.parametrize("mask", ["radial", "teacher_quantile"])
-@pytest.mark.parametrize("shape", [(3, 2, 3, 7, 9), (2, 4, 1, 6, 6), (3, 2, 2, 5, 4)])
+@pytest.mark.parametrize("shape", [(3, 2, 3, 7, 9), (2, 4, 1, 6, 6), (3, 2, 2, 5, 4), (3, 3, 2, 6, 7)])
 def test_matches_reference_odd_and_even_sizes(mask, shape):
     _assert_matches(_cfg(mask=mask), shape=shape)
 
@@ -498,6 +498,16 @@ def test_fp32_overflow_is_reported_not_silent():
     s[0] = 3e38  # finite in fp32, but the FFT sum overflows
     with pytest.raises(FloatingPointError, match=r"student layer 0"):
         framer_objective(s, t, _cfg(), torch.Generator().manual_seed(0))
+
+
+def test_config_defaults_are_the_spec_defaults():
+    """FRAMER_SPEC.md sections 1-5: every default it states, in one place."""
+    c = FramerConfig()
+    assert (c.enabled, c.feature, c.students, c.teacher_layer) == (True, "x0", "all_but_last", -1)
+    assert (c.mask, c.radius, c.cutoff, c.tau) == ("radial", 0.2, 0.2, 1.0)
+    assert (c.faw, c.fam, c.faw_denominator) == (True, True, "student")
+    assert (c.random_negatives, c.in_batch_negatives, c.lf_loss, c.hf_loss) == (True, True, "intra", "inter")
+    assert (c.plain_l2, c.weight, c.layer_reduce) == (False, 0.1, "mean")
 
 
 def test_config_dataclass_fields_all_used():
