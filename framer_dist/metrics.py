@@ -25,7 +25,10 @@ SCALAR_TAGS = ("loss/noise", "loss/total", "lr", "grad_norm", "perf/img_per_s",
 FRAMER_TAGS = ("loss/framer",)
 MFU_TAG = "perf/mfu"                # only where the device's peak FLOP/s is known
 IMAGE_TAGS = ("framer/heatmap",)    # plus "val/sr" when log.val_every > 0
-HEATMAP_ROWS = (("w", "w_lf", "w_hf"), ("a", "a_lf", "a_hf"), ("cosine", "cos_lf", "cos_hf"))
+# FRAMER_SPEC.md section 6: w, a, the losses (l_lf / l_hf: L_intra on LF and L_inter on HF with
+# the default band assignment) and the teacher cosine, over layers x {LF, HF}
+HEATMAP_ROWS = (("w", "w_lf", "w_hf"), ("a", "a_lf", "a_hf"), ("loss", "l_lf", "l_hf"),
+                ("cosine", "cos_lf", "cos_hf"))
 
 
 class TBWriter:
@@ -82,7 +85,8 @@ def framer_layer_scalars(metrics: Mapping[str, Tensor], layers: list[int]) -> di
 
 def heatmap_image(metrics: Mapping[str, Tensor], layers: list[int], step: int | None = None,
                   ) -> np.ndarray:
-    """The layers x {LF, HF} heat map of w (FAW), a (FAM) and the teacher cosine, as RGB uint8.
+    """The layers x {LF, HF} heat map of w (FAW), a (FAM), the band losses and the teacher cosine,
+    as RGB uint8 (colour range: [0, 1] for w and a, [-1, 1] for the cosine, [0, max] for the loss).
 
     This is the per-layer picture of the paper's Fig. 7/9: where along depth each band aligns
     with the teacher.
@@ -101,7 +105,10 @@ def heatmap_image(metrics: Mapping[str, Tensor], layers: list[int], step: int | 
     for ax, (name, lf, hf) in zip(axes[0], panels):
         grid = torch.stack([metrics[lf].detach().float().cpu().reshape(-1),
                             metrics[hf].detach().float().cpu().reshape(-1)], dim=1).numpy()
-        lo, hi = (-1.0, 1.0) if name == "cosine" else (0.0, 1.0)
+        if name == "loss":  # unbounded above (InfoNCE starts near log(number of keys))
+            lo, hi = 0.0, max(float(np.nanmax(grid)) if np.isfinite(grid).any() else 1.0, 1e-6)
+        else:
+            lo, hi = (-1.0, 1.0) if name == "cosine" else (0.0, 1.0)
         im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=lo, vmax=hi,
                        interpolation="nearest")
         if len(layers) <= 16:  # few layers: print the values too

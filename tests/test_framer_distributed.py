@@ -23,6 +23,9 @@ CONFIGS = {
     "radial": FramerConfig(radius=0.5),
     "quantile": FramerConfig(mask="teacher_quantile"),
     "both_inter_sum": FramerConfig(radius=0.5, lf_loss="inter", layer_reduce="sum", faw_denominator="teacher"),
+    # the gather without random-layer keys, and the switch that needs no gather at all
+    "no_random_negatives": FramerConfig(radius=0.5, random_negatives=False),
+    "no_in_batch_tau": FramerConfig(radius=0.5, in_batch_negatives=False, tau=0.3),
 }
 
 

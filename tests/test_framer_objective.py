@@ -114,7 +114,7 @@ def test_matches_reference_all_switches(mask, faw, fam, random_negatives, in_bat
     {"faw_denominator": "teacher"}, {"faw_denominator": "none"},
     {"lf_loss": "inter", "hf_loss": "intra"}, {"lf_loss": "inter", "hf_loss": "inter"},
     {"lf_loss": "intra", "hf_loss": "intra"}, {"use_rfft": False}, {"tau": 0.2}, {"cutoff": 0.5},
-    {"radius": 0.0}, {"radius": 0.2}, {"radius": 1.5}, {"plain_l2": True},
+    {"radius": 0.0}, {"radius": 0.2}, {"radius": 0.6}, {"radius": 1.5}, {"plain_l2": True},
     {"layer_reduce": "sum"}, {"layer_reduce": "sum", "faw": False, "in_batch_negatives": False},
     {"layer_reduce": "sum", "plain_l2": True},
 ])
@@ -123,7 +123,7 @@ def test_matches_reference_other_switches(mask, extra):
 
 
 @pytest.mark.parametrize("mask", ["radial", "teacher_quantile"])
-@pytest.mark.parametrize("shape", [(3, 2, 3, 7, 9), (2, 4, 1, 6, 6), (3, 2, 2, 5, 4)])
+@pytest.mark.parametrize("shape", [(3, 2, 3, 7, 9), (2, 4, 1, 6, 6), (3, 2, 2, 5, 4), (3, 3, 2, 6, 7)])
 def test_matches_reference_odd_and_even_sizes(mask, shape):
     _assert_matches(_cfg(mask=mask), shape=shape)
 
@@ -313,6 +313,23 @@ def test_radial_mask_properties(h, w, radius):
     assert radial_lf_mask(h, w, radius, False, torch.device("cpu")) is full  # cached
 
 
+@pytest.mark.parametrize("h,w,radius", [(8, 10, 0.6), (10, 10, 0.6), (20, 20, 0.3), (6, 10, 0.2), (9, 15, 0.4)])
+def test_radial_mask_bin_exactly_on_the_radius_is_lf(h, w, radius):
+    """Spec: M_LF = 1[rho <= r] with fx = 2 kx / W. A bin whose exact frequency equals r (here
+    kx = r W / 2 on the fy = 0 row) is LF. ``fftfreq(n) * 2`` computes k * (1/n) * 2 with two
+    roundings (3 * 0.1 * 2 = 0.6000000000000001 > 0.6) and used to drop such bins; the
+    frequencies must be the correctly rounded 2k/n, as the reference's."""
+    from framer_dist.framer.reference import _radial_lf
+    k = round(radius * w / 2)
+    assert 2 * k / w == radius  # the bin (0, k) lies exactly on the radius
+    for half in (False, True):
+        m = radial_lf_mask(h, w, radius, half, torch.device("cpu"))
+        assert m[0, k], (half, k)
+    full = radial_lf_mask(h, w, radius, False, torch.device("cpu"))
+    ref = torch.fft.ifftshift(_radial_lf(h, w, radius, torch.device("cpu")), dim=(-2, -1)).bool()
+    assert torch.equal(full, ref)
+
+
 def test_radial_mask_boundaries():
     dev = torch.device("cpu")
     m0 = radial_lf_mask(8, 10, 0.0, False, dev)
@@ -481,6 +498,16 @@ def test_fp32_overflow_is_reported_not_silent():
     s[0] = 3e38  # finite in fp32, but the FFT sum overflows
     with pytest.raises(FloatingPointError, match=r"student layer 0"):
         framer_objective(s, t, _cfg(), torch.Generator().manual_seed(0))
+
+
+def test_config_defaults_are_the_spec_defaults():
+    """FRAMER_SPEC.md sections 1-5: every default it states, in one place."""
+    c = FramerConfig()
+    assert (c.enabled, c.feature, c.students, c.teacher_layer) == (True, "x0", "all_but_last", -1)
+    assert (c.mask, c.radius, c.cutoff, c.tau) == ("radial", 0.2, 0.2, 1.0)
+    assert (c.faw, c.fam, c.faw_denominator) == (True, True, "student")
+    assert (c.random_negatives, c.in_batch_negatives, c.lf_loss, c.hf_loss) == (True, True, "intra", "inter")
+    assert (c.plain_l2, c.weight, c.layer_reduce) == (False, 0.1, "mean")
 
 
 def test_config_dataclass_fields_all_used():

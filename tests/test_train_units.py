@@ -149,3 +149,15 @@ def test_frozen_layers_in_bf16_give_the_same_bits_with_less_memory(mode):
     assert b16 < 0.75 * b32
     assert torch.equal(l32, l16)
     assert g32.keys() == g16.keys() and all(torch.equal(g32[k], g16[k]) for k in g32)
+
+
+def test_heatmap_has_the_per_band_loss_panel():
+    """FRAMER_SPEC.md section 6: the layers x {LF, HF} heat map shows w, a, L_intra, L_inter and
+    the teacher cosine. The loss panel is l_lf / l_hf (L_intra on LF and L_inter on HF with the
+    default band assignment), so the image has four panels, not three."""
+    from framer_dist.metrics import HEATMAP_ROWS, heatmap_image
+    assert ("loss", "l_lf", "l_hf") in HEATMAP_ROWS
+    layers = [0, 1, 2]
+    base = {k: torch.linspace(0, 1, 3) for k in ("w_lf", "w_hf", "a_lf", "a_hf", "cos_lf", "cos_hf")}
+    with_loss = {**base, "l_lf": torch.tensor([0.5, 0.7, 0.69]), "l_hf": torch.tensor([2.3, 1.9, 1.5])}
+    assert heatmap_image(with_loss, layers).shape[1] > heatmap_image(base, layers).shape[1]

@@ -87,11 +87,15 @@ def column_weights(w: int, half: bool, device: torch.device) -> tuple[Tensor, Te
 def normalized_frequencies(n: int, *, rfft: bool = False) -> Tensor:
     """Frequencies of the un-shifted FFT layout in units of Nyquist (float64): values in [-1, 1).
 
-    ``fftfreq(n) * 2``: for even ``n`` the Nyquist bin is -1. ``rfft=True`` gives the
-    non-negative half (``rfftfreq``), where the even-``n`` Nyquist bin reads +1 (same ``|f|``).
+    ``2 k / n`` for the integer bin index ``k`` of the ``fftfreq`` layout (``0 .. ceil(n/2)-1``, then
+    ``-floor(n/2) .. -1``): for even ``n`` the Nyquist bin is -1. ``rfft=True`` gives the
+    non-negative half (``rfftfreq``, ``k = 0 .. n//2``), where the even-``n`` Nyquist bin reads +1
+    (same ``|f|``). Computed as one correctly rounded division, not as ``fftfreq(n) * 2``
+    (``k * (1/n) * 2`` rounds twice: ``3 * 0.1 * 2 = 0.6000000000000001``), so a bin whose exact
+    frequency equals the radius satisfies ``rho <= radius`` as the spec's ``M_LF`` says.
     """
-    f = torch.fft.rfftfreq(n, dtype=torch.float64) if rfft else torch.fft.fftfreq(n, dtype=torch.float64)
-    return f * 2.0
+    k = torch.arange(n // 2 + 1) if rfft else torch.cat([torch.arange((n + 1) // 2), torch.arange(-(n // 2), 0)])
+    return (2.0 * k.to(torch.float64)) / n
 
 
 @functools.lru_cache(maxsize=64)
