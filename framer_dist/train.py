@@ -290,6 +290,12 @@ def train(cfg: Config) -> RunResult:
     b_micro = cfg.data.batch_size
     global_batch = b_micro * world * accum
     logs_here = backend.is_main or cfg.log.all_ranks
+    if f_cfg.enabled and f_cfg.in_batch_negatives and accum > 1 and backend.is_main:
+        # InterCL's keys are gathered per forward, so accumulation shrinks its negatives
+        print(f"[framer_dist] note: InterCL compares each image with the {b_micro * world} images "
+              f"of one forward (data.batch_size x world size), not the global batch of "
+              f"{global_batch} ({accum} accumulated micro-batches); the authors' run used one "
+              "forward of 16 (docs/framer.md)", flush=True)
 
     # -- resume: weights, optimizer, scheduler, EMA, RNGs, step and global data position --------
     framer_gen = torch.Generator().manual_seed(t_cfg.seed)

@@ -309,6 +309,20 @@ def test_lora_run_in_bf16_holds_frozen_layers_in_bf16_validates_and_exports(tmp_
     assert torch.equal(w, base.transformer_blocks[0].ff.net[2].weight.to(torch.bfloat16).float())
 
 
+def test_accumulation_notes_that_intercl_sees_one_forward(tmp_path, capsys):
+    """InterCL's in-batch keys are gathered per forward: with gradient accumulation the run says
+    how many images InterCL compares against (FRAMER_SPEC.md's batch is one forward)."""
+    from framer_dist.train import train
+
+    common = ("train.steps=1", "checkpoint.every=0", "checkpoint.export=[]", "log.heatmap_every=0")
+    train(_cfg(tmp_path / "accum", *common, "train.global_batch_size=4"))
+    out = capsys.readouterr().out
+    assert "InterCL compares each image with the 2 images of one forward" in out
+    assert "global batch of 4 (2 accumulated" in out
+    train(_cfg(tmp_path / "one", *common, "train.global_batch_size=2"))
+    assert "InterCL compares" not in capsys.readouterr().out
+
+
 def test_config_toml_survives_a_crash_mid_write(tmp_path):
     """The run folder's config.toml is rewritten on every (re)start; a crash or a full disk in the
     middle of that write must leave the previous one whole, not a truncated file."""
