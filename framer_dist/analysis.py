@@ -62,7 +62,8 @@ def layer_features(model, x0: Tensor, lr_latent: Tensor, sigma: float, noise: Te
     x_t = ((1 - sigma) * x0 + sigma * noise).to(dev)
     b = x0.shape[0]
     out = model(hidden_states=x_t.to(dt), lr_latent=lr_latent.to(dev, dt),
-                timestep=torch.full((b,), sigma * 1000.0, device=dev, dtype=dt),
+                # fp32 as in training and framer-sr (bf16 would round 301 to 302)
+                timestep=torch.full((b,), sigma * 1000.0, device=dev, dtype=torch.float32),
                 encoder_hidden_states=prompt_embeds.expand(b, -1, -1).to(dev, dt),
                 pooled_projections=pooled.expand(b, -1).to(dev, dt),
                 readout="hidden" if feature == "hidden" else "velocity")

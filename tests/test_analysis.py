@@ -92,3 +92,28 @@ def test_tool_refuses_duplicate_labels_and_bad_timesteps(tmp_path, capsys):
     assert "'transformer'" in err and "LABEL=PATH" in err
     assert main(["--checkpoint", str(a), "--timesteps", "300,abc"] + common) == 2
     assert "--timesteps" in capsys.readouterr().err
+
+
+def test_layer_features_feed_fp32_timesteps_to_a_bf16_model():
+    # as in training (flow.timesteps) and framer-sr: sigma * 1000 in fp32, not rounded to bf16
+    from types import SimpleNamespace
+
+    from framer_dist.analysis import layer_features
+
+    class Stub(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1, dtype=torch.bfloat16))
+            self.seen = []
+
+        def forward(self, hidden_states, lr_latent, timestep, encoder_hidden_states,
+                    pooled_projections, readout):
+            self.seen.append(timestep)
+            return SimpleNamespace(features=hidden_states[None])
+
+    m = Stub()
+    x0 = torch.randn(2, 16, 4, 4)
+    layer_features(m, x0, x0, 0.3013, torch.randn_like(x0), torch.randn(1, 5, 32),
+                   torch.randn(1, 32), "x0")
+    assert m.seen[0].dtype == torch.float32
+    assert torch.equal(m.seen[0], torch.full((2,), 0.3013 * 1000.0))

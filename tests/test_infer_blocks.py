@@ -179,3 +179,26 @@ def test_wavelet_fix_keeps_reference_low_band_and_image_high_band():
     assert torch.equal(color_fix(img, ref, "none"), img)
     with pytest.raises(ValueError, match="colour fix"):
         color_fix(img, ref, "histogram")
+
+
+def test_model_gets_fp32_timesteps_whatever_the_compute_dtype():
+    # SD3's pipeline (and training, flow.timesteps) feed the transformer float32 timesteps =
+    # sigma * 1000; a bf16 cast would round them to multiples of 4 above 512 (857.7 -> 856),
+    # a conditioning the model never saw in training.
+    from framer_dist.infer.sampler import model_denoiser
+
+    seen = []
+
+    def model(hidden_states, lr_latent, timestep, encoder_hidden_states, pooled_projections):
+        seen.append(timestep)
+        assert hidden_states.dtype == torch.bfloat16  # the compute dtype still applies to the rest
+        return hidden_states
+
+    sigmas = flow_sigmas(40)
+    e, p = torch.randn(1, 5, 8), torch.randn(1, 3)
+    z = torch.randn(2, 4, 6, 6)
+    for s in sigmas[:-1]:
+        model_denoiser(model, e, p, dtype=torch.bfloat16)(z, z, s)
+    for s, t in zip(sigmas[:-1], seen):
+        assert t.dtype == torch.float32 and t.shape == (2,)
+        assert torch.equal(t, (s.float() * 1000.0).expand(2))

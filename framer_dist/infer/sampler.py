@@ -66,13 +66,15 @@ def model_denoiser(model: VelocityModel, prompt_embeds: Tensor, pooled: Tensor,
     """Adapt the DiT4SR transformer to a denoiser for one set of text embeddings.
 
     ``prompt_embeds``/``pooled`` have batch 1 or the latent batch; they are broadcast.
+    The timestep stays float32 whatever ``dtype`` (as in SD3's pipeline and in training,
+    ``flow.timesteps``): a bf16 cast would round it to a multiple of 4 above 500.
     """
     def fn(z: Tensor, lr: Tensor, sigma: Tensor) -> Tensor:
         b = z.shape[0]
         dt = dtype or z.dtype
         e, p = _expand(prompt_embeds, b), _expand(pooled, b)
         t = (sigma.float() * 1000.0).expand(b).to(z.device)
-        out = model(hidden_states=z.to(dt), lr_latent=lr.to(dt), timestep=t.to(dt),
+        out = model(hidden_states=z.to(dt), lr_latent=lr.to(dt), timestep=t,
                     encoder_hidden_states=e.to(z.device, dt), pooled_projections=p.to(z.device, dt))
         return getattr(out, "sample", out).float()
     return fn

@@ -1,7 +1,8 @@
 """The `fsdp2` backend: `fully_shard` per transformer block, then the root; DCP checkpoints.
 
 Mixed precision: MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) when train.precision
-is bf16; the sharded parameters (what the optimizer updates) stay fp32. Checkpoints are
+is bf16 (the root without ``cast_forward_inputs``, so the timestep stays fp32); the sharded
+parameters (what the optimizer updates) stay fp32. Checkpoints are
 torch.distributed.checkpoint (DCP) directories, which reshard on load: any world size resumes.
 """
 
@@ -57,7 +58,13 @@ class FSDP2Backend(Backend):
         # backward: the FRAMER readout calls the head inside every block's checkpointed region, so
         # activation-checkpoint recomputation needs them after the root's forward has returned
         # (with resharding, recomputation read freed storage on an H100).
-        fully_shard(model, mesh=self.mesh, mp_policy=mp, reshard_after_forward=False)
+        # The root does not cast its inputs: the timestep (sigma * 1000) must stay fp32 as on the
+        # other backends and at inference (bf16 rounds it to a multiple of 4 above 512); the
+        # model's forward casts the latents and embeddings to the (bf16) weight dtype itself.
+        root_mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                        cast_forward_inputs=False)
+                   if cfg.train.precision == "bf16" else mp)
+        fully_shard(model, mesh=self.mesh, mp_policy=root_mp, reshard_after_forward=False)
         by_name = dict(model.named_parameters())
         self.params = [by_name[n] for n in self.trainable_names]
         if cfg.train.optimizer == "adamw8bit":
