@@ -153,6 +153,13 @@ def test_adain_matches_reference_channel_statistics():
     assert c.item() == pytest.approx(1.0, abs=1e-5)
     with pytest.raises(ValueError, match="same shape"):
         adain_color_fix(img, ref[..., :10])
+    # exactly StableSR's adaptive_instance_normalization (unbiased variance, eps 1e-5), as DiT4SR
+    def stats(f):
+        b, ch = f.shape[:2]
+        return (f.reshape(b, ch, -1).mean(2).reshape(b, ch, 1, 1),
+                (f.reshape(b, ch, -1).var(dim=2) + 1e-5).sqrt().reshape(b, ch, 1, 1))
+    (m_i, s_i), (m_f, s_f) = stats(img), stats(ref)
+    torch.testing.assert_close(out, (img - m_i) / s_i * s_f + m_f, rtol=0, atol=1e-6)
 
 
 def test_wavelet_fix_keeps_reference_low_band_and_image_high_band():

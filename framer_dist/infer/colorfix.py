@@ -23,15 +23,16 @@ def _check(image: Tensor, reference: Tensor) -> None:
                          f"{tuple(image.shape)} and {tuple(reference.shape)}")
 
 
-def channel_mean_std(x: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
-    """Per-image, per-channel mean and (population) std, shapes ``[B, C, 1, 1]``."""
+def channel_mean_std(x: Tensor, eps: float = 1e-5) -> tuple[Tensor, Tensor]:
+    """Per-image, per-channel mean and ``sqrt(var + eps)``, shapes ``[B, C, 1, 1]``; the variance
+    is the unbiased one and eps 1e-5, as in StableSR's ``calc_mean_std`` that DiT4SR uses."""
     flat = x.flatten(2)
     mean = flat.mean(-1)[..., None, None]
-    std = (flat.var(-1, unbiased=False) + eps).sqrt()[..., None, None]
+    std = (flat.var(-1, unbiased=True) + eps).sqrt()[..., None, None]
     return mean, std
 
 
-def adain_color_fix(image: Tensor, reference: Tensor, eps: float = 1e-6) -> Tensor:
+def adain_color_fix(image: Tensor, reference: Tensor, eps: float = 1e-5) -> Tensor:
     """Give ``image`` the channel means and stds of ``reference``."""
     _check(image, reference)
     x = image.float()
