@@ -189,13 +189,17 @@ def _check_resume_state(cfg: Config) -> None:
         if not isinstance(meta, dict):
             raise ConfigError(f"config key 'checkpoint.resume': {meta_file} is not a framer_dist "
                               f"backend meta file ({meta if isinstance(meta, Exception) else 'not a JSON object'})")
-        problem = meta_mismatch(meta, resume_from, cfg.parallel.backend, cfg.train.optimizer)
+        problem = meta_mismatch(meta, resume_from, cfg.parallel.backend, cfg.train.optimizer,
+                                cfg.train.mode)
         if problem:
             was = meta.get("backend")
-            hint = ("; resume it with train.optimizer=" + json.dumps(meta.get("optimizer"))
-                    if was == cfg.parallel.backend else
-                    "; resume it with --ds <its DeepSpeed JSON>" if was == "deepspeed" else
-                    f"; resume it with --backend {was}")
+            if was != cfg.parallel.backend:
+                hint = ("; resume it with --ds <its DeepSpeed JSON>" if was == "deepspeed" else
+                        f"; resume it with --backend {was}")
+            elif meta.get("optimizer") != cfg.train.optimizer:
+                hint = "; resume it with train.optimizer=" + json.dumps(meta.get("optimizer"))
+            else:
+                hint = ""
             raise ConfigError(f"config key 'checkpoint.resume': {problem}{hint}")
 
 

@@ -192,8 +192,8 @@ def test_fresh_start_over_earlier_checkpoints_is_refused(tmp_path, capsys):
 
 
 def test_checkpoint_of_another_backend_or_optimizer_is_refused_before_the_model(tmp_path, capsys):
-    """A checkpoint's backend_meta.json says which backend and optimizer wrote it: resuming it with
-    another one is a one-line error (exit 2) from the up-front checks, before any model or
+    """A checkpoint's backend_meta.json says which backend, optimizer and training mode wrote it:
+    resuming it with another one is a one-line error (exit 2) from the up-front checks, before any model or
     process group, naming the checkpoint and both values."""
     out = tmp_path / "run"
     base = ["--config", TINY, "--out", str(out), SYN, "data.resolution=64", "train.steps=1",
@@ -204,6 +204,11 @@ def test_checkpoint_of_another_backend_or_optimizer_is_refused_before_the_model(
     assert main(base + ["train.steps=2", "--resume", "auto", 'train.optimizer="adamw8bit"']) == 2
     err = capsys.readouterr().err
     assert str(ckpt) in err and "'adamw'" in err and "'adamw8bit'" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    # another training mode: another trainable set (control -> lora)
+    assert main(base + ["train.steps=2", "--resume", "auto", 'train.mode="lora"']) == 2
+    err = capsys.readouterr().err
+    assert str(ckpt) in err and "train.mode='control'" in err and "'lora'" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
     # another backend, launched as rank 0 of 2: a process group init would wait for rank 1, so a

@@ -24,16 +24,23 @@ CLIENT_STATE_FILE = "client_state.pt"
 META_FILE = "backend_meta.json"
 
 
-def meta_mismatch(meta: dict[str, Any], path: str | Path, backend: str, optimizer: str) -> str | None:
+def meta_mismatch(meta: dict[str, Any], path: str | Path, backend: str, optimizer: str,
+                  mode: str | None = None) -> str | None:
     """Why a checkpoint with backend meta ``meta`` cannot be loaded by ``backend`` with
-    ``optimizer`` state (``None`` when it can): the backends' file layouts and the optimizers'
-    state differ. Checked up front by ``train.check_paths`` and again by ``Backend.load``."""
+    ``optimizer`` state for training mode ``mode`` (``None`` when it can): the backends' file
+    layouts, the optimizers' state and the modes' trainable sets differ. Checked up front by
+    ``train.check_paths`` and again by ``Backend.load``. (Checkpoints from before the mode was
+    recorded skip that check.)"""
     if meta.get("backend") != backend:
         return (f"checkpoint {path} was written by the {meta.get('backend')!r} backend; it cannot "
                 f"be loaded with parallel.backend={backend!r}")
     if meta.get("optimizer") != optimizer:
         return (f"checkpoint {path} holds {meta.get('optimizer')!r} optimizer state but "
                 f"train.optimizer is {optimizer!r}")
+    if mode is not None and meta.get("mode", mode) != mode:
+        return (f"checkpoint {path} trained train.mode={meta['mode']!r}, this run trains "
+                f"{mode!r}: a resume continues the same trainable set (to start a {mode!r} run "
+                f"from it, export its weights and use them as model.pretrained)")
     return None
 
 
@@ -324,7 +331,8 @@ class Backend:
         """Rank 0 writes the client state and a small JSON describing the layout."""
         if self.is_main:
             torch.save(client_state, path / CLIENT_STATE_FILE)
-            meta = {"backend": self.name, "world_size": self.world_size, **extra}
+            meta = {"backend": self.name, "world_size": self.world_size,
+                    "mode": self.cfg.train.mode, **extra}
             (path / META_FILE).write_text(json.dumps(meta, indent=1))
 
     @staticmethod
@@ -337,7 +345,7 @@ class Backend:
     def _check_meta(self, path: Path) -> dict[str, Any]:
         """The checkpoint's layout must fit this run: same backend, same optimizer state kind."""
         meta = self.read_meta(path)
-        problem = meta_mismatch(meta, path, self.name, self.cfg.train.optimizer)
+        problem = meta_mismatch(meta, path, self.name, self.cfg.train.optimizer, self.cfg.train.mode)
         if problem:
             raise RuntimeError(problem)
         return meta
