@@ -179,6 +179,27 @@ def test_encode_prompts_tool_shapes_resume_and_lookup(tmp_path, sd3_dir, capsys)
 
     assert enc_tool.main(["--captions", str(caps), "--model", str(tmp_path / "none"), "--out", str(out)]) == 2
     assert "not found" in capsys.readouterr().err
+    # a training cache (no suffix) is not turned into an inference cache by a later run
+    assert enc_tool.main(base + ["--inference"]) == 2
+    assert "suffix" in capsys.readouterr().err
+
+    # an inference cache: DiT4SR's suffix on every caption, its negative prompt for the CFG branch,
+    # served to framer-sr by CachedEmbeddings
+    from framer_dist.infer.prompts import NEGATIVE_PROMPT, CachedEmbeddings, with_suffix
+    inf = tmp_path / "emb_inference"
+    inf_args = [a if a != str(out) else str(inf) for a in base] + ["--inference"]
+    assert enc_tool.main(inf_args + ["--limit", "2"]) == 0
+    assert enc_tool.main(inf_args) == 0                                # resumes with the same suffix
+    cached = CachedEmbeddings(inf)
+    e, p = enc([with_suffix(texts["im4"]), NEGATIVE_PROMPT])
+    got = cached.cond_for(Path("im4.png"))
+    torch.testing.assert_close(got[0][0], e[0])
+    torch.testing.assert_close(got[1][0], p[0])
+    neg = cached.uncond()
+    torch.testing.assert_close(neg[0][0], e[1])
+    torch.testing.assert_close(neg[1][0], p[1])
+    assert enc_tool.main(inf_args[:-1]) == 2                           # the same without --inference
+    assert "suffix" in capsys.readouterr().err                         # no mixing of the two kinds
     partial = tmp_path / "partial"
     (partial / "text_encoder").mkdir(parents=True)
     assert enc_tool.main(["--captions", str(caps), "--model", str(partial), "--out", str(out)]) == 2

@@ -5,6 +5,11 @@
 
 prompt_embeds [77 + t5_len, 4096] (CLIP-L|CLIP-G penultimate states padded to 4096, then T5) and
 pooled [2048]; resumable (ids already encoded are skipped). Point data.prompt_embeddings at --out.
+
+For inference (framer-sr --prompt-embeddings): --inference appends DiT4SR's positive suffix to
+every caption and encodes its negative prompt (negative.safetensors), as framer-sr does with text
+encoders; --suffix / --negative set others. Keep training and inference caches in separate folders
+(a folder keeps the suffix it was started with).
 """
 
 from __future__ import annotations
@@ -33,12 +38,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=list(DTYPES), default="bf16", help="stored dtype")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--limit", type=int, default=None, help="encode at most this many new captions")
+    ap.add_argument("--inference", action="store_true",
+                    help="an inference cache: DiT4SR's positive suffix and negative prompt")
+    ap.add_argument("--suffix", default=None, help="appended to every caption (default: none; "
+                    "with --inference DiT4SR's)")
+    ap.add_argument("--negative", default=None, help="negative prompt to encode (default: none; "
+                    "with --inference DiT4SR's)")
     a = ap.parse_args(argv)
+    from framer_dist.infer.prompts import NEGATIVE_PROMPT, POSITIVE_SUFFIX
+    suffix = a.suffix if a.suffix is not None else POSITIVE_SUFFIX if a.inference else ""
+    negative = a.negative if a.negative is not None else NEGATIVE_PROMPT if a.inference else None
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         run_dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
         enc = SD3TextEncoders(a.model, a.device, run_dtype, t5_len=a.t5_len)
-        n = encode_captions(a.captions, a.out, enc, a.batch_size, a.shard_size, a.dtype, a.limit)
+        n = encode_captions(a.captions, a.out, enc, a.batch_size, a.shard_size, a.dtype, a.limit,
+                            suffix=suffix, negative=negative)
     except (ModelFolderError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -5,7 +5,10 @@ A prompt-embedding folder (written by ``tools/encode_prompts.py``) holds
 - ``prompts-NNNNN.safetensors``: ``prompt_embeds [n, T, D]``, ``pooled [n, P]``, metadata
   ``ids`` = JSON list of the n image ids (one shard per encoding chunk; a shard is complete
   once it exists: it is written to a temporary name and renamed);
-- ``empty.safetensors``: ``prompt_embeds [T, D]``, ``pooled [P]`` of the empty prompt.
+- ``empty.safetensors``: ``prompt_embeds [T, D]``, ``pooled [P]`` of the empty prompt;
+- for inference only (``tools/encode_prompts.py --inference``): ``negative.safetensors`` (same
+  keys, the negative prompt of the unconditional CFG branch) and ``encoding.json`` (the suffix
+  appended to every caption, so a folder never mixes captions with and without it).
 
 A sample uses the empty prompt with probability ``data.null_prompt_prob`` (drawn from its seed)
 and when its id has no cached embedding (counted as ``missing_prompt``).
@@ -24,7 +27,18 @@ from ..atomic import save_safetensors_atomic
 from .sources import DataSourceError
 
 EMPTY_FILE = "empty.safetensors"
+NEGATIVE_FILE = "negative.safetensors"
+ENCODING_FILE = "encoding.json"
 SHARD_GLOB = "prompts-*.safetensors"
+
+
+def join_suffix(caption: str, suffix: str) -> str:
+    """``caption`` + a fixed suffix (just the suffix for an empty caption; the caption alone for
+    an empty suffix)."""
+    caption = caption.strip()
+    if not suffix:
+        return caption
+    return f"{caption} {suffix}" if caption else suffix
 
 
 def write_shard(path: str | Path, ids: list[str], prompt_embeds: torch.Tensor,
@@ -34,9 +48,10 @@ def write_shard(path: str | Path, ids: list[str], prompt_embeds: torch.Tensor,
                             metadata={"ids": json.dumps(ids)})
 
 
-def write_empty(folder: str | Path, prompt_embeds: torch.Tensor, pooled: torch.Tensor) -> None:
-    save_safetensors_atomic({"prompt_embeds": prompt_embeds, "pooled": pooled},
-                            Path(folder) / EMPTY_FILE)
+def write_empty(folder: str | Path, prompt_embeds: torch.Tensor, pooled: torch.Tensor,
+                name: str = EMPTY_FILE) -> None:
+    """One prompt's embeddings (the empty prompt, or ``NEGATIVE_FILE``'s negative prompt)."""
+    save_safetensors_atomic({"prompt_embeds": prompt_embeds, "pooled": pooled}, Path(folder) / name)
 
 
 def done_ids(folder: str | Path) -> set[str]:

@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from .captioning import ModelFolderError, check_model_folder
-from .prompts import SHARD_GLOB, done_ids, write_empty, write_shard
+from ..atomic import write_text_atomic
+from .prompts import (EMPTY_FILE, ENCODING_FILE, NEGATIVE_FILE, SHARD_GLOB, done_ids, join_suffix,
+                      write_empty, write_shard)
 
 log = logging.getLogger("framer_dist.data")
 
@@ -83,23 +85,45 @@ def read_captions(path: str | Path) -> list[tuple[str, str]]:
     return list(out.items())
 
 
+def _check_encoding(out: Path, suffix: str) -> None:
+    """A folder keeps one suffix: a resumed run with another would mix two kinds of prompt."""
+    f = out / ENCODING_FILE
+    had = json.loads(f.read_text())["suffix"] if f.is_file() else ("" if done_ids(out) else None)
+    if had is None:
+        if suffix:
+            write_text_atomic(f, json.dumps({"suffix": suffix}) + "\n")
+    elif had != suffix:
+        raise ValueError(f"--out {out} holds prompts encoded with suffix {had!r}, this run appends "
+                         f"{suffix!r}: use another --out (training caches take the captions as "
+                         "they are, inference caches DiT4SR's suffix)")
+
+
 def encode_captions(captions: str | Path, out_dir: str | Path, encoder, batch_size: int = 16,
-                    shard_size: int = 256, dtype: str = "bf16", limit: int | None = None) -> int:
+                    shard_size: int = 256, dtype: str = "bf16", limit: int | None = None,
+                    suffix: str = "", negative: str | None = None) -> int:
     """Encode every caption not yet cached in ``out_dir`` (+ the empty prompt once); returns the
     number encoded now. Each shard is written atomically, so an interruption loses at most the
-    shard in progress and a re-run continues after the last complete one."""
+    shard in progress and a re-run continues after the last complete one.
+
+    For an inference cache: ``suffix`` is appended to every caption (DiT4SR's positive suffix) and
+    ``negative`` is encoded to ``negative.safetensors`` (the unconditional CFG branch)."""
     if dtype not in DTYPES:
         raise ValueError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for tmp in out.glob("*.tmp"):
         tmp.unlink()
+    _check_encoding(out, suffix)
     dt = DTYPES[dtype]
-    if not (out / "empty.safetensors").is_file():
+    if not (out / EMPTY_FILE).is_file():
         e, p = encoder([""])
         write_empty(out, e[0].to(dt), p[0].to(dt))
+    if negative is not None:
+        e, p = encoder([negative])
+        write_empty(out, e[0].to(dt), p[0].to(dt), NEGATIVE_FILE)
     done = done_ids(out)
-    todo = [(i, c) for i, c in read_captions(captions) if i not in done]
+    todo = [(i, join_suffix(c, suffix) if suffix else c) for i, c in read_captions(captions)
+            if i not in done]
     if limit is not None:
         todo = todo[:limit]
     nums = [int(m.group(1)) for q in out.glob(SHARD_GLOB) if (m := re.search(r"(\d+)", q.stem))]

@@ -37,10 +37,9 @@ _TEXT_KEYS = ("caption", "prompt", "text")
 
 def with_suffix(caption: str, suffix: str = POSITIVE_SUFFIX) -> str:
     """``caption`` + the positive suffix (just the suffix for an empty caption)."""
-    caption = caption.strip()
-    if not suffix:
-        return caption
-    return f"{caption} {suffix}" if caption else suffix
+    from framer_dist.data.prompts import join_suffix
+
+    return join_suffix(caption, suffix)
 
 
 def read_captions(path: str | Path) -> dict[str, str]:
@@ -142,7 +141,9 @@ class CachedEmbeddings:
                              f"{image.name}, {image.stem}) in {self.folder}")
 
     def uncond(self) -> tuple[Tensor, Tensor]:
-        neg = self.folder / "negative.safetensors"
+        from framer_dist.data.prompts import NEGATIVE_FILE
+
+        neg = self.folder / NEGATIVE_FILE
         if neg.is_file():
             from safetensors.torch import load_file
 
