@@ -45,8 +45,10 @@ class LoraConfig:
     rank: int = _f(16, "LoRA rank", min=1)
     alpha: float = _f(16.0, "LoRA alpha", min=0.0)
     dropout: float = _f(0.0, "LoRA dropout", min=0.0, max=1.0)
-    targets: list[str] = _f(["to_q", "to_k", "to_v", "to_out.0"],
-                            "attention projections that get adapters")
+    targets: list[str] = _f(["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
+                             "add_v_proj", "to_add_out"],
+                            "attention projections that get adapters (default: every frozen one, "
+                            "image and text stream, as diffusers' SD3 LoRA training script)")
     include_mlp: bool = _f(False, "also adapt the feed-forward linears")
 
 
