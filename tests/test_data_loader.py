@@ -237,3 +237,46 @@ def test_cached_source_refuses_resolution_or_scale_other_than_the_manifest(tmp_p
     with pytest.raises(DataSourceError, match=r"data.resolution.*64.*8x8.*4x4"):
         build_dataloader(_cfg("data.source='cached'", f"data.path='{bare}'",
                               "data.resolution=64"), 0, 1)
+
+
+def _tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    import io
+
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    return path
+
+
+def _png_bytes(seed: int) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(_rgb(seed)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_tar_source_reads_more_shards_than_the_open_file_limit(tmp_path):
+    """A permutation touches every shard; the source must not keep one open file per shard (with
+    thousands of shards and ``ulimit -n`` 1024, reads failed with EMFILE and good samples were
+    skipped as unreadable)."""
+    import os
+    import resource
+
+    png = _png_bytes(0)
+    n = 3 * 32 + 10
+    for s in range(n):
+        _tar(tmp_path / f"s-{s:04d}.tar", [(f"k{s}.png", png)])
+    cfg = _cfg("data.source='webdataset'", f"data.path='{tmp_path}/s-*.tar'", "data.batch_size=8")
+    pipe = build_dataloader(cfg, 0, 1, 0)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    in_use = len(os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, in_use + 48), hard))
+    try:
+        ids = _ids(pipe, -(-n // 8))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert not pipe.report.as_dict()
+    assert sorted(ids[:n]) == sorted(f"k{s}" for s in range(n))

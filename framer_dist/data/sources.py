@@ -12,6 +12,7 @@ import json
 import os
 import re
 import tarfile
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -71,7 +72,12 @@ def expand_shards(pattern: str) -> list[str]:
 class TarSource:
     """WebDataset-style tar shards: members sharing a key (path up to the first dot of the file
     name) form a sample; its image is the first member with an image extension. Member offsets are
-    indexed once at start-up, so reads are random access (seek + read)."""
+    indexed once at start-up, so reads are random access (seek + read). Each process keeps at
+    most ``MAX_OPEN`` shards open (least recently used closed first): a permutation touches every
+    shard, and one handle per shard would exhaust the file-descriptor limit (``ulimit -n``) with
+    thousands of shards, turning every later read into a skipped item."""
+
+    MAX_OPEN = 32
 
     def __init__(self, pattern: str) -> None:
         shards = expand_shards(pattern)
@@ -98,7 +104,7 @@ class TarSource:
                                       f"uncompressed tar: {e}") from None
         if not self.items:
             raise DataSourceError(f"config key 'data.path': no images in the shards {pattern!r}")
-        self._fh: dict[str, object] = {}
+        self._fh: OrderedDict[str, object] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self.items)
@@ -110,13 +116,17 @@ class TarSource:
         shard, off, size, _ = self.items[i]
         fh = self._fh.get(shard)
         if fh is None:
+            while len(self._fh) >= self.MAX_OPEN:
+                self._fh.popitem(last=False)[1].close()
             fh = self._fh[shard] = open(shard, "rb")  # noqa: SIM115 - kept open per worker
+        else:
+            self._fh.move_to_end(shard)
         fh.seek(off)
         return fh.read(size)
 
     def __getstate__(self) -> dict:  # file handles do not cross process boundaries
         st = dict(self.__dict__)
-        st["_fh"] = {}
+        st["_fh"] = OrderedDict()
         return st
 
 
