@@ -280,3 +280,16 @@ def test_tar_source_reads_more_shards_than_the_open_file_limit(tmp_path):
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert not pipe.report.as_dict()
     assert sorted(ids[:n]) == sorted(f"k{s}" for s in range(n))
+
+
+def test_tar_sample_without_an_image_member_is_reported(tmp_path):
+    """A WebDataset sample whose members hold no image (only a caption, or an image under an
+    extension the source does not read) is counted, not dropped silently at indexing."""
+    shard = _tar(tmp_path / "a.tar", [("k0.png", _png_bytes(0)), ("k0.txt", b"cap"),
+                                      ("k1.txt", b"no image"), ("k2.hr.png", _png_bytes(2)),
+                                      ("k3.png", _png_bytes(3))])
+    pipe = build_dataloader(_cfg("data.source='webdataset'", f"data.path='{shard}'"), 0, 1, 0)
+    assert sorted(set(_ids(pipe, 2))) == ["k0", "k3"]
+    assert pipe.report.as_dict() == {"skipped_no_image": 2}
+    ex = pipe.report.examples["skipped_no_image"]
+    assert any("k1" in e and ".txt" in e for e in ex) and any("k2" in e and ".hr.png" in e for e in ex)

@@ -211,4 +211,7 @@ def build_dataloader(cfg: Config, rank: int, world_size: int, start_sample: int 
     source = open_source(d)
     prompts = PromptStore(d.prompt_embeddings) if d.prompt_embeddings else None
     stream = SampleStream(cfg, rank, world_size, start_sample, source, prompts)
-    return DataPipeline(stream, d.num_workers)
+    pipe = DataPipeline(stream, d.num_workers)
+    for key in getattr(source, "no_image", ()):   # tar samples without an image member
+        pipe.report.add("skipped_no_image", key)
+    return pipe

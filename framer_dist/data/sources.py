@@ -86,19 +86,24 @@ class TarSource:
             raise DataSourceError(f"config key 'data.path': tar shard(s) not found for {pattern!r}: "
                                   f"{', '.join(missing[:3]) or 'no match'}")
         self.items: list[tuple[str, int, int, str]] = []      # (shard, offset, size, key)
+        self.no_image: list[str] = []     # sample keys with no image member (reported, not used)
         for shard in shards:
             try:
                 with tarfile.open(shard, "r:") as tf:
                     seen: set[str] = set()
+                    exts: dict[str, list[str]] = {}
                     for m in tf:
                         if not m.isfile():
                             continue
                         d, base = os.path.split(m.name)
                         key = os.path.join(d, base.split(".", 1)[0])
                         ext = "." + base.split(".", 1)[1].lower() if "." in base else ""
+                        exts.setdefault(key, []).append(ext)
                         if ext in IMAGE_EXTS and key not in seen:
                             seen.add(key)
                             self.items.append((shard, m.offset_data, m.size, key))
+                    self.no_image.extend(f"{shard}:{k} (members {', '.join(e or '(none)' for e in v)})"
+                                         for k, v in exts.items() if k not in seen)
             except (tarfile.TarError, OSError) as e:
                 raise DataSourceError(f"config key 'data.path': {shard} is not a readable "
                                       f"uncompressed tar: {e}") from None
