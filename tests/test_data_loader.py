@@ -293,3 +293,14 @@ def test_tar_sample_without_an_image_member_is_reported(tmp_path):
     assert pipe.report.as_dict() == {"skipped_no_image": 2}
     ex = pipe.report.examples["skipped_no_image"]
     assert any("k1" in e and ".txt" in e for e in ex) and any("k2" in e and ".hr.png" in e for e in ex)
+
+
+def test_truncated_cached_shard_is_a_data_source_error_naming_the_file(tmp_path):
+    """A partly copied cache (a truncated shard) is refused up front naming the shard, not a bare
+    SafetensorError traceback that does not say which file."""
+    cache = _hand_cache(tmp_path / "cache", 4, None)
+    good = sorted(cache.glob("*.safetensors"))[0]
+    bad = cache / "pairs-99999.safetensors"
+    bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(DataSourceError, match=r"data.path.*pairs-99999.safetensors.*prepare_data"):
+        build_dataloader(_cfg("data.source='cached'", f"data.path='{cache}'"), 0, 1)

@@ -187,14 +187,21 @@ class CachedSource:
         self.rows: list[tuple[int, int]] = []
         self.ids: list[str] = []
         for si, p in enumerate(self.shards):
-            with safe_open(str(p), "pt") as f:
-                meta = f.metadata() or {}
-                keys = set(f.keys())
-                if not set(CACHE_KEYS) <= keys or "ids" not in meta:
-                    raise DataSourceError(f"config key 'data.path': {p} is not a cached-pair shard "
-                                          f"(needs tensors {CACHE_KEYS} and metadata 'ids')")
-                ids = json.loads(meta["ids"])
-                hw = f.get_slice("hr_latent").get_shape()[-2:]
+            try:
+                with safe_open(str(p), "pt") as f:
+                    meta = f.metadata() or {}
+                    keys = set(f.keys())
+                    if not set(CACHE_KEYS) <= keys or "ids" not in meta:
+                        raise DataSourceError(f"config key 'data.path': {p} is not a cached-pair "
+                                              f"shard (needs tensors {CACHE_KEYS} and metadata 'ids')")
+                    ids = json.loads(meta["ids"])
+                    hw = f.get_slice("hr_latent").get_shape()[-2:]
+            except DataSourceError:
+                raise
+            except Exception as e:  # SafetensorError (truncated/partial copy), OSError, bad JSON
+                raise DataSourceError(f"config key 'data.path': {p} is not a readable cached-pair "
+                                      f"shard ({type(e).__name__}: {e}); delete it and re-run "
+                                      "tools/prepare_data.py, which rewrites missing shards") from None
             if resolution is not None and list(hw) != [resolution // LATENT_FACTOR] * 2:
                 raise DataSourceError(
                     f"config key 'data.resolution': {resolution} needs latents of "
