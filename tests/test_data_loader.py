@@ -304,3 +304,24 @@ def test_truncated_cached_shard_is_a_data_source_error_naming_the_file(tmp_path)
     bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(DataSourceError, match=r"data.path.*pairs-99999.safetensors.*prepare_data"):
         build_dataloader(_cfg("data.source='cached'", f"data.path='{cache}'"), 0, 1)
+
+
+def test_prompt_shards_that_cannot_stack_with_the_empty_prompt_are_refused_up_front(tmp_path):
+    """A prompt folder holding rows of another length (e.g. a resume of encode_prompts with
+    another --t5-len) used to crash torch.stack mid-epoch, at the first batch mixing the two; and
+    a truncated shard raised a bare SafetensorError. Both are a DataSourceError at start-up."""
+    root = _good_folder(tmp_path / "imgs", 4)
+    emb = tmp_path / "emb"
+    emb.mkdir()
+    write_empty(emb, torch.zeros(10, 32), torch.zeros(32))
+    write_shard(emb / "prompts-00000.safetensors", ["a/img1", "b/img0"], torch.ones(2, 10, 32),
+                torch.ones(2, 32))
+    base = ["data.source='folder'", f"data.path='{root}'", f"data.prompt_embeddings='{emb}'"]
+    assert next(iter(build_dataloader(_cfg(*base), 0, 1, 0)))["prompt_embeds"].shape == (2, 10, 32)
+    write_shard(emb / "prompts-00001.safetensors", ["b/img2"], torch.ones(1, 12, 32), torch.ones(1, 32))
+    with pytest.raises(DataSourceError, match=r"data.prompt_embeddings.*prompts-00001.*\[12, 32\]"):
+        build_dataloader(_cfg(*base), 0, 1, 0)
+    good = (emb / "prompts-00000.safetensors").read_bytes()
+    (emb / "prompts-00001.safetensors").write_bytes(good[: len(good) // 2])
+    with pytest.raises(DataSourceError, match=r"data.prompt_embeddings.*prompts-00001.*not a readable"):
+        build_dataloader(_cfg(*base), 0, 1, 0)

@@ -72,12 +72,30 @@ class PromptStore:
             raise DataSourceError(f"config key 'data.prompt_embeddings': {self.folder} has no "
                                   f"{EMPTY_FILE}; write it with tools/encode_prompts.py")
         self.index: dict[str, tuple[str, int]] = {}
+        key = "config key 'data.prompt_embeddings'"
+        try:
+            with safe_open(str(self.folder / EMPTY_FILE), "pt") as f:
+                self.empty = (f.get_tensor("prompt_embeds"), f.get_tensor("pooled"))
+        except Exception as e:  # SafetensorError (truncated copy), missing tensor
+            raise DataSourceError(f"{key}: {self.folder / EMPTY_FILE} is not readable "
+                                  f"({type(e).__name__}: {e})") from None
+        want = (list(self.empty[0].shape), list(self.empty[1].shape))
         for p in sorted(self.folder.glob(SHARD_GLOB)):
-            with safe_open(str(p), "pt") as f:
-                for row, i in enumerate(json.loads((f.metadata() or {}).get("ids", "[]"))):
-                    self.index[i] = (str(p), row)
-        with safe_open(str(self.folder / EMPTY_FILE), "pt") as f:
-            self.empty = (f.get_tensor("prompt_embeds"), f.get_tensor("pooled"))
+            try:
+                with safe_open(str(p), "pt") as f:
+                    ids = json.loads((f.metadata() or {}).get("ids", "[]"))
+                    got = (f.get_slice("prompt_embeds").get_shape()[1:],
+                           f.get_slice("pooled").get_shape()[1:])
+            except Exception as e:  # SafetensorError (truncated copy), missing tensor, bad JSON
+                raise DataSourceError(f"{key}: {p} is not a readable prompt shard "
+                                      f"({type(e).__name__}: {e})") from None
+            # every row must stack with the empty prompt's shape (batches mix them)
+            if got != want:
+                raise DataSourceError(f"{key}: {p} holds prompt_embeds {got[0]} / pooled {got[1]} "
+                                      f"per row, but {EMPTY_FILE} is {want[0]} / {want[1]} (encoded "
+                                      "with another --t5-len or model?); one folder, one encoding")
+            for row, i in enumerate(ids):
+                self.index[i] = (str(p), row)
 
     @property
     def shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
