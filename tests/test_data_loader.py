@@ -325,3 +325,19 @@ def test_prompt_shards_that_cannot_stack_with_the_empty_prompt_are_refused_up_fr
     (emb / "prompts-00001.safetensors").write_bytes(good[: len(good) // 2])
     with pytest.raises(DataSourceError, match=r"data.prompt_embeddings.*prompts-00001.*not a readable"):
         build_dataloader(_cfg(*base), 0, 1, 0)
+
+
+def test_a_file_that_vanishes_after_listing_is_counted_not_fatal(tmp_path):
+    """A file listed at start-up that cannot be read later (deleted on a shared filesystem, an I/O
+    error) is skipped as ``skipped_unreadable`` by the reader both the loader and prepare_data use."""
+    from framer_dist.data.images import ImageSkipped, read_crop
+    from framer_dist.data.sources import FolderSource
+
+    src = FolderSource(_good_folder(tmp_path / "imgs", 3))
+    rng = np.random.default_rng(0)
+    crop, _ = read_crop(src, 0, src.item_id(0), 32, 16, rng)
+    assert crop.shape == (32, 32, 3)
+    src.files[1].unlink()
+    with pytest.raises(ImageSkipped) as e:
+        read_crop(src, 1, src.item_id(1), 32, 16, rng)
+    assert e.value.kind == "skipped_unreadable" and "FileNotFoundError" in str(e.value)

@@ -21,7 +21,7 @@ log = logging.getLogger("framer_dist.data")
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 # Kinds of events; "skipped_*" drop the file (another file takes its place), the others keep it.
-SKIP_KINDS = ("skipped_corrupt", "skipped_tiny")
+SKIP_KINDS = ("skipped_corrupt", "skipped_tiny", "skipped_unreadable")
 
 
 class ImageSkipped(Exception):
@@ -116,3 +116,18 @@ def crop_or_upscale(arr: np.ndarray, size: int, min_size: int, rng: np.random.Ge
     y = int(rng.integers(0, h - size + 1))
     x = int(rng.integers(0, w - size + 1))
     return arr[y:y + size, x:x + size], events
+
+
+def read_crop(source, i: int, item: str, size: int, min_size: int, rng: np.random.Generator
+              ) -> tuple[np.ndarray, list[str]]:
+    """Read item ``i`` of an image source, decode and crop it (:func:`decode`,
+    :func:`crop_or_upscale`): the crop and the conversions applied. Raises ImageSkipped, also for
+    a file that cannot be read (``skipped_unreadable``: permissions, I/O errors), so one bad file
+    is counted and skipped wherever images are read, never a crash."""
+    try:
+        data = source.read(i)
+    except OSError as e:
+        raise ImageSkipped("skipped_unreadable", f"{type(e).__name__}: {e}") from None
+    arr, conv = decode(data, item)
+    crop, events = crop_or_upscale(arr, size, min_size, rng)
+    return crop, conv + events

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import Config, DataConfig
-from .images import DataReport, ImageSkipped, crop_or_upscale, decode
+from .images import DataReport, ImageSkipped, read_crop
 from .prompts import PromptStore, random_prompt, use_null_prompt
 from .sources import CachedSource, DataSourceError, FolderSource, TarSource
 from .stream import item_at, micro_batch_positions, mix, sample_seed
@@ -102,17 +102,12 @@ class SampleStream(IterableDataset):
                 continue
             item = self.source.item_id(i)
             try:
-                arr, conv = decode(self.source.read(i), item)
-                crop, ev = crop_or_upscale(arr, self.d.resolution, self.d.min_size, rng)
+                crop, conv = read_crop(self.source, i, item, self.d.resolution, self.d.min_size, rng)
             except ImageSkipped as e:
                 self._bad.add(i)
                 events.append((e.kind, f"{item} ({e})"))
                 continue
-            except OSError as e:
-                self._bad.add(i)
-                events.append(("skipped_unreadable", f"{item} ({e})"))
-                continue
-            events.extend((c, item) for c in conv + ev)
+            events.extend((c, item) for c in conv)
             return crop, item
         raise DataSourceError(f"config key 'data.path': {MAX_REPLACEMENTS} consecutive unusable "
                               f"images around stream position {pos} in {self.d.path}; see the "

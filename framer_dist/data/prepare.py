@@ -22,7 +22,7 @@ from ..atomic import save_safetensors_atomic, write_text_atomic
 from ..config import DataConfig
 from .captioning import open_images
 from .degrade import degrade, params_from_config
-from .images import DataReport, ImageSkipped, crop_or_upscale, decode
+from .images import DataReport, ImageSkipped, read_crop
 from .stream import mix
 from .text_encode import DTYPES
 from .vae import encode_pixels, load_vae
@@ -76,14 +76,13 @@ def prepare_pairs(images: str, out_dir: str | Path, *, resolution: int = 512, sc
             item = src.item_id(i)
             s = mix(seed, i, p)
             try:
-                arr, conv = decode(src.read(i), item)
-                crop, ev = crop_or_upscale(arr, resolution, min_size, np.random.default_rng([s, 0xC0]))
+                crop, conv = read_crop(src, i, item, resolution, min_size, np.random.default_rng([s, 0xC0]))
             except ImageSkipped as e:
                 if p == 0:
                     report.add(e.kind, item, str(e))
                 continue
             if p == 0:
-                for c in conv + ev:
+                for c in conv:
                     report.add(c, item)
             ids.append(f"{item}#{p}")
             crops.append(torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1))
