@@ -298,6 +298,13 @@ class DeepSpeedBackend(Backend):
         else:
             cs = self._load_universal(path, meta)
         self.optimizer_step = int((cs or {}).get("optimizer_step", 0))
+        sched = self.engine.lr_scheduler
+        if sched is not None:
+            # LambdaLR.load_state_dict does not touch the groups' LR: where the optimizer state
+            # was not loaded with them (the weights-only 8-bit path) the next step would use the
+            # schedule's first LR
+            for g, lr in zip(sched.optimizer.param_groups, sched.get_last_lr()):
+                g["lr"] = lr
         if self.ema is not None:
             self.ema.load(path, meta)
         return self._read_client_state(path)
