@@ -29,6 +29,8 @@ def _launches(backend: str, out: Path) -> dict:
         {**fp32, "name": "Q2", "optimizer": "adamw8bit", "steps": 6, "ckpt": "ckQ2",
          "resume": "ckQ/step_00000002"},
         {**fp32, "name": "BF", "precision": "bf16", "steps": 3, "ckpt": "ckBF"},
+        {**fp32, "name": "QB", "optimizer": "adamw8bit", "precision": "bf16", "steps": 3,
+         "ckpt": "ckQB", "every": 3},
     ]
     if backend == "deepspeed":
         l1[0]["count_fetches"] = True
@@ -49,6 +51,9 @@ def _launches(backend: str, out: Path) -> dict:
         {**fp32, "name": "Q4", "optimizer": "adamw8bit", "steps": 6, "ckpt": "ckQ4",
          "resume": "ckQ/step_00000002"},
     ]
+    # bf16 8-bit on another world size (DeepSpeed: the weights-only path): only loads
+    l2.append({**fp32, "name": "QB2", "optimizer": "adamw8bit", "precision": "bf16", "steps": 3,
+               "ckpt": "ckQB2", "resume": "ckQB/step_00000003"})
     if backend == "deepspeed":  # ZeRO-2 universal conversion 2 -> 1
         l2.append({**fp32, "name": "Z2C", "stage": 2, "steps": 3, "ckpt": "ckZ2C",
                    "resume": "ckZ2/step_00000002"})
@@ -215,6 +220,15 @@ def test_elastic_2_to_1_to_2(dist_run):
     _close(_losses(out / "E"), {k: ref_l[k] for k in range(4, STEPS)}, 1e-5, "1->2 losses")
     _close(_weights(out / "E"), ref_w, 1e-5, "1->2 weights")
     _close(_ema(out / "E"), _ema(out / "A"), 1e-5, "1->2 EMA")
+
+
+def test_bf16_8bit_resume_on_new_world_keeps_fp32_masters(dist_run):
+    """bf16 + 8-bit AdamW, saved on 2 ranks, loaded on 1: the trained fp32 masters come back
+    exactly (DeepSpeed's weights-only path once rebuilt them from the bf16 module weights)."""
+    out = dist_run["out"]
+    assert (out / "QB2" / "loaded.pt").is_file(), dist_run["log"]
+    _close(torch.load(out / "QB2" / "loaded.pt", weights_only=True), _weights(out / "QB"), 0.0,
+           "fp32 masters after the resume")
 
 
 def _lrs(d: Path) -> dict[int, float]:
