@@ -249,5 +249,29 @@ class CheckpointManager:
             seed_rng(seed, int(client.get("step", 0)), be.rank, generator)
             self.rng_restored_exactly = False
         self.last_loaded = path
+        if spec != "auto":
+            self._set_aside_newer(path)
         be.barrier()
         return client
+
+    def _set_aside_newer(self, path: Path) -> None:
+        """A resume from an older checkpoint of this root (a rollback) starts a new branch: rank 0
+        renames the abandoned branch's newer checkpoints to ``abandoned-<time>-step_...`` (kept on
+        disk, invisible to ``auto``, ``keep_last`` and the same-step rule) and points ``latest`` at
+        the resumed one. Otherwise this run's saves at those steps would be skipped (the first copy
+        of a step is kept) and a later ``--resume auto`` would continue the abandoned branch."""
+        if not self.backend.is_main or not self.root.is_dir() \
+                or path.parent.resolve() != self.root.resolve():
+            return
+        at = int(path.name[len(PREFIX):])
+        newer = [p for p in list_valid_checkpoints(self.root) if int(p.name[len(PREFIX):]) > at]
+        if not newer:
+            return
+        tag = time.strftime("%Y%m%d%H%M%S")
+        for p in newer:
+            os.rename(p, self.root / f"abandoned-{tag}-{p.name}")
+        _fsync_dir(self.root)
+        write_text_atomic(self.root / LATEST, path.name + "\n")
+        print(f"[framer_dist] resumed from {path.name}, older than {newer[-1].name}: the newer "
+              f"checkpoints of {self.root} were renamed to abandoned-{tag}-step_* (this run "
+              "writes its own)", flush=True)

@@ -86,6 +86,7 @@ def run_phase(out: Path, ph: dict) -> None:
             os.kill(os.getpid(), getattr(signal, ph.get("signal", "SIGUSR1")))
         micro = batch(step, be.rank, be.world_size, 1, GLOBAL_BATCH)
         assert len(micro) == be.grad_accum
+        info.setdefault("lrs", {})[step] = be.lr  # the LR this step's update uses
         local = 0.0
         counter = zero3_fetch_counter() if ph.get("count_fetches") else contextlib.nullcontext()
         with counter as counts:
@@ -99,6 +100,7 @@ def run_phase(out: Path, ph: dict) -> None:
             info["fetches"].append(dict(counts))
         losses[step] = float(be.gather(local.reshape(1)).mean())
         assert torch.isfinite(torch.tensor(norm)), norm
+        info.setdefault("norms", {})[step] = float(norm)  # pre-clip global norm
         done = step + 1
         client = {"step": done, "samples": done * GLOBAL_BATCH}
         if ph.get("kill_at_save") == done:

@@ -230,3 +230,33 @@ def test_resume_with_another_optimizer_or_backend_is_a_clear_error(tmp_path):
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "backend": "fsdp2"}))
     with pytest.raises(RuntimeError, match="written by the 'fsdp2' backend"):
         CheckpointManager(tmp_path / "ck", _backend()).resume("auto")
+
+
+def test_resume_from_an_older_checkpoint_starts_a_new_branch(tmp_path):
+    """A rollback: resume from step 2 of a root that holds steps 1-4, train on with another LR.
+    The new run's saves at steps 3 and 4 must hold the new state, and `auto` must continue the
+    new branch, not the abandoned one (whose checkpoints are kept aside, not deleted). (The
+    new branch differs here by its data; a changed train.lr would not show: the optimizer and
+    schedule state come from the checkpoint.)"""
+    root = tmp_path / "ck"
+    a = _backend()
+    mgr = CheckpointManager(root, a, keep_last=10)
+    for s in range(1, 5):
+        _train(a, range(s - 1, s))
+        mgr.save(s, {"step": s})
+    old3 = torch.load(root / "step_00000003" / "single_state.pt", weights_only=False)["model"]
+
+    b = _backend()
+    mgr_b = CheckpointManager(root, b, keep_last=10)
+    assert mgr_b.resume(str(root / "step_00000002"))["step"] == 2
+    _train(b, range(7, 8))  # other samples than the abandoned run's step 3
+    p = mgr_b.save(3, {"step": 3})
+    new3 = torch.load(p / "single_state.pt", weights_only=False)["model"]
+    for k, v in b.full_trainable_state_dict().items():
+        assert torch.equal(new3[k].float(), v), f"step 3 holds the abandoned run's {k}"
+    assert any(not torch.equal(new3[k], old3[k]) for k in new3)
+    assert mgr_b.find("auto").name == "step_00000003"
+    assert (root / "latest").read_text().strip() == "step_00000003"
+    aside = sorted(q.name for q in root.iterdir() if q.name.startswith("abandoned-"))
+    assert [n.split("-")[-1] for n in aside] == ["step_00000003", "step_00000004"]
+    assert all((root / n / MARKER).is_file() for n in aside)

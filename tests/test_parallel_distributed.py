@@ -29,6 +29,8 @@ def _launches(backend: str, out: Path) -> dict:
         {**fp32, "name": "Q2", "optimizer": "adamw8bit", "steps": 6, "ckpt": "ckQ2",
          "resume": "ckQ/step_00000002"},
         {**fp32, "name": "BF", "precision": "bf16", "steps": 3, "ckpt": "ckBF"},
+        {**fp32, "name": "QB", "optimizer": "adamw8bit", "precision": "bf16", "steps": 3,
+         "ckpt": "ckQB", "every": 3},
     ]
     if backend == "deepspeed":
         l1[0]["count_fetches"] = True
@@ -45,7 +47,13 @@ def _launches(backend: str, out: Path) -> dict:
         {**fp32, "name": "C", "steps": STEPS, "ckpt": "ckC", "every": 2, "resume": "ckA/step_00000003"},
         {**fp32, "name": "Q3", "optimizer": "adamw8bit", "steps": 6, "ckpt": "ckQ3",
          "resume": "ckQ/step_00000004"},
+        # from step 2, where the schedule's LR (1.0 x lr) differs from its first one (0.5 x lr)
+        {**fp32, "name": "Q4", "optimizer": "adamw8bit", "steps": 6, "ckpt": "ckQ4",
+         "resume": "ckQ/step_00000002"},
     ]
+    # bf16 8-bit on another world size (DeepSpeed: the weights-only path): only loads
+    l2.append({**fp32, "name": "QB2", "optimizer": "adamw8bit", "precision": "bf16", "steps": 3,
+               "ckpt": "ckQB2", "resume": "ckQB/step_00000003"})
     if backend == "deepspeed":  # ZeRO-2 universal conversion 2 -> 1
         l2.append({**fp32, "name": "Z2C", "stage": 2, "steps": 3, "ckpt": "ckZ2C",
                    "resume": "ckZ2/step_00000002"})
@@ -212,6 +220,44 @@ def test_elastic_2_to_1_to_2(dist_run):
     _close(_losses(out / "E"), {k: ref_l[k] for k in range(4, STEPS)}, 1e-5, "1->2 losses")
     _close(_weights(out / "E"), ref_w, 1e-5, "1->2 weights")
     _close(_ema(out / "E"), _ema(out / "A"), 1e-5, "1->2 EMA")
+
+
+def test_bf16_8bit_resume_on_new_world_keeps_fp32_masters(dist_run):
+    """bf16 + 8-bit AdamW, saved on 2 ranks, loaded on 1: the trained fp32 masters come back
+    exactly (DeepSpeed's weights-only path once rebuilt them from the bf16 module weights)."""
+    out = dist_run["out"]
+    assert (out / "QB2" / "loaded.pt").is_file(), dist_run["log"]
+    _close(torch.load(out / "QB2" / "loaded.pt", weights_only=True), _weights(out / "QB"), 0.0,
+           "fp32 masters after the resume")
+
+
+def _lrs(d: Path) -> dict[int, float]:
+    return {int(k): v for k, v in _info(d)["lrs"].items()}
+
+
+def test_resume_continues_the_lr_schedule(dist_run, reference):
+    """Every resume (same world size, elastic, 8-bit weights-only) uses, from its first step on,
+    the LR the uninterrupted run used at that step."""
+    out = dist_run["out"]
+    pairs = [("C", "A"), ("E", "A"), ("B2", "A"), ("Q2", "Q1"), ("Q3", "Q1"), ("Q4", "Q1")]
+    if dist_run["backend"] == "deepspeed":
+        pairs.append(("Z2C", "Z2"))
+    for resumed, ref in pairs:
+        want = _lrs(out / ref)
+        got = _lrs(out / resumed)
+        _close(got, {k: want[k] for k in got}, 1e-12, f"{resumed} vs {ref} LR")
+    s, s2 = _lrs(reference / "S"), _lrs(reference / "S2")
+    _close(s2, {k: s[k] for k in s2}, 1e-12, "none resume LR")
+    _close(_lrs(out / "A"), s, 1e-12, "LR vs single")
+
+
+def test_global_grad_norm_matches_single_process(dist_run, reference):
+    """The pre-clip norm over all shards equals the single process's, and clipping was active
+    (train.grad_clip=1), so the weight parity above covers the clipped update."""
+    out = dist_run["out"]
+    norms = {int(k): v for k, v in _info(reference / "S")["norms"].items()}
+    assert min(norms.values()) > 1.0, norms
+    _close({int(k): v for k, v in _info(out / "A")["norms"].items()}, norms, 1e-4, "grad norm")
 
 
 def test_preemption_signal_to_one_rank(dist_run):

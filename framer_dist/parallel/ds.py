@@ -298,6 +298,13 @@ class DeepSpeedBackend(Backend):
         else:
             cs = self._load_universal(path, meta)
         self.optimizer_step = int((cs or {}).get("optimizer_step", 0))
+        sched = self.engine.lr_scheduler
+        if sched is not None:
+            # LambdaLR.load_state_dict does not touch the groups' LR: where the optimizer state
+            # was not loaded with them (the weights-only 8-bit path) the next step would use the
+            # schedule's first LR
+            for g, lr in zip(sched.optimizer.param_groups, sched.get_last_lr()):
+                g["lr"] = lr
         if self.ema is not None:
             self.ema.load(path, meta)
         return self._read_client_state(path)
@@ -359,12 +366,33 @@ class DeepSpeedBackend(Backend):
                                                        enabled=self.stage == 3):
                     if self.is_main or self.stage != 3:
                         p.data.copy_(sd[key].to(p.dtype))
-        self.engine.optimizer.refresh_fp32_params()
+        self.engine.optimizer.refresh_fp32_params()  # from the (e.g. bf16) module weights
+        self._set_fp32_masters(sd)  # then the trained ones exactly, not rounded to bf16
         common = torch.load(self._mp_rank_file(path), map_location="cpu", weights_only=False)
         if common.get("lr_scheduler") is not None and self.engine.lr_scheduler is not None:
             self.engine.lr_scheduler.load_state_dict(common["lr_scheduler"])
         self.engine.global_steps = common.get("global_steps", 0)
         return {"optimizer_step": common.get("optimizer_step", 0)}
+
+    @torch.no_grad()
+    def _set_fp32_masters(self, sd: dict[str, Tensor]) -> None:
+        """Write the checkpoint's fp32 values into the optimizer's fp32 masters of the trainable
+        parameters (ZeRO-3: this rank's end-padded partition; ZeRO-1/2 and bf16: the fragment
+        DeepSpeed maps to this rank; fp32 without ZeRO: the parameter is its own master)."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_local_fp32_param
+
+        names = set(self.trainable_names)
+        for n, p in self.engine.module.named_parameters():
+            key = strip_wrapper_prefixes(n)
+            if n not in names or key not in sd:
+                continue
+            full = sd[key].float().reshape(-1)
+            if self.stage == 3:
+                part = p.ds_tensor.numel()
+                full = torch.nn.functional.pad(full, (0, part * self.world_size - full.numel()))
+                safe_set_local_fp32_param(p, full[self.rank * part:(self.rank + 1) * part].clone())
+            else:
+                safe_set_full_fp32_param(p, full.view(p.shape))
 
     @staticmethod
     def _mp_rank_file(path: Path) -> Path:
