@@ -293,3 +293,51 @@ def test_8bit_checkpoint_resume(dist_run):
         assert not warned  # DCP reshards the dequantised moments
         assert drift < 1e-3, drift  # only re-quantisation noise
     assert all(torch.isfinite(v).all() for v in q1_at4.values())
+
+
+_SKIP_SCRIPT = r"""
+import importlib, json, os, sys
+sys.path.insert(0, sys.argv[1])
+importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # no 60 s JIT (PLATFORM.md)
+import torch
+from _tiny_parallel import batch, make_model
+from framer_dist.config import load_config
+from framer_dist.parallel import setup_backend
+cfg = load_config(None, ["parallel.backend='deepspeed'", "parallel.ds_config='ds_configs/zero3.json'",
+                         "train.precision='bf16'", "train.device='cpu'", "data.batch_size=4",
+                         "train.global_batch_size=4", "train.lr=0.01", "train.ema=true",
+                         "train.lr_schedule='warmup_cosine'", "train.warmup_steps=4", "train.steps=8"])
+m, params = make_model()
+be = setup_backend(cfg, m, params)
+rows = []
+for step in range(3):
+    (x, y), = batch(step, 0, 1, 4)
+    with be.autocast():
+        loss = ((be.model(x).float() - y) ** 2).mean()
+    be.backward(loss * float("nan") if step == 1 else loss)
+    norm = be.step()
+    rows.append({"norm": norm, "optimizer_step": be.optimizer_step, "lr": be.lr,
+                 "weights": [float(v) for v in be.full_trainable_state_dict()["transformer_blocks.0.control.weight"].flatten()[:8]],
+                 "ema": [float(v) for v in be.ema_state_dict()["transformer_blocks.0.control.weight"].flatten()[:8]]})
+print("ROWS " + json.dumps(rows))
+"""
+
+
+def test_deepspeed_skipped_step_moves_neither_the_step_count_nor_the_ema(tmp_path):
+    """DeepSpeed drops an update whose gradients are not finite (ZeRO-3, bf16): the weights and its
+    LR schedule stay, and so must our optimizer-step count and the EMA (one rank, own process)."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT="29747", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", _SKIP_SCRIPT, str(REPO / "tests")], env=env,
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout.split("ROWS ", 1)[1])
+    before, skipped, after = rows
+    assert skipped["norm"] != skipped["norm"] or skipped["norm"] == float("inf")   # nan or inf
+    assert skipped["weights"] == before["weights"] and skipped["lr"] == before["lr"]  # DeepSpeed's skip
+    assert (before["optimizer_step"], skipped["optimizer_step"], after["optimizer_step"]) == (1, 1, 2)
+    assert skipped["ema"] == before["ema"] and after["weights"] != before["weights"]
+    assert "DeepSpeed skipped an optimizer step" in proc.stdout

@@ -259,13 +259,22 @@ class DeepSpeedBackend(Backend):
         if self._micro != self.grad_accum:
             raise RuntimeError(f"step() after {self._micro} backward() calls; expected "
                                f"{self.grad_accum} (grad_accum)")
+        skipped_before = self.engine.skipped_steps
         self.engine.step()
         self._micro = 0
+        norm = self.engine.get_global_grad_norm()
+        norm = float(norm) if norm is not None else float("nan")
+        if self.engine.skipped_steps > skipped_before:
+            # DeepSpeed dropped the update (non-finite gradients): weights and LR schedule did not
+            # move, so neither do the step count and the EMA (the other backends apply the step)
+            if self.is_main:
+                print(f"[framer_dist] WARNING: DeepSpeed skipped an optimizer step (gradient norm "
+                      f"{norm}); weights, LR schedule and EMA unchanged", flush=True)
+            return norm
         self.optimizer_step += 1
         if self.ema is not None:
             self.ema.update()
-        norm = self.engine.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        return norm
 
     @property
     def lr(self) -> float:
