@@ -69,28 +69,31 @@ def build_config(args: argparse.Namespace) -> Config:
     return cfg
 
 
+def _need(key: str, value: str, kind: str) -> None:
+    """Config key ``key`` names a ``kind`` ('dir', 'file' or 'any') that exists (unset is fine)."""
+    if not value:
+        return
+    p = Path(value)
+    ok = p.is_dir() if kind == "dir" else p.is_file() if kind == "file" else p.exists()
+    if not ok:
+        what = {"dir": "folder", "file": "file"}.get(kind, "path")
+        raise ConfigError(f"config key '{key}': {what} not found: {value}")
+
+
 def check_paths(cfg: Config, world_size: int | None = None, on_this_machine: bool = True) -> None:
     """Every file and folder the run needs, checked before any process group or model exists.
 
     ``world_size``: the launch's (default: the launcher's WORLD_SIZE, else 1).
     ``on_this_machine=False`` (a submitter on a login node) skips the launcher and CUDA checks."""
-    def need(key: str, value: str, kind: str) -> None:
-        if not value:
-            return
-        p = Path(value)
-        ok = p.is_dir() if kind == "dir" else p.is_file() if kind == "file" else p.exists()
-        if not ok:
-            what = {"dir": "folder", "file": "file"}.get(kind, "path")
-            raise ConfigError(f"config key '{key}': {what} not found: {value}")
 
     if cfg.parallel.backend == "deepspeed":
-        need("parallel.ds_config", cfg.parallel.ds_config, "file")
+        _need("parallel.ds_config", cfg.parallel.ds_config, "file")
         try:
             json.loads(Path(cfg.parallel.ds_config).read_text())
         except json.JSONDecodeError as e:
             raise ConfigError(f"config key 'parallel.ds_config': {cfg.parallel.ds_config} is not "
                               f"valid JSON: {e}") from None
-    need("model.pretrained", cfg.model.pretrained, "dir")
+    _need("model.pretrained", cfg.model.pretrained, "dir")
     if cfg.model.pretrained:
         from framer_dist.models.loading import (PretrainedLoadError, read_transformer_config,
                                                 resolve_transformer_dir)
@@ -100,7 +103,7 @@ def check_paths(cfg: Config, world_size: int | None = None, on_this_machine: boo
             raise ConfigError(str(e)) from None
     d = cfg.data
     if d.source in ("folder", "cached"):
-        need("data.path", d.path, "dir")
+        _need("data.path", d.path, "dir")
     if d.source == "cached":  # the cache's manifest against data.resolution / data.scale
         from framer_dist.data.sources import DataSourceError, check_cache_manifest
         try:
@@ -108,10 +111,10 @@ def check_paths(cfg: Config, world_size: int | None = None, on_this_machine: boo
         except DataSourceError as e:
             raise ConfigError(str(e)) from None
     elif d.source == "webdataset" and not any(ch in d.path for ch in "{:*"):
-        need("data.path", d.path, "any")  # brace patterns and URLs are checked by the loader
-    need("data.prompt_embeddings", d.prompt_embeddings, "dir")
-    need("data.captions", d.captions, "file")
-    need("data.vae", d.vae, "dir")
+        _need("data.path", d.path, "any")  # brace patterns and URLs are checked by the loader
+    _need("data.prompt_embeddings", d.prompt_embeddings, "dir")
+    _need("data.captions", d.captions, "file")
+    _need("data.vae", d.vae, "dir")
     if d.vae and not any((Path(d.vae) / sub / "config.json").is_file() for sub in ("", "vae")):
         raise ConfigError(f"config key 'data.vae': no diffusers VAE (config.json) in {d.vae} "
                           "or its vae/ folder")
@@ -158,16 +161,12 @@ def _check_launcher(cfg: Config, world: int) -> None:
 def _check_resume_state(cfg: Config) -> None:
     """What checkpoint.resume finds in the run's checkpoint folder: an explicit checkpoint exists,
     a fresh run does not land on an earlier run's checkpoints, and the checkpoint a resume would
-    load was written by this backend and optimizer."""
-    def need(key: str, value: str) -> None:
-        if value and not Path(value).is_dir():
-            raise ConfigError(f"config key '{key}': folder not found: {value}")
-
+    load was written by this backend, optimizer and training mode."""
     r = cfg.checkpoint.resume
     from framer_dist.checkpoint import find_checkpoint, list_valid_checkpoints
     root = Path(cfg.checkpoint.dir or Path(cfg.train.out_dir) / "checkpoints")
     if r not in ("", "auto", "none"):
-        need("checkpoint.resume", r)
+        _need("checkpoint.resume", r, "dir")
     else:
         found = list_valid_checkpoints(root) if r != "auto" else []
         if found:  # a fresh run here would mix with (and not overwrite) the earlier run's saves
@@ -179,16 +178,16 @@ def _check_resume_state(cfg: Config) -> None:
         resume_from = find_checkpoint(root, r)
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
-    from framer_dist.parallel.common import META_FILE, meta_mismatch
+    from framer_dist.parallel.common import META_FILE, Backend, meta_mismatch
     meta_file = resume_from / META_FILE if resume_from is not None else None
     if meta_file is not None and meta_file.exists():  # none: Backend.load reports it
         try:
-            meta = json.loads(meta_file.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            meta = e
-        if not isinstance(meta, dict):
+            meta = Backend.read_meta(resume_from)
+            if not isinstance(meta, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
             raise ConfigError(f"config key 'checkpoint.resume': {meta_file} is not a framer_dist "
-                              f"backend meta file ({meta if isinstance(meta, Exception) else 'not a JSON object'})")
+                              f"backend meta file ({e})") from None
         problem = meta_mismatch(meta, resume_from, cfg.parallel.backend, cfg.train.optimizer,
                                 cfg.train.mode)
         if problem:

@@ -8,6 +8,8 @@ torch.distributed.checkpoint (DCP) directories, which reshard on load: any world
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 from typing import Any
 
@@ -61,10 +63,8 @@ class FSDP2Backend(Backend):
         # The root does not cast its inputs: the timestep (sigma * 1000) must stay fp32 as on the
         # other backends and at inference (bf16 rounds it to a multiple of 4 above 512); the
         # model's forward casts the latents and embeddings to the (bf16) weight dtype itself.
-        root_mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
-                                        cast_forward_inputs=False)
-                   if cfg.train.precision == "bf16" else mp)
-        fully_shard(model, mesh=self.mesh, mp_policy=root_mp, reshard_after_forward=False)
+        fully_shard(model, mesh=self.mesh, mp_policy=dataclasses.replace(mp, cast_forward_inputs=False),
+                    reshard_after_forward=False)
         by_name = dict(model.named_parameters())
         self.params = [by_name[n] for n in self.trainable_names]
         if cfg.train.optimizer == "adamw8bit":
