@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from framer_dist.atomic import write_text_atomic
-from framer_dist.parallel.common import Backend
+from framer_dist.parallel.common import CLIENT_STATE_FILE, Backend
+from framer_dist.safe_load import CheckpointLoadError, load_torch
 
 MARKER = "COMPLETE"
 LATEST = "latest"
@@ -227,9 +228,10 @@ class CheckpointManager:
         """See :func:`find_checkpoint` (under this manager's root)."""
         return find_checkpoint(self.root, spec)
 
-    def resume(self, spec: str, generator: torch.Generator | None = None,
-               seed: int = 0) -> dict[str, Any] | None:
-        """Load the checkpoint chosen by `spec` (collective). Returns the client state or None.
+    def resume(self, spec: str, generator: torch.Generator | None = None, seed: int = 0,
+               required: tuple[str, ...] = ("step",)) -> dict[str, Any] | None:
+        """Load the checkpoint chosen by `spec` (collective). Returns the client state or None;
+        a client state without one of the ``required`` keys is a CheckpointLoadError.
 
         RNGs: on the same world size every rank gets its exact saved state back; on another world
         size they are reseeded from (seed, step, rank) and `rng_restored_exactly` is False.
@@ -240,10 +242,15 @@ class CheckpointManager:
         if path is None:
             return None
         client = be.load(path)
+        lacking = [k for k in required if k not in client]
+        if lacking:
+            raise CheckpointLoadError(f"{path / CLIENT_STATE_FILE}: the trainer state lacks the "
+                                      f"key {lacking[0]!r} (not a framer_dist training checkpoint, "
+                                      "or a damaged one)")
         saved_world = json.loads((path / MARKER).read_text())["world_size"]
         rng_file = path / "rng" / f"rank_{be.rank:05d}.pt"
         if saved_world == be.world_size and rng_file.is_file():
-            restore_rng(torch.load(rng_file, map_location="cpu", weights_only=False), generator)
+            restore_rng(load_torch(rng_file), generator)
             self.rng_restored_exactly = True
         else:
             seed_rng(seed, int(client.get("step", 0)), be.rank, generator)

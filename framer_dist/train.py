@@ -303,7 +303,8 @@ def train(cfg: Config) -> RunResult:
     # -- resume: weights, optimizer, scheduler, EMA, RNGs, step and global data position --------
     framer_gen = torch.Generator().manual_seed(t_cfg.seed)
     ckpt = CheckpointManager.from_config(cfg, backend)
-    client = ckpt.resume(cfg.checkpoint.resume, generator=framer_gen, seed=t_cfg.seed)
+    client = ckpt.resume(cfg.checkpoint.resume, generator=framer_gen, seed=t_cfg.seed,
+                         required=("step", "samples_seen"))
     step = int(client["step"]) if client else 0
     samples_seen = int(client["samples_seen"]) if client else 0
     if client and backend.is_main:
@@ -523,11 +524,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from framer_dist.data import DataSourceError
     from framer_dist.models.loading import PretrainedLoadError
+    from framer_dist.safe_load import CheckpointLoadError
     try:
         result = train(cfg)
-    except (ConfigError, DataSourceError, PretrainedLoadError) as e:
-        # what only the data source or the weights reveal (no images, no empty-prompt cache, a
-        # preset that does not fit the folder): the message names the key; no traceback
+    except (ConfigError, DataSourceError, PretrainedLoadError, CheckpointLoadError) as e:
+        # what only the data source, the weights or the checkpoint reveal (no images, no
+        # empty-prompt cache, a preset that does not fit the folder, a checkpoint file that is
+        # damaged or would run code): the message names the key or the file; no traceback
         print(f"framer-train: error: {e}", file=sys.stderr)
         return 2
     if result.preempted:

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from framer_dist.config import Config, ConfigError
+from framer_dist.safe_load import FORMAT_VERSION, load_torch
 
 CLIENT_STATE_FILE = "client_state.pt"
 META_FILE = "backend_meta.json"
@@ -31,6 +32,11 @@ def meta_mismatch(meta: dict[str, Any], path: str | Path, backend: str, optimize
     layouts, the optimizers' state and the modes' trainable sets differ. Checked up front by
     ``train.check_paths`` and again by ``Backend.load``. (Checkpoints from before the mode was
     recorded skip that check.)"""
+    fmt = meta.get("format", 1)  # written before the version was recorded: the same layout
+    if not isinstance(fmt, int) or fmt > FORMAT_VERSION:
+        return (f"checkpoint {path} has layout version {fmt!r} (backend_meta.json 'format'); this "
+                f"framer_dist reads versions up to {FORMAT_VERSION}: resume it with the newer "
+                "framer_dist that wrote it")
     if meta.get("backend") != backend:
         return (f"checkpoint {path} was written by the {meta.get('backend')!r} backend; it cannot "
                 f"be loaded with parallel.backend={backend!r}")
@@ -331,7 +337,7 @@ class Backend:
         """Rank 0 writes the client state and a small JSON describing the layout."""
         if self.is_main:
             torch.save(client_state, path / CLIENT_STATE_FILE)
-            meta = {"backend": self.name, "world_size": self.world_size,
+            meta = {"format": FORMAT_VERSION, "backend": self.name, "world_size": self.world_size,
                     "mode": self.cfg.train.mode, **extra}
             (path / META_FILE).write_text(json.dumps(meta, indent=1))
 
@@ -372,4 +378,4 @@ class Backend:
 
     @staticmethod
     def _read_client_state(path: Path) -> dict[str, Any]:
-        return torch.load(path / CLIENT_STATE_FILE, map_location="cpu", weights_only=False)
+        return load_torch(path / CLIENT_STATE_FILE)

@@ -38,6 +38,7 @@ from framer_dist.config import Config, ConfigError
 from framer_dist.parallel.common import (Backend, init_process_group, local_rank_from_env, lr_lambda,
                                          resolve_device, strip_wrapper_prefixes, trainable_names)
 from framer_dist.parallel.optim import build_optimizer
+from framer_dist.safe_load import load_torch, safe_torch_loads
 
 TAG = "ds"                # DeepSpeed tag directory inside our checkpoint directory
 UNIVERSAL = "ds_universal"  # universal conversion, created on demand for a world-size change
@@ -295,6 +296,13 @@ class DeepSpeedBackend(Backend):
     def load(self, path: str | Path) -> dict[str, Any]:
         path = Path(path)
         meta = self._check_meta(path)
+        # DeepSpeed unpickles with weights_only=False in its checkpoint engine, the universal
+        # conversion and loader and zero_to_fp32; inside this scope every one of those loads is
+        # weights-only with our allow-list (framer_dist.safe_load)
+        with safe_torch_loads():
+            return self._load(path, meta)
+
+    def _load(self, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
         if int(meta.get("zero_stage", self.stage)) != self.stage and meta["world_size"] == self.world_size:
             raise RuntimeError(f"checkpoint {path} was written with ZeRO stage {meta['zero_stage']}, "
                                f"but {self.cfg.parallel.ds_config} uses stage {self.stage}")
@@ -377,7 +385,7 @@ class DeepSpeedBackend(Backend):
                         p.data.copy_(sd[key].to(p.dtype))
         self.engine.optimizer.refresh_fp32_params()  # from the (e.g. bf16) module weights
         self._set_fp32_masters(sd)  # then the trained ones exactly, not rounded to bf16
-        common = torch.load(self._mp_rank_file(path), map_location="cpu", weights_only=False)
+        common = load_torch(self._mp_rank_file(path))
         if common.get("lr_scheduler") is not None and self.engine.lr_scheduler is not None:
             self.engine.lr_scheduler.load_state_dict(common["lr_scheduler"])
         self.engine.global_steps = common.get("global_steps", 0)
@@ -492,14 +500,14 @@ class _DSEma:
             self.shadow = {n: self._source(p).detach().float().clone() for n, p in self.params}
             return
         if (path / "ema_full.pt").is_file():
-            full = torch.load(path / "ema_full.pt", map_location="cpu", weights_only=True)
+            full = load_torch(path / "ema_full.pt")
         elif old_world == self.be.world_size and self.z3:
-            own = torch.load(path / f"ema_rank{self.be.rank:05d}.pt", map_location="cpu", weights_only=True)
+            own = load_torch(path / f"ema_rank{self.be.rank:05d}.pt")
             for n, t in self.shadow.items():
                 t.copy_(own[n])
             return
         else:
-            parts = [torch.load(path / f"ema_rank{r:05d}.pt", map_location="cpu", weights_only=True)
+            parts = [load_torch(path / f"ema_rank{r:05d}.pt")
                      for r in range(old_world)]
             full = {n: torch.cat([pt[n] for pt in parts]) for n in parts[0]}
         for n, p in self.params:

@@ -29,6 +29,7 @@ from framer_dist.parallel.common import (EMA, Backend, init_process_group, local
                                          lr_lambda, resolve_device, strip_wrapper_prefixes,
                                          trainable_names, transformer_blocks)
 from framer_dist.parallel.optim import build_optimizer, optimizer_kwargs
+from framer_dist.safe_load import dcp_load, load_torch, read_dcp_metadata
 
 DCP_DIR = "dcp"
 
@@ -140,12 +141,12 @@ class FSDP2Backend(Backend):
             state.pop("ema")
             if self.is_main:
                 print(f"[framer_dist] WARNING: {path} has no EMA state; EMA restarts from the weights")
-        dcp.load(state, checkpoint_id=str(path / DCP_DIR))
+        dcp_load(state, path / DCP_DIR)
         set_model_state_dict(self.model, state["model"], options=StateDictOptions(strict=False))
         if "optim8" in state:
             raw = path / f"optim8_rank{self.rank:05d}.pt"
             if meta["world_size"] == self.world_size and raw.is_file():
-                self.optimizer.load_raw_state(torch.load(raw, map_location="cpu", weights_only=False))
+                self.optimizer.load_raw_state(load_torch(raw))
             else:
                 self.optimizer.load_dcp_state(state["optim8"])  # resharded, re-quantised
         else:
@@ -155,7 +156,7 @@ class FSDP2Backend(Backend):
                 self.ema.load_state_dict(state["ema"])
             else:
                 self.ema = EMA(self._named_trainable(), self.cfg.train.ema_decay)
-        extra = torch.load(path / "fsdp_extra.pt", map_location="cpu", weights_only=False)
+        extra = load_torch(path / "fsdp_extra.pt")
         self.scheduler.load_state_dict(extra["scheduler"])
         for g, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
             g["lr"] = lr  # LambdaLR.load_state_dict does not touch the groups
@@ -183,6 +184,5 @@ class FSDP2Backend(Backend):
 
 def _has_key(dcp_dir: Path, prefix: str) -> bool:
     """Whether a DCP checkpoint holds entries under `prefix` (reads only its metadata)."""
-    reader = dcp.FileSystemReader(str(dcp_dir))
-    md = reader.read_metadata()
+    md = read_dcp_metadata(dcp_dir / ".metadata")
     return any(k == prefix or k.startswith(prefix + ".") for k in md.state_dict_metadata)

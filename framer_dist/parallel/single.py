@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from framer_dist.config import Config
 from framer_dist.parallel.common import EMA, Backend, cast_frozen_layers, lr_lambda, trainable_names
 from framer_dist.parallel.optim import build_optimizer
+from framer_dist.safe_load import load_torch
 
 STATE_FILE = "single_state.pt"
 
@@ -60,7 +61,7 @@ class SingleBackend(Backend):
     def load(self, path: str | Path) -> dict[str, Any]:
         path = Path(path)
         self._check_meta(path)
-        state = torch.load(path / STATE_FILE, map_location=self.device, weights_only=False)
+        state = load_torch(path / STATE_FILE, map_location=self.device)
         by_name = dict(self._named_trainable())
         missing = set(by_name) - set(state["model"])
         if missing:
