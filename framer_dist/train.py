@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -218,6 +219,26 @@ class RunResult:
     history: list[dict[str, float]] = field(default_factory=list)
     preempted: bool = False
     model: Any = None            # the trained module (backend.model), for tests and the demo
+    is_main: bool = True         # rank 0 (prints the closing line)
+
+
+def _duration(seconds: float) -> str:
+    s = round(seconds)
+    if s < 120:
+        return f"{s} s"
+    if s < 7200:
+        return f"{s // 60} min {s % 60} s"
+    return f"{s // 3600} h {s % 3600 // 60} min"
+
+
+def closing_line(result: RunResult, total_steps: int, seconds: float) -> str:
+    """The one line a finished run ends with: steps, time, where the checkpoint, the exports and
+    the TensorBoard logs are."""
+    exports = ", ".join(f"{k} {v}" for k, v in result.exports.items()) or "none (checkpoint.export)"
+    return (f"[framer_dist] done: step {result.steps_done} of {total_steps} "
+            f"({len(result.history)} this run) in {_duration(seconds)}; "
+            f"last checkpoint: {result.checkpoint or 'none written'}; exports: {exports}; "
+            f"TensorBoard logs: {result.log_dir} (tensorboard --logdir {result.log_dir})")
 
 
 def infinite_batches(cfg: Config, rank: int, world: int, start_sample: int,
@@ -429,7 +450,7 @@ def train(cfg: Config) -> RunResult:
         tb.close()
     return RunResult(steps_done=step, out_dir=out_dir, checkpoint=last_ckpt, exports=exports,
                      log_dir=log_dir, history=history, preempted=preempted,
-                     model=backend.model)
+                     model=backend.model, is_main=backend.is_main)
 
 
 def export(cfg: Config, backend: Any, out_dir: Path) -> dict[str, Path]:
@@ -523,6 +544,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from framer_dist.data import DataSourceError
     from framer_dist.models.loading import PretrainedLoadError
+    t0 = time.monotonic()
     try:
         result = train(cfg)
     except (ConfigError, DataSourceError, PretrainedLoadError) as e:
@@ -530,8 +552,10 @@ def main(argv: list[str] | None = None) -> int:
         # preset that does not fit the folder): the message names the key; no traceback
         print(f"framer-train: error: {e}", file=sys.stderr)
         return 2
-    if result.preempted:
+    if result.preempted:  # the preemption message said what was saved
         return cfg.checkpoint.requeue_exit_code
+    if result.is_main:
+        print(closing_line(result, cfg.train.steps, time.monotonic() - t0), flush=True)
     return 0
 
 

@@ -175,6 +175,23 @@ def test_resume_discards_the_interrupted_runs_later_events(tmp_path):
     assert acc.Scalars("loss/total")[2].value == pytest.approx(res.history[0]["loss/total"], rel=1e-6)
 
 
+def test_a_finished_run_ends_with_one_line_saying_where_everything_is(tmp_path, capsys):
+    """`train.py` ends with one line: the steps done, the time, and where the last checkpoint, the
+    exports and the TensorBoard logs are (every path named there exists)."""
+    out = tmp_path / "run"
+    assert main(["--config", TINY, "--out", str(out), SYN, "data.resolution=64", "train.steps=2",
+                 'checkpoint.export=["control"]', "log.heatmap_every=0", "log.val_every=0"]) == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("[framer_dist] done:")]
+    assert len(lines) == 1, lines
+    line = lines[0]
+    assert "step 2 of 2 (2 this run) in " in line, line
+    ckpt = out / "checkpoints" / "step_00000002"
+    export = out / "export" / "dit4sr_control.safetensors"
+    for path in (ckpt, export, out / "tb"):
+        assert str(path) in line and path.exists(), (path, line)
+    assert f"tensorboard --logdir {out / 'tb'}" in line
+
+
 def test_fresh_start_over_earlier_checkpoints_is_refused(tmp_path, capsys):
     """A run without --resume in an out_dir that holds checkpoints would keep the earlier run's
     step_N ("same step saved twice: keep the first"), leave `latest` on the earlier run and mix
