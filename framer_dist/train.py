@@ -242,15 +242,16 @@ def closing_line(result: RunResult, total_steps: int, seconds: float) -> str:
 
 
 def infinite_batches(cfg: Config, rank: int, world: int, start_sample: int,
-                     pipelines: list | None = None) -> Iterator[dict[str, Any]]:
+                     pipelines: list | None = None, report: Any = None) -> Iterator[dict[str, Any]]:
     """Batches from the global sample position onward; a finite loader is restarted where it
-    ended. Each loader built is appended to ``pipelines`` (for its skip/convert report)."""
+    ended. Each loader built is appended to ``pipelines``; its skip/convert events go to
+    ``report`` (a DataReport; default: the loader's own)."""
     from framer_dist.data import build_dataloader
 
     pos = start_sample
     while True:
         n = 0
-        pipe = build_dataloader(cfg, rank, world, start_sample=pos)
+        pipe = build_dataloader(cfg, rank, world, start_sample=pos, report=report)
         if pipelines is not None:
             pipelines.append(pipe)
         for batch in pipe:
@@ -261,6 +262,46 @@ def infinite_batches(cfg: Config, rank: int, world: int, start_sample: int,
                                f"sample {pos}; is the dataset smaller than one global batch?")
         # The loader ended (one pass): continue from the global position reached.
         pos += n * cfg.data.batch_size * world
+
+
+class DataLines:
+    """The data pipeline's report on the console. Collective: every rank calls :meth:`flush` at
+    the same steps. Each rank's new example lines (``data: <kind>: <item>``) and counts are
+    gathered; rank 0 prints each line once (at most ``max_examples`` per kind over all ranks),
+    through ``write`` (above the progress bar), and at the end the counts summed over ranks."""
+
+    def __init__(self, report: Any, backend: Any, write: Any) -> None:
+        self.report, self.backend, self.write = report, backend, write
+        self.printed: dict[str, set[str]] = {}
+
+    def flush(self, final: bool = False) -> dict[str, int]:
+        """Counts summed over ranks (every rank gets them)."""
+        from collections import Counter
+
+        import torch.distributed as dist
+
+        from framer_dist.data.images import summary_line
+        be = self.backend
+        mine = (dict(self.report.counts), self.report.take_new())
+        if be.world_size > 1 and dist.is_initialized():
+            every: list = [None] * be.world_size
+            dist.all_gather_object(every, mine)
+        else:
+            every = [mine]
+        totals: Counter = Counter()
+        for counts, _ in every:
+            totals.update(counts)
+        if be.is_main:
+            for _, new in every:
+                for kind, line in new:
+                    seen = self.printed.setdefault(kind, set())
+                    if line not in seen and len(seen) < self.report.max_examples:
+                        seen.add(line)
+                        self.write(line)
+            if final and totals:
+                over = f" (summed over {be.world_size} ranks)" if be.world_size > 1 else ""
+                self.write(summary_line(totals) + over)
+        return dict(totals)
 
 
 def sample_positions(batch: dict[str, Any], step_start_sample: int, micro: int, rank: int,
@@ -350,8 +391,10 @@ def train(cfg: Config) -> RunResult:
     thr = metrics.Throughput()
     history: list[dict[str, float]] = []
 
-    pipelines: list = []
-    batches = infinite_batches(cfg, rank, world, samples_seen, pipelines)
+    from framer_dist.data import DataReport
+    report = DataReport(echo=False)  # printed by rank 0 for all ranks (DataLines)
+    data_lines = DataLines(report, backend, lambda line: metrics.bar_print(bar, line))
+    batches = infinite_batches(cfg, rank, world, samples_seen, report=report)
     vae = None
     preempt = PreemptionHandler.from_config(cfg).install()
     preempted, last_ckpt = False, None
@@ -416,8 +459,10 @@ def train(cfg: Config) -> RunResult:
                     fh.write(json.dumps(rec) + "\n")
             if step % cfg.log.every == 0 or step == t_cfg.steps:
                 perf = thr.summary(flops_per_sample, peak, world)
-                report = getattr(pipelines[-1], "report", None) if pipelines else None
-                data_counts = {f"data/{k}": v for k, v in report.as_dict().items()} if report else {}
+                totals = data_lines.flush()  # collective; rank 0 prints new data lines
+                # rank 0 logs the counts of all ranks, any other (log.all_ranks) its own
+                data_counts = {f"data/{k}": v for k, v in
+                               (totals if backend.is_main else report.as_dict()).items()}
                 tb.scalars({**{k: v for k, v in rec.items() if k != "step"}, **perf,
                             "memory/peak_gb": metrics.peak_memory_gb(device), **data_counts}, step)
                 thr.reset()
@@ -440,10 +485,16 @@ def train(cfg: Config) -> RunResult:
                 last_ckpt = save(step)
             if preempted:
                 if backend.is_main:
-                    bar.write(f"[framer_dist] preemption signal: saved {last_ckpt}; exiting with "
-                              f"code {cfg.checkpoint.requeue_exit_code} for requeue")
+                    metrics.bar_print(bar, f"[framer_dist] preemption signal: saved {last_ckpt}; "
+                                      f"exiting with code {cfg.checkpoint.requeue_exit_code} for "
+                                      "requeue")
                 break
+        data_lines.flush(final=True)  # collective: the last lines and the summed counts
         exports = {} if preempted else export(cfg, backend, out_dir)
+    except BaseException:
+        for _, line in report.take_new():  # this rank's unprinted lines may explain the error
+            print(line, file=sys.stderr, flush=True)
+        raise
     finally:
         preempt.uninstall()
         bar.close()

@@ -192,6 +192,27 @@ def test_a_finished_run_ends_with_one_line_saying_where_everything_is(tmp_path, 
     assert f"tensorboard --logdir {out / 'tb'}" in line
 
 
+@pytest.mark.slow
+def test_data_report_lines_do_not_share_the_progress_bars_line(tmp_path):
+    """`make demo`'s console (stdout and stderr in one terminal, the bar on): the grayscale
+    photo's `data: converted_gray: camera` line stands on its own line, not after the bar's text
+    (`1/4 [...]data: ...`); the run ends with the counts."""
+    env = {k: v for k, v in os.environ.items() if k != "FRAMER_NO_PROGRESS"}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "framer_dist" / "train.py"), "--config", TINY, "--out",
+         str(tmp_path / "run"), f'data.path="{REPO / "framer_dist" / "assets" / "photos"}"',
+         "train.steps=4", "log.every=2", "log.heatmap_every=0", "log.val_every=0",
+         "checkpoint.export=[]"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
+        env=dict(env, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    lines = proc.stdout.replace("\r", "\n").splitlines()
+    assert "data: converted_gray: camera" in lines, proc.stdout[-3000:]
+    glued = [l for l in lines if "data: " in l and not l.startswith("data: ")]
+    assert not glued, glued
+    assert any(l.startswith("data: converted_gray=") for l in lines), proc.stdout[-3000:]
+
+
 def test_fresh_start_over_earlier_checkpoints_is_refused(tmp_path, capsys):
     """A run without --resume in an out_dir that holds checkpoints would keep the earlier run's
     step_N ("same step saved twice: keep the first"), leave `latest` on the earlier run and mix

@@ -84,3 +84,35 @@ def test_deepspeed_deprecated_collective_warnings_are_silenced(zero3_run):
     text = zero3_run["text"]
     for name in ("all_gather_into_tensor", "reduce_scatter_tensor"):
         assert name not in text, text[-4000:]
+
+
+def _gray_draws_per_rank(world: int, batch: int) -> list[int]:
+    """How often each rank's share of the run's global stream draws the grayscale photo."""
+    from framer_dist.data.sources import FolderSource
+    from framer_dist.data.stream import item_at, micro_batch_positions
+    src = FolderSource(PHOTOS)
+    return [sum(src.item_id(item_at(p, len(src), 0)) == "camera"
+                for j in range(STEPS) for p in micro_batch_positions(0, j, r, world, batch))
+            for r in range(world)]
+
+
+def test_data_lines_print_once_with_the_counts_of_all_ranks(zero3_run):
+    """Both ranks convert the grayscale photo; its `data:` line is printed once (rank 0), and the
+    run ends with the counts summed over the ranks (what the stream's positions predict)."""
+    per_rank = _gray_draws_per_rank(2, 2)
+    assert all(per_rank), per_rank  # the setup: every rank meets the photo
+    text, lines = zero3_run["text"], [l.strip() for l in zero3_run["lines"]]
+    assert text.count("data: converted_gray: camera") == 1, text[-4000:]
+    summary = [l for l in lines if l.startswith("data: converted_gray=")]
+    assert summary == [f"data: converted_gray={sum(per_rank)} (summed over 2 ranks)"], summary
+
+
+def test_data_lines_stand_on_their_own_line_next_to_the_progress_bar(zero3_run):
+    """No `data:` line is glued to the progress bar's text (`1/4 [...]data: ...`)."""
+    glued = [l for l in zero3_run["lines"] if "data: " in l and not l.startswith("data: ")]
+    assert not glued, glued
+
+
+def test_the_closing_line_is_printed_once(zero3_run):
+    lines = [l for l in zero3_run["lines"] if l.startswith("[framer_dist] done:")]
+    assert len(lines) == 1 and f"step {STEPS} of {STEPS}" in lines[0], zero3_run["text"][-3000:]

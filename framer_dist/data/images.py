@@ -34,11 +34,17 @@ class ImageSkipped(Exception):
 
 @dataclass
 class DataReport:
-    """Counts of what the data pipeline skipped or converted, with a few example ids per kind."""
+    """Counts of what the data pipeline skipped or converted, with a few example ids per kind.
+
+    Each new example is a line ``data: <kind>: <item> (<detail>)``, logged at once, or with
+    ``echo=False`` kept for :meth:`take_new` (the trainer prints the lines of all ranks once, on
+    rank 0, on their own line above the progress bar)."""
 
     counts: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
     max_examples: int = 5
+    echo: bool = True
+    _new: list[tuple[str, str]] = field(default_factory=list, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, kind: str, item: str, detail: str = "") -> None:
@@ -47,7 +53,17 @@ class DataReport:
             ex = self.examples.setdefault(kind, [])
             if item not in ex and len(ex) < self.max_examples:  # warn once per item, not per epoch
                 ex.append(item)
-                log.warning("data: %s: %s%s", kind, item, f" ({detail})" if detail else "")
+                line = f"data: {kind}: {item}" + (f" ({detail})" if detail else "")
+                if self.echo:
+                    log.warning("%s", line)
+                else:
+                    self._new.append((kind, line))
+
+    def take_new(self) -> list[tuple[str, str]]:
+        """The (kind, line) of each example added since the last call (``echo=False``)."""
+        with self._lock:
+            new, self._new = self._new, []
+        return new
 
     def merge(self, events: list[tuple[str, str]]) -> None:
         for kind, item in events:
@@ -58,10 +74,14 @@ class DataReport:
         return dict(self.counts)
 
     def summary(self) -> str:
-        if not self.counts:
-            return "data: nothing skipped or converted"
-        parts = [f"{k}={v}" for k, v in sorted(self.counts.items())]
-        return "data: " + ", ".join(parts)
+        return summary_line(self.counts)
+
+
+def summary_line(counts: dict[str, int]) -> str:
+    """``data: kind=n, ...`` (sorted by kind)."""
+    if not counts:
+        return "data: nothing skipped or converted"
+    return "data: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
 
 
 def to_rgb(img: Image.Image) -> tuple[Image.Image, str | None]:

@@ -169,9 +169,10 @@ class SampleStream(IterableDataset):
 class DataPipeline:
     """The iterable the trainer consumes; collects the workers' skip/convert events."""
 
-    def __init__(self, stream: SampleStream, num_workers: int) -> None:
+    def __init__(self, stream: SampleStream, num_workers: int,
+                 report: DataReport | None = None) -> None:
         self.stream = stream
-        self.report = DataReport()
+        self.report = report if report is not None else DataReport()
         self.loader = DataLoader(stream, batch_size=None, num_workers=num_workers,
                                  persistent_workers=num_workers > 0,
                                  prefetch_factor=2 if num_workers > 0 else None)
@@ -187,10 +188,12 @@ class DataPipeline:
         return self.stream.d.batch_size * self.stream.world
 
 
-def build_dataloader(cfg: Config, rank: int, world_size: int, start_sample: int = 0) -> DataPipeline:
+def build_dataloader(cfg: Config, rank: int, world_size: int, start_sample: int = 0,
+                     report: DataReport | None = None) -> DataPipeline:
     """This rank's infinite batch iterable from global position ``start_sample`` (samples consumed
     by all ranks so far). Sources and prompt caches are opened (and checked) here, before any
-    worker starts; problems raise :class:`DataSourceError` naming the config key."""
+    worker starts; problems raise :class:`DataSourceError` naming the config key. ``report``:
+    where the skip/convert events go (default: a new :class:`DataReport`, ``pipe.report``)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     if start_sample < 0:
@@ -206,7 +209,8 @@ def build_dataloader(cfg: Config, rank: int, world_size: int, start_sample: int 
     source = open_source(d)
     prompts = PromptStore(d.prompt_embeddings) if d.prompt_embeddings else None
     stream = SampleStream(cfg, rank, world_size, start_sample, source, prompts)
-    pipe = DataPipeline(stream, d.num_workers)
-    for key in getattr(source, "no_image", ()):   # tar samples without an image member
-        pipe.report.add("skipped_no_image", key)
+    pipe = DataPipeline(stream, d.num_workers, report)
+    if rank == 0:  # tar samples without an image member: the dataset's, counted once
+        for key in getattr(source, "no_image", ()):
+            pipe.report.add("skipped_no_image", key)
     return pipe
