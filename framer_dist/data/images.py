@@ -107,15 +107,20 @@ def to_rgb(img: Image.Image) -> tuple[Image.Image, str | None]:
 
 
 def decode(data: bytes, item: str) -> tuple[np.ndarray, list[str]]:
-    """Bytes -> uint8 ``[H, W, 3]`` and the list of conversions applied. Raises ImageSkipped."""
+    """Bytes -> uint8 ``[H, W, 3]`` and the list of conversions applied. Raises ImageSkipped
+    (its message: PIL's reason; the caller names the file)."""
+    buf = io.BytesIO(data)
     try:
         ImageFile.LOAD_TRUNCATED_IMAGES = False
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(buf) as im:
             im.load()
             rgb, conv = to_rgb(im)
             arr = np.asarray(rgb, dtype=np.uint8)
     except Exception as e:  # PIL raises many types for bad files; all mean "unusable"
-        raise ImageSkipped("skipped_corrupt", f"{type(e).__name__}: {e}") from None
+        # PIL names the in-memory buffer ("cannot identify image file <_io.BytesIO object at
+        # 0x...>"), which says nothing: the caller names the file
+        reason = str(e).replace(f" {buf!r}", "").replace(repr(buf), "the data")
+        raise ImageSkipped("skipped_corrupt", f"{type(e).__name__}: {reason}") from None
     return arr, [conv] if conv else []
 
 
@@ -136,6 +141,12 @@ def crop_or_upscale(arr: np.ndarray, size: int, min_size: int, rng: np.random.Ge
     y = int(rng.integers(0, h - size + 1))
     x = int(rng.integers(0, w - size + 1))
     return arr[y:y + size, x:x + size], events
+
+
+def where(source, i: int) -> str:
+    """Item ``i`` of ``source`` for a message: its file (folder), ``<shard>:<member>`` (tar)."""
+    describe = getattr(source, "describe", None)
+    return describe(i) if describe is not None else source.item_id(i)
 
 
 def read_crop(source, i: int, item: str, size: int, min_size: int, rng: np.random.Generator

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import Config, DataConfig
-from .images import DataReport, ImageSkipped, read_crop
+from .images import DataReport, ImageSkipped, read_crop, where
 from .prompts import PromptStore, random_prompt, use_null_prompt
 from .sources import CachedSource, DataSourceError, FolderSource, TarSource
 from .stream import item_at, micro_batch_positions, mix, sample_seed
@@ -96,6 +96,7 @@ class SampleStream(IterableDataset):
     def _image(self, pos: int, seed: int, events: list) -> tuple[np.ndarray, str]:
         n = len(self.source)
         rng = np.random.default_rng([seed, 0xC0])
+        last = ""  # the last skip, for the error below
         for shift in range(min(n, MAX_REPLACEMENTS)):
             i = item_at(pos, n, self.seed, shift)
             if i in self._bad:
@@ -105,13 +106,14 @@ class SampleStream(IterableDataset):
                 crop, conv = read_crop(self.source, i, item, self.d.resolution, self.d.min_size, rng)
             except ImageSkipped as e:
                 self._bad.add(i)
-                events.append((e.kind, f"{item} ({e})"))
+                events.append((e.kind, f"{where(self.source, i)} ({e})"))
+                last = f"; the last: {events[-1][0]}: {events[-1][1]}"
                 continue
             events.extend((c, item) for c in conv)
             return crop, item
         raise DataSourceError(f"config key 'data.path': {MAX_REPLACEMENTS} consecutive unusable "
-                              f"images around stream position {pos} in {self.d.path}; see the "
-                              "warnings above (corrupt files, images below data.min_size)")
+                              f"images around stream position {pos} in {self.d.path} (corrupt "
+                              f"files, images below data.min_size){last}")
 
     def _batch(self, positions: list[int]) -> dict[str, Any]:
         events: list[tuple[str, str]] = []
