@@ -167,7 +167,7 @@ def _check_resume_state(cfg: Config) -> None:
     from framer_dist.checkpoint import find_checkpoint, list_valid_checkpoints
     root = Path(cfg.checkpoint.dir or Path(cfg.train.out_dir) / "checkpoints")
     if r not in ("", "auto", "none"):
-        _need("checkpoint.resume", r, "dir")
+        _need("checkpoint.resume", r, "any")  # a file: find_checkpoint says what it is
     else:
         found = list_valid_checkpoints(root) if r != "auto" else []
         if found:  # a fresh run here would mix with (and not overwrite) the earlier run's saves
