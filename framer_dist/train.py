@@ -203,6 +203,16 @@ def _check_resume_state(cfg: Config) -> None:
             raise ConfigError(f"config key 'checkpoint.resume': {problem}{hint}")
 
 
+def config_warnings(cfg: Config) -> list[str]:
+    """Valid settings that are almost certainly not what the user meant (one line each, naming
+    the key); the run goes on."""
+    out = []
+    if cfg.train.lr == 0:
+        out.append("config key 'train.lr' is 0: every step runs, but no weight changes (the "
+                   "updates and the weight decay scale with the learning rate)")
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # small helpers of the loop
 
@@ -338,6 +348,10 @@ def train(cfg: Config) -> RunResult:
 
     t_cfg, f_cfg = cfg.train, cfg.framer
     out_dir = Path(t_cfg.out_dir)
+    import os
+    if os.environ.get("RANK", "0") == "0":  # once, before the model is built (the launcher's rank)
+        for warning in config_warnings(cfg):
+            print(f"[framer_dist] WARNING: {warning}", flush=True)
     torch.manual_seed(t_cfg.seed)  # identical initialisation of the new layers on every rank
 
     # -- model, trainable parameters, backend ---------------------------------------------------

@@ -213,6 +213,22 @@ def test_data_report_lines_do_not_share_the_progress_bars_line(tmp_path):
     assert any(l.startswith("data: converted_gray=") for l in lines), proc.stdout[-3000:]
 
 
+def test_zero_learning_rate_is_warned_once_naming_the_key(tmp_path, capsys, monkeypatch):
+    """`train.lr=0` is valid but trains every step without changing a weight: one warning line at
+    the start, naming the key, from rank 0 only; a normal lr gives none."""
+    from framer_dist.train import train
+
+    def warnings_of(out: Path, *over: str) -> list[str]:
+        train(_cfg(out, "train.steps=1", "checkpoint.export=[]", "log.heatmap_every=0", *over))
+        return [l for l in capsys.readouterr().out.splitlines() if "WARNING" in l]
+
+    got = warnings_of(tmp_path / "a", "train.lr=0")
+    assert len(got) == 1 and "config key 'train.lr'" in got[0] and "no weight changes" in got[0], got
+    assert warnings_of(tmp_path / "b", "train.lr=1e-3") == []
+    monkeypatch.setenv("RANK", "1")  # another rank of a launch: rank 0 says it
+    assert warnings_of(tmp_path / "c", "train.lr=0") == []
+
+
 def test_fresh_start_over_earlier_checkpoints_is_refused(tmp_path, capsys):
     """A run without --resume in an out_dir that holds checkpoints would keep the earlier run's
     step_N ("same step saved twice: keep the first"), leave `latest` on the earlier run and mix
