@@ -111,7 +111,8 @@ def list_valid_checkpoints(root: str | Path) -> list[Path]:
 def find_checkpoint(root: str | Path, spec: str) -> Path | None:
     """The checkpoint ``checkpoint.resume = spec`` names: '' / 'none' -> None; 'auto' -> the newest
     valid checkpoint under ``root`` (None if there is none); else a checkpoint path (or a
-    checkpoint root with a ``latest`` pointer) that must be valid."""
+    checkpoint root with a ``latest`` pointer) that must be valid; otherwise FileNotFoundError
+    saying what the path is instead."""
     if spec in ("", "none"):
         return None
     if spec == "auto":
@@ -119,13 +120,46 @@ def find_checkpoint(root: str | Path, spec: str) -> Path | None:
         return valid[-1] if valid else None
     p = Path(spec)
     if p.is_dir() and not is_valid_checkpoint(p) and (p / LATEST).is_file():
-        p = p / (p / LATEST).read_text().strip()  # a checkpoint root was given
+        name = (p / LATEST).read_text().strip()  # a checkpoint root was given
+        if not (p / name).exists():
+            raise FileNotFoundError(f"config key 'checkpoint.resume': {p / LATEST} names {name}, "
+                                    f"which is not in {p}")
+        p = p / name
     if not p.exists():
         raise FileNotFoundError(f"config key 'checkpoint.resume': {spec} does not exist")
     if not is_valid_checkpoint(p):
-        raise FileNotFoundError(f"config key 'checkpoint.resume': {p} is not a complete "
-                                f"checkpoint (no {MARKER} marker: the save was interrupted)")
+        raise FileNotFoundError(f"config key 'checkpoint.resume': {_not_a_checkpoint(p)}")
     return p
+
+
+def _not_a_checkpoint(p: Path) -> str:
+    """What the existing path ``p``, which is no valid checkpoint, is (for the --resume error)."""
+    from framer_dist.parallel.common import META_FILE
+
+    newest = "--resume auto takes the newest complete one"
+    if not p.is_dir():
+        return f"{p} is a file, not a checkpoint folder (step_XXXXXXXX)"
+    if p.name.startswith(TMP_PREFIX + PREFIX):  # a save in progress, or one that was stopped
+        final = p.name[len(TMP_PREFIX):]
+        if (p / MARKER).is_file():
+            return (f"{p} is a save that finished writing (it has the {MARKER} marker) but was "
+                    f"stopped before its rename to {final}; rename it to {final} to resume from it, "
+                    f"or resume from another checkpoint ({newest})")
+        return (f"{p} is a save that was stopped while writing (a temporary folder without the "
+                f"{MARKER} marker): it cannot be resumed; use a complete checkpoint ({newest})")
+    if p.name.startswith(PREFIX) or (p / META_FILE).is_file():
+        return (f"{p} is an incomplete checkpoint (no {MARKER} marker: its save did not finish, or "
+                f"it is a partial copy); use a complete one ({newest})")
+    inside = list_valid_checkpoints(p)
+    if inside:
+        return (f"{p} holds checkpoints but no '{LATEST}' pointer; name one of them, e.g. "
+                f"{inside[-1]}")
+    in_run = list_valid_checkpoints(p / "checkpoints")
+    if in_run:
+        return (f"{p} is a run folder, not a checkpoint; its newest checkpoint is {in_run[-1]} "
+                f"(or continue the run with --out {p} --resume auto)")
+    return (f"{p} is not a checkpoint folder (no {MARKER} marker, no {META_FILE}, not named "
+            f"{PREFIX}XXXXXXXX); checkpoints are the {PREFIX}* folders under <out_dir>/checkpoints")
 
 
 def _fsync_dir(path: Path) -> None:

@@ -8,6 +8,7 @@ Everything here is rank-local and cheap; the trainer decides which rank logs (ra
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import resource
@@ -183,6 +184,14 @@ def progress_bar(total: int, initial: int, enabled: bool) -> Any:
     from tqdm import tqdm
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
                 disable=os.environ.get("FRAMER_NO_PROGRESS") == "1")
+
+
+def bar_print(bar: Any, line: str) -> None:
+    """Print ``line`` (stdout, flushed) on a line of its own: a tqdm bar is cleared first and
+    redrawn below it, so a message never lands after the bar's text."""
+    with (bar.external_write_mode() if hasattr(bar, "external_write_mode")
+          else contextlib.nullcontext()):
+        print(line, flush=True)
 
 
 class _NoBar:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -166,7 +167,7 @@ def _check_resume_state(cfg: Config) -> None:
     from framer_dist.checkpoint import find_checkpoint, list_valid_checkpoints
     root = Path(cfg.checkpoint.dir or Path(cfg.train.out_dir) / "checkpoints")
     if r not in ("", "auto", "none"):
-        _need("checkpoint.resume", r, "dir")
+        _need("checkpoint.resume", r, "any")  # a file: find_checkpoint says what it is
     else:
         found = list_valid_checkpoints(root) if r != "auto" else []
         if found:  # a fresh run here would mix with (and not overwrite) the earlier run's saves
@@ -202,6 +203,16 @@ def _check_resume_state(cfg: Config) -> None:
             raise ConfigError(f"config key 'checkpoint.resume': {problem}{hint}")
 
 
+def config_warnings(cfg: Config) -> list[str]:
+    """Valid settings that are almost certainly not what the user meant (one line each, naming
+    the key); the run goes on."""
+    out = []
+    if cfg.train.lr == 0:
+        out.append("config key 'train.lr' is 0: every step runs, but no weight changes (the "
+                   "updates and the weight decay scale with the learning rate)")
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # small helpers of the loop
 
@@ -218,18 +229,39 @@ class RunResult:
     history: list[dict[str, float]] = field(default_factory=list)
     preempted: bool = False
     model: Any = None            # the trained module (backend.model), for tests and the demo
+    is_main: bool = True         # rank 0 (prints the closing line)
+
+
+def _duration(seconds: float) -> str:
+    s = round(seconds)
+    if s < 120:
+        return f"{s} s"
+    if s < 7200:
+        return f"{s // 60} min {s % 60} s"
+    return f"{s // 3600} h {s % 3600 // 60} min"
+
+
+def closing_line(result: RunResult, total_steps: int, seconds: float) -> str:
+    """The one line a finished run ends with: steps, time, where the checkpoint, the exports and
+    the TensorBoard logs are."""
+    exports = ", ".join(f"{k} {v}" for k, v in result.exports.items()) or "none (checkpoint.export)"
+    return (f"[framer_dist] done: step {result.steps_done} of {total_steps} "
+            f"({len(result.history)} this run) in {_duration(seconds)}; "
+            f"last checkpoint: {result.checkpoint or 'none written'}; exports: {exports}; "
+            f"TensorBoard logs: {result.log_dir} (tensorboard --logdir {result.log_dir})")
 
 
 def infinite_batches(cfg: Config, rank: int, world: int, start_sample: int,
-                     pipelines: list | None = None) -> Iterator[dict[str, Any]]:
+                     pipelines: list | None = None, report: Any = None) -> Iterator[dict[str, Any]]:
     """Batches from the global sample position onward; a finite loader is restarted where it
-    ended. Each loader built is appended to ``pipelines`` (for its skip/convert report)."""
+    ended. Each loader built is appended to ``pipelines``; its skip/convert events go to
+    ``report`` (a DataReport; default: the loader's own)."""
     from framer_dist.data import build_dataloader
 
     pos = start_sample
     while True:
         n = 0
-        pipe = build_dataloader(cfg, rank, world, start_sample=pos)
+        pipe = build_dataloader(cfg, rank, world, start_sample=pos, report=report)
         if pipelines is not None:
             pipelines.append(pipe)
         for batch in pipe:
@@ -240,6 +272,46 @@ def infinite_batches(cfg: Config, rank: int, world: int, start_sample: int,
                                f"sample {pos}; is the dataset smaller than one global batch?")
         # The loader ended (one pass): continue from the global position reached.
         pos += n * cfg.data.batch_size * world
+
+
+class DataLines:
+    """The data pipeline's report on the console. Collective: every rank calls :meth:`flush` at
+    the same steps. Each rank's new example lines (``data: <kind>: <item>``) and counts are
+    gathered; rank 0 prints each line once (at most ``max_examples`` per kind over all ranks),
+    through ``write`` (above the progress bar), and at the end the counts summed over ranks."""
+
+    def __init__(self, report: Any, backend: Any, write: Any) -> None:
+        self.report, self.backend, self.write = report, backend, write
+        self.printed: dict[str, set[str]] = {}
+
+    def flush(self, final: bool = False) -> dict[str, int]:
+        """Counts summed over ranks (every rank gets them)."""
+        from collections import Counter
+
+        import torch.distributed as dist
+
+        from framer_dist.data.images import summary_line
+        be = self.backend
+        mine = (dict(self.report.counts), self.report.take_new())
+        if be.world_size > 1 and dist.is_initialized():
+            every: list = [None] * be.world_size
+            dist.all_gather_object(every, mine)
+        else:
+            every = [mine]
+        totals: Counter = Counter()
+        for counts, _ in every:
+            totals.update(counts)
+        if be.is_main:
+            for _, new in every:
+                for kind, line in new:
+                    seen = self.printed.setdefault(kind, set())
+                    if line not in seen and len(seen) < self.report.max_examples:
+                        seen.add(line)
+                        self.write(line)
+            if final and totals:
+                over = f" (summed over {be.world_size} ranks)" if be.world_size > 1 else ""
+                self.write(summary_line(totals) + over)
+        return dict(totals)
 
 
 def sample_positions(batch: dict[str, Any], step_start_sample: int, micro: int, rank: int,
@@ -276,6 +348,10 @@ def train(cfg: Config) -> RunResult:
 
     t_cfg, f_cfg = cfg.train, cfg.framer
     out_dir = Path(t_cfg.out_dir)
+    import os
+    if os.environ.get("RANK", "0") == "0":  # once, before the model is built (the launcher's rank)
+        for warning in config_warnings(cfg):
+            print(f"[framer_dist] WARNING: {warning}", flush=True)
     torch.manual_seed(t_cfg.seed)  # identical initialisation of the new layers on every rank
 
     # -- model, trainable parameters, backend ---------------------------------------------------
@@ -330,8 +406,10 @@ def train(cfg: Config) -> RunResult:
     thr = metrics.Throughput()
     history: list[dict[str, float]] = []
 
-    pipelines: list = []
-    batches = infinite_batches(cfg, rank, world, samples_seen, pipelines)
+    from framer_dist.data import DataReport
+    report = DataReport(echo=False)  # printed by rank 0 for all ranks (DataLines)
+    data_lines = DataLines(report, backend, lambda line: metrics.bar_print(bar, line))
+    batches = infinite_batches(cfg, rank, world, samples_seen, report=report)
     vae = None
     preempt = PreemptionHandler.from_config(cfg).install()
     preempted, last_ckpt = False, None
@@ -396,8 +474,10 @@ def train(cfg: Config) -> RunResult:
                     fh.write(json.dumps(rec) + "\n")
             if step % cfg.log.every == 0 or step == t_cfg.steps:
                 perf = thr.summary(flops_per_sample, peak, world)
-                report = getattr(pipelines[-1], "report", None) if pipelines else None
-                data_counts = {f"data/{k}": v for k, v in report.as_dict().items()} if report else {}
+                totals = data_lines.flush()  # collective; rank 0 prints new data lines
+                # rank 0 logs the counts of all ranks, any other (log.all_ranks) its own
+                data_counts = {f"data/{k}": v for k, v in
+                               (totals if backend.is_main else report.as_dict()).items()}
                 tb.scalars({**{k: v for k, v in rec.items() if k != "step"}, **perf,
                             "memory/peak_gb": metrics.peak_memory_gb(device), **data_counts}, step)
                 thr.reset()
@@ -420,17 +500,23 @@ def train(cfg: Config) -> RunResult:
                 last_ckpt = save(step)
             if preempted:
                 if backend.is_main:
-                    bar.write(f"[framer_dist] preemption signal: saved {last_ckpt}; exiting with "
-                              f"code {cfg.checkpoint.requeue_exit_code} for requeue")
+                    metrics.bar_print(bar, f"[framer_dist] preemption signal: saved {last_ckpt}; "
+                                      f"exiting with code {cfg.checkpoint.requeue_exit_code} for "
+                                      "requeue")
                 break
+        data_lines.flush(final=True)  # collective: the last lines and the summed counts
         exports = {} if preempted else export(cfg, backend, out_dir)
+    except BaseException:
+        for _, line in report.take_new():  # this rank's unprinted lines may explain the error
+            print(line, file=sys.stderr, flush=True)
+        raise
     finally:
         preempt.uninstall()
         bar.close()
         tb.close()
     return RunResult(steps_done=step, out_dir=out_dir, checkpoint=last_ckpt, exports=exports,
                      log_dir=log_dir, history=history, preempted=preempted,
-                     model=backend.model)
+                     model=backend.model, is_main=backend.is_main)
 
 
 def export(cfg: Config, backend: Any, out_dir: Path) -> dict[str, Path]:
@@ -525,6 +611,7 @@ def main(argv: list[str] | None = None) -> int:
     from framer_dist.data import DataSourceError
     from framer_dist.models.loading import PretrainedLoadError
     from framer_dist.safe_load import CheckpointLoadError
+    t0 = time.monotonic()
     try:
         result = train(cfg)
     except (ConfigError, DataSourceError, PretrainedLoadError, CheckpointLoadError) as e:
@@ -533,8 +620,10 @@ def main(argv: list[str] | None = None) -> int:
         # damaged or would run code): the message names the key or the file; no traceback
         print(f"framer-train: error: {e}", file=sys.stderr)
         return 2
-    if result.preempted:
+    if result.preempted:  # the preemption message said what was saved
         return cfg.checkpoint.requeue_exit_code
+    if result.is_main:
+        print(closing_line(result, cfg.train.steps, time.monotonic() - t0), flush=True)
     return 0
 
 

@@ -80,6 +80,51 @@ def test_auto_ignores_partial_and_errors_are_clear(tmp_path):
     assert not (root / ".tmp-step_00000009").exists()  # swept after a successful save
 
 
+def test_resume_of_a_path_that_is_no_checkpoint_says_what_it_is(tmp_path, capsys):
+    """`--resume PATH` naming something that is not a complete checkpoint says what PATH is: not a
+    checkpoint folder at all (before: "no COMPLETE marker: the save was interrupted"), a stopped
+    save with or without the marker, an incomplete step_*, a run folder, a file."""
+    from framer_dist.checkpoint import find_checkpoint
+    from framer_dist.train import main
+
+    repo = Path(__file__).resolve().parent.parent
+    run = tmp_path / "run"
+    root = run / "checkpoints"
+    CheckpointManager(root, _backend()).save(2, {"step": 2})
+    (root / "latest").unlink()  # a root without the pointer
+    done_tmp = root / ".tmp-step_00000004"  # stopped between the marker and the rename
+    done_tmp.mkdir()
+    (done_tmp / MARKER).write_text("{}")
+    (root / ".tmp-step_00000006").mkdir()  # stopped while writing
+    (root / "step_00000007").mkdir()  # a partial copy
+    (tmp_path / "notes.txt").write_text("x")
+
+    def why(path) -> str:
+        with pytest.raises(FileNotFoundError) as e:
+            find_checkpoint(root, str(path))
+        msg = str(e.value)
+        assert msg.startswith(f"config key 'checkpoint.resume': {path}") and "\n" not in msg, msg
+        return msg
+
+    msg = why(repo / "configs")
+    assert "is not a checkpoint folder" in msg and "interrupted" not in msg, msg
+    msg = why(done_tmp)
+    assert "finished writing" in msg and "rename it to step_00000004" in msg, msg
+    assert f"no {MARKER}" not in msg, msg
+    assert "stopped while writing" in why(root / ".tmp-step_00000006")
+    assert f"incomplete checkpoint (no {MARKER} marker" in why(root / "step_00000007")
+    assert "is a run folder" in (msg := why(run)) and str(root / "step_00000002") in msg, msg
+    assert f"e.g. {root / 'step_00000002'}" in why(root)
+    assert "is a file" in why(tmp_path / "notes.txt")
+    # the command line: exit 2, the one line, before any model
+    argv = ["--config", str(repo / "configs" / "tiny_cpu_demo.toml"), "--out", str(tmp_path / "x"),
+            'data.source="synthetic"', "--resume", str(repo / "configs")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("framer-train: error: config key 'checkpoint.resume'") and "\n" not in err
+    assert "is not a checkpoint folder" in err, err
+
+
 def test_resume_restores_model_optimizer_schedule_ema_and_rngs(tmp_path):
     over = ["train.lr_schedule='warmup_cosine'", "train.warmup_steps=2", "train.steps=6",
             "train.ema=true", "train.ema_decay=0.5"]

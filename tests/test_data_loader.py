@@ -341,3 +341,23 @@ def test_a_file_that_vanishes_after_listing_is_counted_not_fatal(tmp_path):
     with pytest.raises(ImageSkipped) as e:
         read_crop(src, 1, src.item_id(1), 32, 16, rng)
     assert e.value.kind == "skipped_unreadable" and "FileNotFoundError" in str(e.value)
+
+
+def test_corrupt_file_lines_name_the_file_and_the_tar_member(tmp_path, caplog):
+    """A corrupt image's line names where it is: the file of a folder, the shard and the member
+    of a tar; never PIL's in-memory buffer (`<_io.BytesIO object at 0x...>`)."""
+    folder = _good_folder(tmp_path / "imgs", 3)
+    (folder / "b" / "broken.jpg").write_bytes(b"junk" * 50)  # PIL: "cannot identify image file"
+    shard = _tar(tmp_path / "s.tar", [("k0.png", _png_bytes(0)), ("dir/bad.jpg", b"junk" * 50),
+                                      ("k2.png", _png_bytes(2))])
+    for over, want in ((["data.source='folder'", f"data.path='{folder}'"],
+                        str(folder / "b" / "broken.jpg")),
+                       (["data.source='webdataset'", f"data.path='{shard}'"], f"{shard}:dir/bad.jpg")):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="framer_dist.data"):
+            pipe = build_dataloader(_cfg(*over), 0, 1, 0)
+            _ids(pipe, 4)  # 8 positions: every item of the epoch
+        lines = [r.getMessage() for r in caplog.records if "skipped_corrupt" in r.getMessage()]
+        assert len(lines) == 1, lines
+        assert lines[0].startswith(f"data: skipped_corrupt: {want} (UnidentifiedImageError: "), lines
+        assert "BytesIO" not in lines[0] and "0x" not in lines[0], lines

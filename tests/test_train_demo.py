@@ -74,3 +74,22 @@ def test_demo_reads_the_checkout_config_and_a_missing_one_is_a_clear_error(tmp_p
     err = capsys.readouterr().err
     assert "demo config not found" in err and str(missing) in err and "Traceback" not in err
     assert not (tmp_path / "demo").exists()
+
+
+def test_editable_install_prints_no_build_backend_warning_box(tmp_path):
+    """`make venv` installs the checkout editable (pip install -e). That install prints nothing
+    but pip's own lines: no setuptools "BuildBackendWarning: Editable installation" box, and the
+    installed package imports from the checkout. (Into a scratch prefix, with the venv's setuptools.)"""
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
+                           "--no-build-isolation", "--no-index", "--prefix", str(tmp_path / "pfx"),
+                           "-e", str(REPO)], capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "BuildBackendWarning" not in out and "Editable installation" not in out, out
+    site = next((tmp_path / "pfx").glob("lib/python*/site-packages"))
+    where = subprocess.run(
+        [sys.executable, "-S", "-c", f"import site; site.addsitedir({str(site)!r}); "
+         "import framer_dist; print(framer_dist.__file__)"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert where.returncode == 0, where.stderr
+    assert Path(where.stdout.strip()).resolve() == (REPO / "framer_dist" / "__init__.py").resolve()

@@ -175,6 +175,60 @@ def test_resume_discards_the_interrupted_runs_later_events(tmp_path):
     assert acc.Scalars("loss/total")[2].value == pytest.approx(res.history[0]["loss/total"], rel=1e-6)
 
 
+def test_a_finished_run_ends_with_one_line_saying_where_everything_is(tmp_path, capsys):
+    """`train.py` ends with one line: the steps done, the time, and where the last checkpoint, the
+    exports and the TensorBoard logs are (every path named there exists)."""
+    out = tmp_path / "run"
+    assert main(["--config", TINY, "--out", str(out), SYN, "data.resolution=64", "train.steps=2",
+                 'checkpoint.export=["control"]', "log.heatmap_every=0", "log.val_every=0"]) == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("[framer_dist] done:")]
+    assert len(lines) == 1, lines
+    line = lines[0]
+    assert "step 2 of 2 (2 this run) in " in line, line
+    ckpt = out / "checkpoints" / "step_00000002"
+    export = out / "export" / "dit4sr_control.safetensors"
+    for path in (ckpt, export, out / "tb"):
+        assert str(path) in line and path.exists(), (path, line)
+    assert f"tensorboard --logdir {out / 'tb'}" in line
+
+
+@pytest.mark.slow
+def test_data_report_lines_do_not_share_the_progress_bars_line(tmp_path):
+    """`make demo`'s console (stdout and stderr in one terminal, the bar on): the grayscale
+    photo's `data: converted_gray: camera` line stands on its own line, not after the bar's text
+    (`1/4 [...]data: ...`); the run ends with the counts."""
+    env = {k: v for k, v in os.environ.items() if k != "FRAMER_NO_PROGRESS"}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "framer_dist" / "train.py"), "--config", TINY, "--out",
+         str(tmp_path / "run"), f'data.path="{REPO / "framer_dist" / "assets" / "photos"}"',
+         "train.steps=4", "log.every=2", "log.heatmap_every=0", "log.val_every=0",
+         "checkpoint.export=[]"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
+        env=dict(env, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    lines = proc.stdout.replace("\r", "\n").splitlines()
+    assert "data: converted_gray: camera" in lines, proc.stdout[-3000:]
+    glued = [l for l in lines if "data: " in l and not l.startswith("data: ")]
+    assert not glued, glued
+    assert any(l.startswith("data: converted_gray=") for l in lines), proc.stdout[-3000:]
+
+
+def test_zero_learning_rate_is_warned_once_naming_the_key(tmp_path, capsys, monkeypatch):
+    """`train.lr=0` is valid but trains every step without changing a weight: one warning line at
+    the start, naming the key, from rank 0 only; a normal lr gives none."""
+    from framer_dist.train import train
+
+    def warnings_of(out: Path, *over: str) -> list[str]:
+        train(_cfg(out, "train.steps=1", "checkpoint.export=[]", "log.heatmap_every=0", *over))
+        return [l for l in capsys.readouterr().out.splitlines() if "WARNING" in l]
+
+    got = warnings_of(tmp_path / "a", "train.lr=0")
+    assert len(got) == 1 and "config key 'train.lr'" in got[0] and "no weight changes" in got[0], got
+    assert warnings_of(tmp_path / "b", "train.lr=1e-3") == []
+    monkeypatch.setenv("RANK", "1")  # another rank of a launch: rank 0 says it
+    assert warnings_of(tmp_path / "c", "train.lr=0") == []
+
+
 def test_fresh_start_over_earlier_checkpoints_is_refused(tmp_path, capsys):
     """A run without --resume in an out_dir that holds checkpoints would keep the earlier run's
     step_N ("same step saved twice: keep the first"), leave `latest` on the earlier run and mix

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .images import DataReport, ImageSkipped, decode
+from .images import DataReport, ImageSkipped, decode, where
 from .sources import FolderSource, TarSource
 
 log = logging.getLogger("framer_dist.data")
@@ -142,7 +142,7 @@ def caption_images(images: str, out: str | Path, captioner: Callable[[list[Image
                 try:
                     arr, conv = decode(src.read(i), item)
                 except ImageSkipped as e:
-                    report.add(e.kind, item, str(e))
+                    report.add(e.kind, where(src, i), str(e))
                     continue
                 ids.append(item)
                 imgs.append(Image.fromarray(np.ascontiguousarray(arr)))

@@ -34,11 +34,17 @@ class ImageSkipped(Exception):
 
 @dataclass
 class DataReport:
-    """Counts of what the data pipeline skipped or converted, with a few example ids per kind."""
+    """Counts of what the data pipeline skipped or converted, with a few example ids per kind.
+
+    Each new example is a line ``data: <kind>: <item> (<detail>)``, logged at once, or with
+    ``echo=False`` kept for :meth:`take_new` (the trainer prints the lines of all ranks once, on
+    rank 0, on their own line above the progress bar)."""
 
     counts: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
     max_examples: int = 5
+    echo: bool = True
+    _new: list[tuple[str, str]] = field(default_factory=list, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, kind: str, item: str, detail: str = "") -> None:
@@ -47,7 +53,17 @@ class DataReport:
             ex = self.examples.setdefault(kind, [])
             if item not in ex and len(ex) < self.max_examples:  # warn once per item, not per epoch
                 ex.append(item)
-                log.warning("data: %s: %s%s", kind, item, f" ({detail})" if detail else "")
+                line = f"data: {kind}: {item}" + (f" ({detail})" if detail else "")
+                if self.echo:
+                    log.warning("%s", line)
+                else:
+                    self._new.append((kind, line))
+
+    def take_new(self) -> list[tuple[str, str]]:
+        """The (kind, line) of each example added since the last call (``echo=False``)."""
+        with self._lock:
+            new, self._new = self._new, []
+        return new
 
     def merge(self, events: list[tuple[str, str]]) -> None:
         for kind, item in events:
@@ -58,10 +74,14 @@ class DataReport:
         return dict(self.counts)
 
     def summary(self) -> str:
-        if not self.counts:
-            return "data: nothing skipped or converted"
-        parts = [f"{k}={v}" for k, v in sorted(self.counts.items())]
-        return "data: " + ", ".join(parts)
+        return summary_line(self.counts)
+
+
+def summary_line(counts: dict[str, int]) -> str:
+    """``data: kind=n, ...`` (sorted by kind)."""
+    if not counts:
+        return "data: nothing skipped or converted"
+    return "data: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
 
 
 def to_rgb(img: Image.Image) -> tuple[Image.Image, str | None]:
@@ -87,15 +107,20 @@ def to_rgb(img: Image.Image) -> tuple[Image.Image, str | None]:
 
 
 def decode(data: bytes, item: str) -> tuple[np.ndarray, list[str]]:
-    """Bytes -> uint8 ``[H, W, 3]`` and the list of conversions applied. Raises ImageSkipped."""
+    """Bytes -> uint8 ``[H, W, 3]`` and the list of conversions applied. Raises ImageSkipped
+    (its message: PIL's reason; the caller names the file)."""
+    buf = io.BytesIO(data)
     try:
         ImageFile.LOAD_TRUNCATED_IMAGES = False
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(buf) as im:
             im.load()
             rgb, conv = to_rgb(im)
             arr = np.asarray(rgb, dtype=np.uint8)
     except Exception as e:  # PIL raises many types for bad files; all mean "unusable"
-        raise ImageSkipped("skipped_corrupt", f"{type(e).__name__}: {e}") from None
+        # PIL names the in-memory buffer ("cannot identify image file <_io.BytesIO object at
+        # 0x...>"), which says nothing: the caller names the file
+        reason = str(e).replace(f" {buf!r}", "").replace(repr(buf), "the data")
+        raise ImageSkipped("skipped_corrupt", f"{type(e).__name__}: {reason}") from None
     return arr, [conv] if conv else []
 
 
@@ -116,6 +141,12 @@ def crop_or_upscale(arr: np.ndarray, size: int, min_size: int, rng: np.random.Ge
     y = int(rng.integers(0, h - size + 1))
     x = int(rng.integers(0, w - size + 1))
     return arr[y:y + size, x:x + size], events
+
+
+def where(source, i: int) -> str:
+    """Item ``i`` of ``source`` for a message: its file (folder), ``<shard>:<member>`` (tar)."""
+    describe = getattr(source, "describe", None)
+    return describe(i) if describe is not None else source.item_id(i)
 
 
 def read_crop(source, i: int, item: str, size: int, min_size: int, rng: np.random.Generator

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import Config, DataConfig
-from .images import DataReport, ImageSkipped, read_crop
+from .images import DataReport, ImageSkipped, read_crop, where
 from .prompts import PromptStore, random_prompt, use_null_prompt
 from .sources import CachedSource, DataSourceError, FolderSource, TarSource
 from .stream import item_at, micro_batch_positions, mix, sample_seed
@@ -96,6 +96,7 @@ class SampleStream(IterableDataset):
     def _image(self, pos: int, seed: int, events: list) -> tuple[np.ndarray, str]:
         n = len(self.source)
         rng = np.random.default_rng([seed, 0xC0])
+        last = ""  # the last skip, for the error below
         for shift in range(min(n, MAX_REPLACEMENTS)):
             i = item_at(pos, n, self.seed, shift)
             if i in self._bad:
@@ -105,13 +106,14 @@ class SampleStream(IterableDataset):
                 crop, conv = read_crop(self.source, i, item, self.d.resolution, self.d.min_size, rng)
             except ImageSkipped as e:
                 self._bad.add(i)
-                events.append((e.kind, f"{item} ({e})"))
+                events.append((e.kind, f"{where(self.source, i)} ({e})"))
+                last = f"; the last: {events[-1][0]}: {events[-1][1]}"
                 continue
             events.extend((c, item) for c in conv)
             return crop, item
         raise DataSourceError(f"config key 'data.path': {MAX_REPLACEMENTS} consecutive unusable "
-                              f"images around stream position {pos} in {self.d.path}; see the "
-                              "warnings above (corrupt files, images below data.min_size)")
+                              f"images around stream position {pos} in {self.d.path} (corrupt "
+                              f"files, images below data.min_size){last}")
 
     def _batch(self, positions: list[int]) -> dict[str, Any]:
         events: list[tuple[str, str]] = []
@@ -169,9 +171,10 @@ class SampleStream(IterableDataset):
 class DataPipeline:
     """The iterable the trainer consumes; collects the workers' skip/convert events."""
 
-    def __init__(self, stream: SampleStream, num_workers: int) -> None:
+    def __init__(self, stream: SampleStream, num_workers: int,
+                 report: DataReport | None = None) -> None:
         self.stream = stream
-        self.report = DataReport()
+        self.report = report if report is not None else DataReport()
         self.loader = DataLoader(stream, batch_size=None, num_workers=num_workers,
                                  persistent_workers=num_workers > 0,
                                  prefetch_factor=2 if num_workers > 0 else None)
@@ -187,10 +190,12 @@ class DataPipeline:
         return self.stream.d.batch_size * self.stream.world
 
 
-def build_dataloader(cfg: Config, rank: int, world_size: int, start_sample: int = 0) -> DataPipeline:
+def build_dataloader(cfg: Config, rank: int, world_size: int, start_sample: int = 0,
+                     report: DataReport | None = None) -> DataPipeline:
     """This rank's infinite batch iterable from global position ``start_sample`` (samples consumed
     by all ranks so far). Sources and prompt caches are opened (and checked) here, before any
-    worker starts; problems raise :class:`DataSourceError` naming the config key."""
+    worker starts; problems raise :class:`DataSourceError` naming the config key. ``report``:
+    where the skip/convert events go (default: a new :class:`DataReport`, ``pipe.report``)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     if start_sample < 0:
@@ -206,7 +211,8 @@ def build_dataloader(cfg: Config, rank: int, world_size: int, start_sample: int 
     source = open_source(d)
     prompts = PromptStore(d.prompt_embeddings) if d.prompt_embeddings else None
     stream = SampleStream(cfg, rank, world_size, start_sample, source, prompts)
-    pipe = DataPipeline(stream, d.num_workers)
-    for key in getattr(source, "no_image", ()):   # tar samples without an image member
-        pipe.report.add("skipped_no_image", key)
+    pipe = DataPipeline(stream, d.num_workers, report)
+    if rank == 0:  # tar samples without an image member: the dataset's, counted once
+        for key in getattr(source, "no_image", ()):
+            pipe.report.add("skipped_no_image", key)
     return pipe

@@ -22,7 +22,7 @@ from ..atomic import save_safetensors_atomic, write_text_atomic
 from ..config import DataConfig
 from .captioning import open_images
 from .degrade import degrade, params_from_config
-from .images import DataReport, ImageSkipped, read_crop
+from .images import DataReport, ImageSkipped, read_crop, where
 from .stream import mix
 from .text_encode import DTYPES
 from .vae import encode_pixels, load_vae
@@ -79,7 +79,7 @@ def prepare_pairs(images: str, out_dir: str | Path, *, resolution: int = 512, sc
                 crop, conv = read_crop(src, i, item, resolution, min_size, np.random.default_rng([s, 0xC0]))
             except ImageSkipped as e:
                 if p == 0:
-                    report.add(e.kind, item, str(e))
+                    report.add(e.kind, where(src, i), str(e))
                 continue
             if p == 0:
                 for c in conv:

@@ -44,6 +44,10 @@ class FolderSource:
     def item_id(self, i: int) -> str:
         return self.files[i].relative_to(self.root).with_suffix("").as_posix()
 
+    def describe(self, i: int) -> str:
+        """Where item ``i`` is, for messages: its file."""
+        return str(self.files[i])
+
     def read(self, i: int) -> bytes:
         return self.files[i].read_bytes()
 
@@ -86,6 +90,7 @@ class TarSource:
             raise DataSourceError(f"config key 'data.path': tar shard(s) not found for {pattern!r}: "
                                   f"{', '.join(missing[:3]) or 'no match'}")
         self.items: list[tuple[str, int, int, str]] = []      # (shard, offset, size, key)
+        self.members: list[str] = []      # the image member's name in its shard, per item
         self.no_image: list[str] = []     # sample keys with no image member (reported, not used)
         for shard in shards:
             try:
@@ -102,6 +107,7 @@ class TarSource:
                         if ext in IMAGE_EXTS and key not in seen:
                             seen.add(key)
                             self.items.append((shard, m.offset_data, m.size, key))
+                            self.members.append(m.name)
                     self.no_image.extend(f"{shard}:{k} (members {', '.join(e or '(none)' for e in v)})"
                                          for k, v in exts.items() if k not in seen)
             except (tarfile.TarError, OSError) as e:
@@ -116,6 +122,10 @@ class TarSource:
 
     def item_id(self, i: int) -> str:
         return self.items[i][3]
+
+    def describe(self, i: int) -> str:
+        """Where item ``i`` is, for messages: ``<shard>:<member>``."""
+        return f"{self.items[i][0]}:{self.members[i]}"
 
     def read(self, i: int) -> bytes:
         shard, off, size, _ = self.items[i]
@@ -216,6 +226,11 @@ class CachedSource:
 
     def item_id(self, i: int) -> str:
         return self.ids[i].split("#", 1)[0]
+
+    def describe(self, i: int) -> str:
+        """Where item ``i`` is, for messages: ``<shard> row <r>``."""
+        si, r = self.rows[i]
+        return f"{self.shards[si]} row {r}"
 
     def read(self, i: int) -> dict[str, torch.Tensor]:
         si, r = self.rows[i]

@@ -110,6 +110,20 @@ def _skip_cpu_shm_op() -> None:
         mod.build_shm_op = lambda: None
 
 
+# torch deprecated the collectives DeepSpeed's ZeRO uses (all_gather_into_tensor,
+# reduce_scatter_tensor) with a FutureWarning per call site, re-armed whenever the warning filters
+# change: most of a ZeRO-3 run's output on every rank. Not ours to act on; exactly those two are
+# hidden, every other warning stays.
+DEPRECATED_COLLECTIVES = ("all_gather_into_tensor", "reduce_scatter_tensor")
+
+
+def quiet_deprecated_collectives() -> None:
+    """Ignore torch's FutureWarning about DEPRECATED_COLLECTIVES (idempotent)."""
+    for name in DEPRECATED_COLLECTIVES:
+        warnings.filterwarnings("ignore", message=rf"`torch\.distributed\.{name}` is deprecated",
+                                category=FutureWarning)
+
+
 def _leaf_input_needs_grad(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
     """Forward pre-hook of a ZeRO-3 leaf with trainable parameters: when grad is on and no
     floating tensor argument requires grad, replace the smallest one with a detached copy that
@@ -221,6 +235,7 @@ class DeepSpeedBackend(Backend):
         rank, world, local_rank = init_process_group("deepspeed", device.type)
         if device.type == "cpu":
             _skip_cpu_shm_op()
+        quiet_deprecated_collectives()
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
