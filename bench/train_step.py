@@ -5,7 +5,7 @@ pipeline). For each (mode, backend) combination the same model, optimizer and ba
 baseline steps (framer.enabled=false: no readout, no FRAMER loss) and FRAMER steps alternately
 (ABBA order, after warm-up), so both see the same clocks, allocator state and thermal state; the
 figures are medians. Peak memory is read per step type (CUDA only: reset_peak_memory_stats before
-each step). MFU uses framer_dist.flops (documented there): useful model FLOPs / step time / peak.
+each step). MFU uses framer_dist/models/dit4sr/flops.py (documented there): useful model FLOPs / step time / peak.
 
 Examples:
     python bench/train_step.py --preset tiny --batch 2 --resolution 64 --steps 4    # CPU smoke
@@ -33,12 +33,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from framer_dist import flow  # noqa: E402
 from framer_dist.config import Config, load_config  # noqa: E402
-from framer_dist.flops import geometry_from_model, peak_flops, train_flops_per_sample  # noqa: E402
+from framer_dist.flops import peak_flops  # noqa: E402
 from framer_dist.framer import select_layers  # noqa: E402
-from framer_dist.models import apply_training_mode, build_model  # noqa: E402
-from framer_dist.objective import micro_batch_loss  # noqa: E402
+from framer_dist.micro_batch import micro_batch_loss  # noqa: E402
+from framer_dist.models import StepContext, get_family  # noqa: E402
+from framer_dist.models.dit4sr import apply_training_mode, build_model  # noqa: E402
+from framer_dist.models.dit4sr.flops import geometry_from_model, train_flops_per_sample  # noqa: E402
 from framer_dist.parallel import ac_indices, setup_backend  # noqa: E402
 
 # Step phases timed on the GPU timeline (CUDA events): model forward + both losses, backward,
@@ -126,9 +127,8 @@ def run_combo(a: argparse.Namespace, mode: str, backend_key: str, device_type: s
     device = backend.device
     batch = synthetic_batch(model, a.batch, a.resolution, text_tokens, device)
     gen = torch.Generator().manual_seed(0)
-    positions = list(range(a.batch))
-    sigma, noise = flow.sample_sigma_and_noise(positions, tuple(batch["hr_latent"].shape[1:]),
-                                               cfg.flow, 0, device=device)
+    positions = list(range(a.batch))  # sigma and noise are drawn from these inside the step
+    family = get_family("dit4sr")
 
     def one_step(c: Config) -> tuple[float, float | None, dict[str, float]]:
         cuda = device.type == "cuda"
@@ -141,8 +141,9 @@ def run_combo(a: argparse.Namespace, mode: str, backend_key: str, device_type: s
         t0 = time.perf_counter()
         if cuda:
             marks[-1].record()
-        losses = micro_batch_loss(backend.model, batch, sigma, noise, c, students, teacher, gen,
-                                  gather=backend.gather, rank=backend.rank, autocast=backend.autocast())
+        losses = micro_batch_loss(family, backend.model, batch,
+                                  StepContext(c, positions, backend.autocast()), students, teacher,
+                                  gen, gather=backend.gather, rank=backend.rank)
         if cuda:
             marks[0].record()
         backend.backward(losses.total)

@@ -34,8 +34,10 @@ def _f(default: Any, doc: str = "", **meta: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    preset: Literal["tiny", "sd3-medium", "sd3.5-medium", "sd3.5-large"] = _f(
-        "tiny", "backbone geometry (DIT4SR_SPEC.md)")
+    family: str = _f("dit4sr", "model family: a registered name (dit4sr) or module:attribute "
+                     "naming a framer_dist.models.ModelFamily (docs/interfaces.md)")
+    preset: str = _f("tiny", "backbone geometry, one of the family's presets (dit4sr: tiny, "
+                     "sd3-medium, sd3.5-medium, sd3.5-large; docs/models.md)")
     pretrained: str = _f("", "local diffusers folder with transformer weights ('' = random init)")
     lr_injection_scale: float = _f(1.2, "scale of the depth-wise conv LR injection in the MLP", min=0.0)
 
@@ -116,7 +118,8 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    mode: Literal["control", "lora", "full"] = _f("control", "which parameters train")
+    mode: str = _f("control", "which parameters train, one of the family's modes (dit4sr: "
+                   "control, lora, full)")
     steps: int = _f(1000, "optimizer steps in total", min=1)
     grad_accum: int = _f(1, "micro-batches per optimizer step", min=1)
     global_batch_size: int = _f(
@@ -293,6 +296,8 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
 
 def _cross_checks(cfg: Config) -> None:
     """Constraints that involve several keys."""
+    from framer_dist.models import check_family_keys  # model.preset, train.mode, exports
+    check_family_keys(cfg)
     if len(cfg.train.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.train.betas):
         raise ConfigError(f"config key 'train.betas': expected two numbers in [0, 1), got {cfg.train.betas}")
     s = cfg.framer.students

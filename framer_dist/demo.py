@@ -107,7 +107,7 @@ def layer_hierarchy_plot(cfg: Config, model: torch.nn.Module, photos: list[Path]
     from framer_dist import analysis
     from framer_dist.infer.io import read_image
     from framer_dist.infer.loading import load_vae as load_codec
-    from framer_dist.models import apply_training_mode, build_model
+    from framer_dist.models.dit4sr import apply_training_mode, build_model
 
     torch.manual_seed(cfg.train.seed)  # the trainer's initialisation, untrained
     init = build_model(cfg.model)

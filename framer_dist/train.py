@@ -1,4 +1,4 @@
-"""Train the DiT4SR backbone with the rectified-flow noise loss plus the FRAMER objective.
+"""Train a model family's backbone (default: DiT4SR) with its own loss plus the FRAMER objective.
 
     deepspeed framer_dist/train.py --ds ds_configs/zero3.json --config configs/sd35m_framer.toml
     torchrun --nproc-per-node 8 framer_dist/train.py --backend fsdp2 --config configs/sd35m_framer.toml
@@ -26,7 +26,6 @@ if __package__ in (None, ""):  # `python framer_dist/train.py` / `deepspeed fram
 
 import torch
 
-from framer_dist import flow
 from framer_dist.config import Config, ConfigError, load_config
 
 # ----------------------------------------------------------------------------------------------
@@ -94,14 +93,8 @@ def check_paths(cfg: Config, world_size: int | None = None, on_this_machine: boo
         except json.JSONDecodeError as e:
             raise ConfigError(f"config key 'parallel.ds_config': {cfg.parallel.ds_config} is not "
                               f"valid JSON: {e}") from None
-    _need("model.pretrained", cfg.model.pretrained, "dir")
-    if cfg.model.pretrained:
-        from framer_dist.models.loading import (PretrainedLoadError, read_transformer_config,
-                                                resolve_transformer_dir)
-        try:
-            read_transformer_config(resolve_transformer_dir(cfg.model.pretrained))
-        except PretrainedLoadError as e:
-            raise ConfigError(str(e)) from None
+    from framer_dist.models import get_family
+    get_family(cfg.model.family).check(cfg)  # the family's own files (e.g. model.pretrained)
     d = cfg.data
     if d.source in ("folder", "cached"):
         _need("data.path", d.path, "dir")
@@ -119,9 +112,6 @@ def check_paths(cfg: Config, world_size: int | None = None, on_this_machine: boo
     if d.vae and not any((Path(d.vae) / sub / "config.json").is_file() for sub in ("", "vae")):
         raise ConfigError(f"config key 'data.vae': no diffusers VAE (config.json) in {d.vae} "
                           "or its vae/ folder")
-    if "lora" in cfg.checkpoint.export and cfg.train.mode != "lora":
-        raise ConfigError("config key 'checkpoint.export': 'lora' needs train.mode='lora', this run "
-                          f"trains {cfg.train.mode!r}")
     for key, value in (("train.out_dir", cfg.train.out_dir), ("checkpoint.dir", cfg.checkpoint.dir),
                        ("log.dir", cfg.log.dir)):
         if value and Path(value).exists() and not Path(value).is_dir():
@@ -190,7 +180,7 @@ def _check_resume_state(cfg: Config) -> None:
             raise ConfigError(f"config key 'checkpoint.resume': {meta_file} is not a framer_dist "
                               f"backend meta file ({e})") from None
         problem = meta_mismatch(meta, resume_from, cfg.parallel.backend, cfg.train.optimizer,
-                                cfg.train.mode)
+                                cfg.train.mode, cfg.model.family)
         if problem:
             was = meta.get("backend")
             if was != cfg.parallel.backend:
@@ -339,10 +329,10 @@ def train(cfg: Config) -> RunResult:
     """One training run (every rank calls this). Config and paths must already be validated."""
     from framer_dist import metrics
     from framer_dist.checkpoint import CheckpointManager, seed_rng
-    from framer_dist.flops import geometry_from_model, peak_flops, train_flops_per_sample
+    from framer_dist.flops import peak_flops
     from framer_dist.framer import select_layers
-    from framer_dist.models import apply_training_mode, build_model
-    from framer_dist.objective import micro_batch_loss, readout_kind
+    from framer_dist.micro_batch import micro_batch_loss
+    from framer_dist.models import StepContext, get_family
     from framer_dist.parallel import setup_backend
     from framer_dist.preempt import PreemptionHandler
 
@@ -355,14 +345,14 @@ def train(cfg: Config) -> RunResult:
     torch.manual_seed(t_cfg.seed)  # identical initialisation of the new layers on every rank
 
     # -- model, trainable parameters, backend ---------------------------------------------------
-    model = build_model(cfg.model)
-    params = apply_training_mode(model, t_cfg.mode, cfg.lora)
+    family = get_family(cfg.model.family)
+    model = family.build(cfg)
+    params = family.trainable(model, cfg)
     if not params:
         raise ConfigError(f"config key 'train.mode': {t_cfg.mode!r} leaves no trainable parameter")
     num_blocks = model.num_blocks
     students, teacher = select_layers(num_blocks, f_cfg) if f_cfg.enabled else ([], -1)
-    readout = readout_kind(cfg)
-    geometry = geometry_from_model(model)
+    count_flops = family.flops(model, cfg)  # from the plain model, before the backend shards it
     backend = setup_backend(cfg, model, params)
     rank, world, device = backend.rank, backend.world_size, backend.device
     accum = backend.grad_accum
@@ -398,7 +388,6 @@ def train(cfg: Config) -> RunResult:
         from framer_dist.atomic import write_text_atomic
         from framer_dist.config import dump_toml
         write_text_atomic(out_dir / "config.toml", dump_toml(cfg))  # a crash keeps the old one
-    text_tokens = None
     flops_per_sample: float | None = None
     peak = peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                       t_cfg.precision)
@@ -424,7 +413,7 @@ def train(cfg: Config) -> RunResult:
         while step < t_cfg.steps:
             # Every random stream of this step is a function of (seed, step, rank) only.
             seed_rng(t_cfg.seed, step, rank, framer_gen)
-            sums = torch.zeros(3, dtype=torch.float64, device=device)  # noise, framer, total
+            sums = torch.zeros(3, dtype=torch.float64, device=device)  # base, framer, total
             layer_metrics: dict[str, torch.Tensor] = {}
             checks = []  # deferred FRAMER NaN/Inf checks, run before the optimizer step
             for micro in range(accum):
@@ -435,26 +424,20 @@ def train(cfg: Config) -> RunResult:
                     from framer_dist.data import encode_batch, load_vae
                     vae = vae or load_vae(cfg.data, device=device)
                     batch = encode_batch(vae, batch)
-                x0 = batch["hr_latent"]
-                positions = sample_positions(batch, samples_seen, micro, rank, world, x0.shape[0])
-                sigma, noise = flow.sample_sigma_and_noise(positions, tuple(x0.shape[1:]), cfg.flow,
-                                                           t_cfg.seed, device=device)
-                # noise -> forward (with the per-block readout) -> noise loss + lambda * FRAMER
-                losses = micro_batch_loss(model_fwd, batch, sigma, noise, cfg, students, teacher,
-                                          framer_gen, gather=backend.gather, rank=rank,
-                                          autocast=backend.autocast())
+                positions = sample_positions(batch, samples_seen, micro, rank, world,
+                                             batch["hr_latent"].shape[0])
+                # the family's step (its loss, the per-block features) + lambda * FRAMER
+                ctx = StepContext(cfg, positions, backend.autocast())
+                losses = micro_batch_loss(family, model_fwd, batch, ctx, students, teacher,
+                                          framer_gen, gather=backend.gather, rank=rank)
                 backend.backward(losses.total)
                 checks.append(losses.verify)
                 # detached sums on the device: no host sync per micro-batch
-                sums += torch.stack([losses.noise.detach(), losses.framer.detach(),
+                sums += torch.stack([losses.base.detach(), losses.framer.detach(),
                                      losses.total.detach()]).double()
                 layer_metrics = losses.layer_metrics
-                if text_tokens is None:
-                    text_tokens = batch["prompt_embeds"].shape[1]
-                    flops_per_sample = train_flops_per_sample(
-                        geometry, tuple(x0.shape[-2:]), text_tokens, t_cfg.mode,
-                        readout=readout is not None,
-                        lora_rank=cfg.lora.rank if t_cfg.mode == "lora" else 0)["total"]
+                if flops_per_sample is None and count_flops is not None:
+                    flops_per_sample = count_flops(batch)
             for check in checks:
                 check()
             grad_norm = backend.step()
@@ -464,7 +447,8 @@ def train(cfg: Config) -> RunResult:
 
             # Losses averaged over micro-batches and ranks (a tiny collective, every step).
             mean = backend.gather((sums / accum).reshape(1, 3)).mean(0).cpu()
-            rec = {"step": step, "loss/noise": float(mean[0]), "loss/total": float(mean[2]),
+            rec = {"step": step, f"loss/{family.base_loss_name}": float(mean[0]),
+                   "loss/total": float(mean[2]),
                    "lr": backend.lr, "grad_norm": float(grad_norm)}
             if f_cfg.enabled:
                 rec["loss/framer"] = float(mean[1])
@@ -490,7 +474,7 @@ def train(cfg: Config) -> RunResult:
                 if cfg.log.per_layer_scalars and step % cfg.log.every == 0:
                     tb.scalars(metrics.framer_layer_scalars(layer_metrics, students), step)
             if cfg.log.val_every and step % cfg.log.val_every == 0:
-                validate(cfg, backend, batch, tb, step)
+                validate(family, cfg, backend, batch, tb, step)
             bar.update(1)
 
             # Preemption: every rank learns whether any rank was signalled, then all save.
@@ -505,7 +489,7 @@ def train(cfg: Config) -> RunResult:
                                       "requeue")
                 break
         data_lines.flush(final=True)  # collective: the last lines and the summed counts
-        exports = {} if preempted else export(cfg, backend, out_dir)
+        exports = {} if preempted else export(family, cfg, backend, out_dir)
     except BaseException:
         for _, line in report.take_new():  # this rank's unprinted lines may explain the error
             print(line, file=sys.stderr, flush=True)
@@ -519,15 +503,12 @@ def train(cfg: Config) -> RunResult:
                      model=backend.model, is_main=backend.is_main)
 
 
-def export(cfg: Config, backend: Any, out_dir: Path) -> dict[str, Path]:
+def export(family: Any, cfg: Config, backend: Any, out_dir: Path) -> dict[str, Path]:
     """The end-of-run exports named in checkpoint.export (collective; rank 0 writes).
 
     The backend gathers every tensor (unsharded, fp32 masters for the trained ones) to rank 0,
-    which loads them into a plain model of the same mode and writes, under ``<out_dir>/export``:
-    ``control`` -> ``dit4sr_control.safetensors`` (the DiT4SR layers), ``lora`` -> the adapter in
-    the diffusers layout, ``diffusers`` -> the whole transformer (LoRA fused in) in the diffusers
-    folder layout, loadable with ``build_model(ModelConfig(pretrained=...))``. With ``train.ema``
-    the same files are also written from the EMA weights under ``export/ema/``.
+    where the family writes them under ``<out_dir>/export`` (DiT4SR: ``dit4sr/family.py``). With
+    ``train.ema`` the same exports are also written from the EMA weights under ``export/ema/``.
     """
     kinds = list(dict.fromkeys(cfg.checkpoint.export))
     if not kinds:
@@ -536,64 +517,19 @@ def export(cfg: Config, backend: Any, out_dir: Path) -> dict[str, Path]:
     ema = backend.ema_state_dict() if cfg.train.ema else {}  # collective; trained params only
     out: dict[str, Path] = {}
     if backend.is_main:
-        out.update(write_exports(cfg, kinds, full, out_dir / "export"))
+        out.update(family.export(cfg, kinds, full, out_dir / "export"))
         if ema:
-            ema_out = write_exports(cfg, kinds, {**full, **ema}, out_dir / "export" / "ema")
+            ema_out = family.export(cfg, kinds, {**full, **ema}, out_dir / "export" / "ema")
             out.update({f"ema_{k}": v for k, v in ema_out.items()})
     backend.barrier()
     return out
 
 
-def write_exports(cfg: Config, kinds: list[str], state: dict[str, torch.Tensor],
-                  root: Path) -> dict[str, Path]:
-    """Load a full state dict into a plain model of the run's mode and write ``kinds`` to ``root``."""
-    from framer_dist.models import (apply_training_mode, build_model, save_control, save_lora,
-                                    save_model)
-    plain = build_model(cfg.model)
-    apply_training_mode(plain, cfg.train.mode, cfg.lora)
-    missing, unexpected = plain.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"export: the gathered state does not fit the model: missing "
-                           f"{missing[:5]}, unexpected {unexpected[:5]}")
-    out: dict[str, Path] = {}
-    if "control" in kinds:
-        out["control"] = save_control(plain, root)
-    if "lora" in kinds:
-        out["lora"] = save_lora(plain, root / "lora")
-    if "diffusers" in kinds:
-        if cfg.train.mode == "lora":
-            plain.fuse_lora()
-            plain.unload_lora()
-        out["diffusers"] = save_model(plain, root / "transformer")
-    return out
-
-
-@torch.no_grad()
-def validate(cfg: Config, backend: Any, batch: dict[str, Any], tb: Any, step: int) -> None:
-    """Super-resolve the first images of the last batch and log LR | SR | HR (every rank runs the
-    sampler: under ZeRO-3/FSDP2 the forward is collective)."""
-    from framer_dist.infer.sampler import euler_sample, flow_sigmas, model_denoiser
-
-    n = min(2, batch["lr_latent"].shape[0])
-    lr = batch["lr_latent"][:n]
-    model = backend.model
-    was_training = model.training
-    model.eval()
-    g = torch.Generator().manual_seed(cfg.train.seed)
-    noise = torch.randn(lr.shape, generator=g).to(lr.device)
-    denoise = model_denoiser(model, batch["prompt_embeds"][:n], batch["pooled"][:n])
-    with backend.autocast():
-        sr = euler_sample(lambda x, s: denoise(x, lr, s), noise, flow_sigmas(10, cfg.flow.shift))
-    model.train(was_training)
-    panels = [lr, sr, batch["hr_latent"][:n]]
-    if "hr" in batch:  # pixels are there: decode the latents for a picture a human can judge
-        from framer_dist.data import decode_latents
-        panels = [batch["lr"][:n], decode_latents(cfg.data, sr), batch["hr"][:n]]
-    else:
-        panels = [p[:, :3] for p in panels]  # a latent preview: the first three channels
-    img = torch.cat([torch.cat(list(p.float().cpu()), dim=1) for p in panels], dim=2)  # [3,H*n,W*3]
-    img = ((img.clamp(-1, 1) + 1) * 127.5).to(torch.uint8).permute(1, 2, 0).numpy()
-    tb.image("val/sr", img, step)
+def validate(family: Any, cfg: Config, backend: Any, batch: dict[str, Any], tb: Any,
+             step: int) -> None:
+    """Log the family's validation picture of the last batch (log.val_every; collective)."""
+    if family.validate is not None:
+        tb.image("val/sr", family.validate(backend.model, batch, cfg, backend.autocast()), step)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -609,12 +545,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"framer-train: error: {e}", file=sys.stderr)
         return 2
     from framer_dist.data import DataSourceError
-    from framer_dist.models.loading import PretrainedLoadError
+    from framer_dist.models import ModelLoadError
     from framer_dist.safe_load import CheckpointLoadError
     t0 = time.monotonic()
     try:
         result = train(cfg)
-    except (ConfigError, DataSourceError, PretrainedLoadError, CheckpointLoadError) as e:
+    except (ConfigError, DataSourceError, ModelLoadError, CheckpointLoadError) as e:
         # what only the data source, the weights or the checkpoint reveal (no images, no
         # empty-prompt cache, a preset that does not fit the folder, a checkpoint file that is
         # damaged or would run code): the message names the key or the file; no traceback

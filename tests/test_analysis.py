@@ -12,7 +12,7 @@ from PIL import Image
 
 from framer_dist.analysis import layer_band_metrics, main
 from framer_dist.config import FramerConfig, ModelConfig
-from framer_dist.models import build_model, save_model
+from framer_dist.models.dit4sr import build_model, save_model
 
 
 @pytest.mark.parametrize("mask,feature_shape", [("radial", (2, 16, 8, 8)), ("teacher_quantile", (1, 8, 6, 10))])

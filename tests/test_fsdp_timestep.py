@@ -18,7 +18,7 @@ from _parallel_launch import free_port
 SCRIPT = r"""
 import torch
 from framer_dist.config import load_config
-from framer_dist.models import apply_training_mode, build_model
+from framer_dist.models.dit4sr import apply_training_mode, build_model
 from framer_dist.parallel import setup_backend
 
 cfg = load_config(None, ["parallel.backend='fsdp2'", "train.precision='bf16'",

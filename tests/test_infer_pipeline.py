@@ -14,7 +14,7 @@ from framer_dist.infer.loading import VaeCodec, detect_kind
 from framer_dist.infer.pipeline import InferenceOptions, SRPipeline
 from framer_dist.infer.prompts import HashedPromptEncoder, read_captions, with_suffix
 from framer_dist.infer.tiling import seam_score, tile_borders
-from framer_dist.models import build_model, save_control, save_model
+from framer_dist.models.dit4sr import build_model, save_control, save_model
 
 SEAM_THRESHOLD = 1.3   # docs/inference.md: border/median gradient ratio of the sampled latent
 
@@ -138,7 +138,7 @@ def test_cli_full_and_control_exports_and_clear_errors(parts, tmp_path, capsys):
 def test_cli_lora_export_and_cached_prompt_embeddings(parts, tmp_path, capsys):
     from framer_dist.config import LoraConfig
     from framer_dist.data.prompts import write_empty, write_shard
-    from framer_dist.models import apply_training_mode, load_pretrained, save_lora
+    from framer_dist.models.dit4sr import apply_training_mode, load_pretrained, save_lora
 
     model, vae, _ = parts
     full = save_model(model, tmp_path / "full")
@@ -248,7 +248,7 @@ def test_lora_run_export_folder_loads_its_control_layers_too(parts, tmp_path):
     export/ (as docs/inference.md shows) or export/lora must apply both, as the trainer's model."""
     from framer_dist.config import LoraConfig
     from framer_dist.infer.loading import load_transformer
-    from framer_dist.models import apply_training_mode, load_pretrained, save_lora
+    from framer_dist.models.dit4sr import apply_training_mode, load_pretrained, save_lora
 
     model, _, _ = parts
     full = save_model(model, tmp_path / "base")

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from framer_dist.config import ModelConfig, load_config
-from framer_dist.models import apply_training_mode, build_model, is_control_key
+from framer_dist.models.dit4sr import apply_training_mode, build_model, is_control_key
 from framer_dist.parallel.common import ac_indices
 
 
@@ -112,7 +112,7 @@ def _reference_attention(attn, hs, ctx, n):
 
 
 def test_three_stream_attention_matches_reference(tiny):
-    from framer_dist.models.attention import LRJointAttnProcessor
+    from framer_dist.models.dit4sr.attention import LRJointAttnProcessor
 
     blk = tiny.transformer_blocks[0]
     n = 6
@@ -299,7 +299,7 @@ def _saved_bytes(model, x, ac, readout, exclude_block_outputs=False):
 def test_frozen_head_readout_runs_once_outside_the_checkpoint_and_keeps_no_tokens():
     """Control/LoRA: the head is frozen, so its readout runs after each checkpoint (no recompute)
     and keeps nothing per layer at width D beyond the block outputs the checkpoints hold anyway."""
-    from framer_dist.models import DiT4SRTransformer, preset_geometry
+    from framer_dist.models.dit4sr import DiT4SRTransformer, preset_geometry
 
     geo = preset_geometry("tiny")
     geo.update(num_attention_heads=4, attention_head_dim=32, caption_projection_dim=128)  # D=128
@@ -329,7 +329,7 @@ def test_frozen_head_readout_runs_once_outside_the_checkpoint_and_keeps_no_token
 
 
 def test_checkpointed_readout_keeps_no_per_layer_tokens():
-    from framer_dist.models import DiT4SRTransformer, preset_geometry
+    from framer_dist.models.dit4sr import DiT4SRTransformer, preset_geometry
 
     geo = preset_geometry("tiny")
     geo.update(num_attention_heads=4, attention_head_dim=32, caption_projection_dim=128)  # D=128

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from framer_dist.config import ModelConfig
-from framer_dist.models import build_model
+from framer_dist.models.dit4sr import build_model
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ from diffusers import SD3Transformer2DModel
 from safetensors.torch import load_file, save_file
 
 from framer_dist.config import LoraConfig, ModelConfig
-from framer_dist.models import (PretrainedLoadError, apply_training_mode, build_model,
+from framer_dist.models.dit4sr import (PretrainedLoadError, apply_training_mode, build_model,
                                 is_control_key, load_control, load_lora, load_pretrained,
                                 preset_geometry, save_control, save_lora, save_model)
 

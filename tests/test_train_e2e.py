@@ -298,7 +298,7 @@ def _probe_inputs(seed: int = 1):
 ])
 def test_mode_trains_exports_and_reloads(tmp_path, mode, exports):
     from framer_dist.config import ModelConfig
-    from framer_dist.models import build_model, load_control, load_lora
+    from framer_dist.models.dit4sr import build_model, load_control, load_lora
     from framer_dist.train import train
 
     # lr large enough that 2 steps move the zero-initialised layers measurably
@@ -349,7 +349,7 @@ def test_lora_run_in_bf16_holds_frozen_layers_in_bf16_validates_and_exports(tmp_
     validation sampling, the heat map, checkpoints, a resume and the exports all work with it,
     and the whole-transformer export holds those weights as the run used them (bf16 values)."""
     from framer_dist.config import ModelConfig
-    from framer_dist.models import build_model
+    from framer_dist.models.dit4sr import build_model
     from framer_dist.train import train
 
     common = ('train.mode="lora"', 'train.precision="bf16"', "lora.rank=4", "train.lr=1e-2",

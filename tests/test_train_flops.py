@@ -10,7 +10,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from framer_dist.config import LoraConfig, ModelConfig
-from framer_dist.flops import geometry_from_model, train_flops_per_sample
+from framer_dist.models.dit4sr.flops import geometry_from_model, train_flops_per_sample
 
 
 def _conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation,
@@ -23,7 +23,7 @@ def _conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _paddi
 
 @pytest.mark.parametrize("mode", ["control", "lora", "full"])
 def test_flop_formula_matches_flop_counter(mode):
-    from framer_dist.models import apply_training_mode, build_model
+    from framer_dist.models.dit4sr import apply_training_mode, build_model
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(preset="tiny"))

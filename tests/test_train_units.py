@@ -10,7 +10,7 @@ import torch
 
 from framer_dist import flow
 from framer_dist.config import FlowConfig
-from framer_dist.flops import MMDiTGeometry, train_flops_per_sample
+from framer_dist.models.dit4sr.flops import MMDiTGeometry, train_flops_per_sample
 
 
 def test_shift_schedule_and_sigma_distribution():
@@ -108,8 +108,9 @@ def test_frozen_layers_in_bf16_give_the_same_bits_with_less_memory(mode):
 
     from framer_dist.config import load_config
     from framer_dist.framer import select_layers
-    from framer_dist.models import apply_training_mode, build_model
-    from framer_dist.objective import micro_batch_loss
+    from framer_dist.models.dit4sr import apply_training_mode, build_model
+    from framer_dist.micro_batch import micro_batch_loss
+    from framer_dist.models import StepContext, get_family
     from framer_dist.parallel import setup_backend
 
     runs = {}
@@ -125,10 +126,10 @@ def test_frozen_layers_in_bf16_give_the_same_bits_with_less_memory(mode):
         batch = {"hr_latent": torch.randn(lat, generator=g), "lr_latent": torch.randn(lat, generator=g),
                  "prompt_embeds": torch.randn(2, 8, c.joint_attention_dim, generator=g),
                  "pooled": torch.randn(2, c.pooled_projection_dim, generator=g)}
-        sigma, noise = torch.rand(2, generator=g), torch.randn(lat, generator=g)
         students, teacher = select_layers(model.num_blocks, cfg.framer)
-        loss = micro_batch_loss(backend.model, batch, sigma, noise, cfg, students, teacher,
-                                torch.Generator().manual_seed(3), autocast=backend.autocast())
+        loss = micro_batch_loss(get_family("dit4sr"), backend.model, batch,
+                                StepContext(cfg, [0, 1], backend.autocast()), students, teacher,
+                                torch.Generator().manual_seed(3))
         backend.backward(loss.total)
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         dtypes = {n: p.dtype for n, p in model.named_parameters()}

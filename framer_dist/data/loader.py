@@ -38,11 +38,10 @@ MAX_REPLACEMENTS = 64
 
 
 def prompt_shapes(cfg: Config) -> tuple[int, int, int]:
-    """(T, D, P) of prompt embeddings: ``data.prompt_len`` and the model preset's text widths."""
-    from ..models.presets import preset_geometry
+    """(T, D, P) of prompt embeddings: ``data.prompt_len`` and the model family's text widths."""
+    from ..models import get_family
 
-    geo = preset_geometry(cfg.model.preset)
-    return cfg.data.prompt_len, int(geo["joint_attention_dim"]), int(geo["pooled_projection_dim"])
+    return (cfg.data.prompt_len, *get_family(cfg.model.family).text_dims(cfg))
 
 
 def open_source(d: DataConfig) -> FolderSource | TarSource | CachedSource | None:

@@ -103,7 +103,7 @@ def load_transformer(checkpoint: str | Path, *, kind: str = "auto", base: str | 
                      weights: str | None = None, report: Callable[[str], None] | None = None):
     """The DiT4SR transformer of ``checkpoint`` in eval mode (``weights``: see
     :func:`resolve_checkpoint`); ``report`` gets one line saying what is loaded."""
-    from framer_dist.models import PretrainedLoadError, load_control, load_lora, load_pretrained
+    from framer_dist.models.dit4sr import PretrainedLoadError, load_control, load_lora, load_pretrained
 
     found_kind, path, which = resolve_checkpoint(checkpoint, kind, weights)
     if report is not None:  # name the folder the weights come from (a pipeline root's transformer/)

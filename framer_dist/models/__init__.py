@@ -1,15 +1,142 @@
-"""The LR-conditioned SD3/SD3.5 MMDiT (DIT4SR_SPEC.md) with the FRAMER per-layer readout."""
+"""Model families: the backbones FRAMER plugs into, behind one small protocol.
 
-from .loading import (PretrainedLoadError, build_model, is_control_key, load_pretrained,
-                      save_model)
-from .presets import PRESETS, preset_geometry
-from .training import (apply_training_mode, load_control, load_lora, lora_state_dict,
-                       save_control, save_lora)
-from .transformer import DiT4SROutput, DiT4SRTransformer
+A family is a :class:`ModelFamily` registered by name (``model.family``); ``dit4sr`` (the
+LR-conditioned SD3/SD3.5 MMDiT, ``models/dit4sr/``) is the default. ``model.family`` may also be a
+``module:attribute`` import string naming a ModelFamily defined outside the package (every
+torchrun / DeepSpeed / SLURM worker imports it the same way). The trainer, the backends and the
+FRAMER objective only meet a family through this protocol; docs/interfaces.md, "Model families",
+says how to add one.
 
-__all__ = [
-    "PRESETS", "DiT4SROutput", "DiT4SRTransformer", "PretrainedLoadError", "apply_training_mode",
-    "build_model", "is_control_key", "load_control", "load_lora",
-    "load_pretrained", "lora_state_dict", "preset_geometry", "save_control", "save_lora",
-    "save_model",
-]
+The module a family builds is what the backend wraps. Besides ``forward`` it exposes, for
+``framer_dist.parallel`` (duck-typed, no import of the family):
+
+* ``blocks`` or ``transformer_blocks``: the repeated blocks, in order - FSDP2's shard units,
+  activation-checkpointing and compile units, and one FRAMER layer each (``num_blocks`` of them);
+* ``set_activation_checkpointing(indices)``: recompute those blocks in backward, still
+  returning each block's FRAMER feature exactly once;
+* ``readout_head_modules`` (optional): names of submodules used after every block (the FRAMER
+  readout), kept gathered under ZeRO-3 (``parallel.zero3_persist_head``) and unsharded through
+  backward under FSDP2 (they belong to the root).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import Tensor, nn
+
+from framer_dist.config import Config, ConfigError
+
+
+class ModelLoadError(ValueError):
+    """Weights or a model folder that do not fit (one line naming the file or key)."""
+
+
+@dataclass
+class StepContext:
+    """What a family's training step gets besides the model and the batch."""
+
+    cfg: Config
+    positions: list[int]   # global stream positions of the batch's samples: key every random draw
+    autocast: contextlib.AbstractContextManager = field(default_factory=contextlib.nullcontext)
+
+
+@dataclass
+class StepOutput:
+    """A family's training step: its own (base) loss and, with FRAMER on, the per-block features
+    ``[L, B, C, H, W]`` on one common grid (each block's exactly once). ``teacher``: the FRAMER
+    teacher when it is not one of the L layers (e.g. the real output), else None (the trainer
+    takes ``features[teacher_index]``)."""
+
+    loss: Tensor
+    features: Tensor | None = None
+    teacher: Tensor | None = None
+
+
+def _no_flops(model: nn.Module, cfg: Config) -> Callable[[dict[str, Any]], float] | None:
+    return None
+
+
+def _no_check(cfg: Config) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """What a backbone provides to the trainer (the pattern: torchtitan's ``ModelSpec``)."""
+
+    name: str
+    presets: tuple[str, ...]            # allowed model.preset values
+    modes: tuple[str, ...]              # allowed train.mode values
+    build: Callable[[Config], nn.Module]                      # the module the backend wraps
+    trainable: Callable[[nn.Module, Config], list[nn.Parameter]]  # sets requires_grad for train.mode
+    step: Callable[[nn.Module, dict[str, Any], StepContext], StepOutput]
+    base_loss_name: str = "base"        # logged as loss/<name>
+    export_kinds: tuple[str, ...] = ()  # allowed checkpoint.export values
+    # (cfg, kinds, full state dict, folder) -> written files; rank 0, after the backend gathered
+    export: Callable[[Config, list[str], dict[str, Tensor], Path], dict[str, Path]] | None = None
+    # called on the plain model before the backend wraps it: a per-batch training-FLOP count
+    flops: Callable[[nn.Module, Config], Callable[[dict[str, Any]], float] | None] = _no_flops
+    # (model, batch, cfg, autocast) -> an HWC uint8 picture for TensorBoard; every rank calls it
+    validate: Callable[[nn.Module, dict[str, Any], Config, Any], Any] | None = None
+    check: Callable[[Config], None] = _no_check  # up-front checks of the family's files/keys
+    # (T5-style sequence width D, pooled width P) of the prompt embeddings the data pipeline feeds
+    # (synthetic and null prompts, cache checks); T is data.prompt_len
+    text_dims: Callable[[Config], tuple[int, int]] = lambda cfg: (0, 0)
+
+
+_REGISTRY: dict[str, ModelFamily] = {}
+
+
+def register_family(family: ModelFamily) -> ModelFamily:
+    _REGISTRY[family.name] = family
+    return family
+
+
+def _builtin() -> None:
+    from framer_dist.models.dit4sr.family import FAMILY  # noqa: F401  (registers itself)
+
+
+def get_family(name: str) -> ModelFamily:
+    """The family ``model.family`` names: a registered name or ``module:attribute``."""
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        try:
+            fam = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise ConfigError(f"config key 'model.family': cannot import {name!r} ({e})") from None
+        if not isinstance(fam, ModelFamily):
+            raise ConfigError(f"config key 'model.family': {name!r} is a {type(fam).__name__}, "
+                              "not a framer_dist.models.ModelFamily")
+        return fam
+    _builtin()
+    if name not in _REGISTRY:
+        raise ConfigError(f"config key 'model.family': unknown family {name!r}; registered: "
+                          f"{', '.join(sorted(_REGISTRY))} (or a module:attribute import string)")
+    return _REGISTRY[name]
+
+
+def check_family_keys(cfg: Config) -> ModelFamily:
+    """model.family, model.preset, train.mode and checkpoint.export against the family (names
+    only: ``load_config`` runs it; the family's files are its ``check``, run by the trainer's
+    path checks)."""
+    fam = get_family(cfg.model.family)
+    for key, value, allowed in (("model.preset", cfg.model.preset, fam.presets),
+                                ("train.mode", cfg.train.mode, fam.modes)):
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}': {value!r} is not a {fam.name} {key.split('.')[1]};"
+                              f" allowed values: {', '.join(map(repr, allowed))}")
+    bad = [k for k in cfg.checkpoint.export if k not in fam.export_kinds]
+    if bad:
+        raise ConfigError(f"config key 'checkpoint.export': {bad[0]!r} is not an export of the "
+                          f"{fam.name} family; allowed values: "
+                          f"{', '.join(map(repr, fam.export_kinds)) or 'none'}")
+    return fam
+
+
+__all__ = ["ModelFamily", "ModelLoadError", "StepContext", "StepOutput", "check_family_keys", "get_family",
+           "register_family"]

@@ -26,17 +26,21 @@ META_FILE = "backend_meta.json"
 
 
 def meta_mismatch(meta: dict[str, Any], path: str | Path, backend: str, optimizer: str,
-                  mode: str | None = None) -> str | None:
+                  mode: str | None = None, family: str | None = None) -> str | None:
     """Why a checkpoint with backend meta ``meta`` cannot be loaded by ``backend`` with
-    ``optimizer`` state for training mode ``mode`` (``None`` when it can): the backends' file
-    layouts, the optimizers' state and the modes' trainable sets differ. Checked up front by
-    ``train.check_paths`` and again by ``Backend.load``. (Checkpoints from before the mode was
-    recorded skip that check.)"""
+    ``optimizer`` state for training mode ``mode`` of model family ``family`` (``None`` when it
+    can): the layout version, the family, the backends' file layouts, the optimizers' state and
+    the modes' trainable sets differ. Checked up front by ``train.check_paths`` and again by
+    ``Backend.load``. (Checkpoints from before the mode was recorded skip that check; those from
+    before the family was recorded are ``dit4sr``, the only family then.)"""
     fmt = meta.get("format", 1)  # written before the version was recorded: the same layout
     if not isinstance(fmt, int) or fmt > FORMAT_VERSION:
         return (f"checkpoint {path} has layout version {fmt!r} (backend_meta.json 'format'); this "
                 f"framer_dist reads versions up to {FORMAT_VERSION}: resume it with the newer "
                 "framer_dist that wrote it")
+    if family is not None and meta.get("family", "dit4sr") != family:
+        return (f"checkpoint {path} holds a {meta.get('family', 'dit4sr')!r} model, this run "
+                f"trains model.family={family!r}")
     if meta.get("backend") != backend:
         return (f"checkpoint {path} was written by the {meta.get('backend')!r} backend; it cannot "
                 f"be loaded with parallel.backend={backend!r}")
@@ -337,7 +341,8 @@ class Backend:
         """Rank 0 writes the client state and a small JSON describing the layout."""
         if self.is_main:
             torch.save(client_state, path / CLIENT_STATE_FILE)
-            meta = {"format": FORMAT_VERSION, "backend": self.name, "world_size": self.world_size,
+            meta = {"format": FORMAT_VERSION, "family": self.cfg.model.family,
+                    "backend": self.name, "world_size": self.world_size,
                     "mode": self.cfg.train.mode, **extra}
             (path / META_FILE).write_text(json.dumps(meta, indent=1))
 
@@ -351,7 +356,8 @@ class Backend:
     def _check_meta(self, path: Path) -> dict[str, Any]:
         """The checkpoint's layout must fit this run: same backend, same optimizer state kind."""
         meta = self.read_meta(path)
-        problem = meta_mismatch(meta, path, self.name, self.cfg.train.optimizer, self.cfg.train.mode)
+        problem = meta_mismatch(meta, path, self.name, self.cfg.train.optimizer, self.cfg.train.mode,
+                                self.cfg.model.family)
         if problem:
             raise RuntimeError(problem)
         return meta

@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ..atomic import save_safetensors_atomic
-from ..config import LoraConfig as LoraSettings
+from ...atomic import save_safetensors_atomic
+from ...config import LoraConfig as LoraSettings
 from .loading import is_control_key
 from .transformer import DiT4SRTransformer
 

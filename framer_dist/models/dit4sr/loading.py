@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from ..atomic import write_dir_atomic
-from ..config import ModelConfig
+from ...atomic import write_dir_atomic
+from ...config import ModelConfig
+from .. import ModelLoadError
 from .presets import GEOMETRY_KEYS, preset_geometry
 from .transformer import DiT4SRTransformer
 
@@ -27,7 +28,7 @@ ACCEPTED_CLASSES = ("SD3Transformer2DModel", "DiT4SRTransformer")
 CONTROL_MARK = "_control."
 
 
-class PretrainedLoadError(ValueError):
+class PretrainedLoadError(ModelLoadError):
     """A pretrained folder is missing, of another architecture, or has the wrong tensors."""
 
 

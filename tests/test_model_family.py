@@ -1,0 +1,137 @@
+"""The model-family seam: a toy family defined outside framer_dist/models/ (tests/_toy_family.py)
+trains with FRAMER through the normal command line on backend none and on FSDP2 (2 ranks,
+activation checkpointing), and the two agree; config keys are checked against the family."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from framer_dist.config import ConfigError, load_config
+from framer_dist.models import get_family
+
+REPO = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+TRAIN = REPO / "framer_dist" / "train.py"
+TOY = ['model.family="_toy_family:FAMILY"', 'model.preset="toy"', 'train.mode="all"']
+ARGS = ["--config", str(REPO / "configs" / "tiny_cpu_demo.toml"), *TOY, 'data.source="synthetic"',
+        "data.resolution=32", "train.global_batch_size=4", "data.batch_size=2", "train.steps=4",
+        "log.every=1", "log.heatmap_every=2", "log.val_every=1", "log.progress=false",
+        "checkpoint.every=2", "checkpoint.export=[]", "framer.random_negatives=false"]
+HANG = 1200  # seconds: only a hang gets there
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", FRAMER_NO_PROGRESS="1",
+                PYTHONPATH=os.pathsep.join([str(REPO), str(TESTS)]), **extra)
+
+
+def _losses(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(autouse=True)
+def _toy_importable(monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS))
+
+
+def test_family_keys_are_checked_against_the_family():
+    cfg = load_config(None, TOY)
+    assert get_family(cfg.model.family).name == "toy"
+    with pytest.raises(ConfigError, match=r"'model.preset': 'tiny' is not a toy preset; allowed values: 'toy'"):
+        load_config(None, ['model.family="_toy_family:FAMILY"'])
+    with pytest.raises(ConfigError, match=r"'checkpoint.export': 'control' is not an export of the toy"):
+        load_config(None, [*TOY, 'checkpoint.export=["control"]'])
+    with pytest.raises(ConfigError, match=r"'model.family': cannot import '_nope:FAMILY'"):
+        load_config(None, ['model.family="_nope:FAMILY"'])
+    assert get_family("dit4sr").modes == ("control", "lora", "full")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_family_from_outside_the_package_trains_on_none_and_fsdp2(tmp_path):
+    single = tmp_path / "none"
+    p = subprocess.run([sys.executable, str(TRAIN), *ARGS, f"train.out_dir={json.dumps(str(single))}"],
+                       env=_env(), capture_output=True, text=True, timeout=HANG)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    fsdp = tmp_path / "fsdp2"
+    # the same global batch of 4 in forwards of 2 images (InterCL compares within a forward):
+    # micro 2 x accumulation 2 on one process, micro 1 x 2 ranks x accumulation 2 here
+    args = [str(TRAIN), *ARGS, "--backend", "fsdp2", 'parallel.activation_checkpointing="all"',
+            "data.batch_size=1", f"train.out_dir={json.dumps(str(fsdp))}"]
+    logs = [open(tmp_path / f"rank{r}.log", "w") for r in range(2)]
+    procs = [subprocess.Popen([sys.executable, *args], stdout=logs[r], stderr=subprocess.STDOUT,
+                              env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+                                       LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                       MASTER_PORT=str(port))) for r in range(2)]
+    try:
+        codes = [q.wait(timeout=HANG) for q in procs]
+    finally:
+        for q in procs:
+            if q.poll() is None:
+                q.kill()
+    for fh in logs:
+        fh.close()
+    assert codes == [0, 0], (tmp_path / "rank0.log").read_text()[-3000:]
+
+    a, b = _losses(single), _losses(fsdp)
+    assert [r["step"] for r in a] == [1, 2, 3, 4] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):  # the family's loss name, FRAMER on, and 2 ranks == 1 process
+        assert set(ra) >= {"loss/mse", "loss/framer", "loss/total"} and "loss/noise" not in ra
+        for k in ("loss/mse", "loss/framer", "loss/total", "grad_norm"):
+            assert rb[k] == pytest.approx(ra[k], rel=1e-5, abs=1e-6), (ra["step"], k)
+    for out in (single, fsdp):
+        assert (out / "checkpoints" / "step_00000004" / "COMPLETE").is_file()
+
+
+LEGACY = TESTS / "data" / "legacy_dit4sr"  # written by commit c2fa02b: its metadata names no family
+LEGACY_ARGS = ["--config", str(REPO / "configs" / "tiny_cpu_demo.toml"), 'data.source="synthetic"',
+               "data.resolution=32", "log.val_every=0", "log.heatmap_every=0", "log.progress=false",
+               'checkpoint.export=["control"]']
+
+
+@pytest.mark.slow
+def test_checkpoints_and_exports_from_before_the_seam_load_as_dit4sr(tmp_path):
+    """A checkpoint and a control export written before model families existed resume and load
+    as dit4sr: the resumed step equals an uninterrupted run's; another family is refused."""
+    import torch
+    from safetensors.torch import load_file
+
+    from framer_dist.models.dit4sr import build_model, load_control
+
+    meta = json.loads((LEGACY / "step_00000001" / "backend_meta.json").read_text())
+    assert "family" not in meta and "format" not in meta
+    ckpt = tmp_path / "step_00000001"
+    import shutil
+    shutil.copytree(LEGACY / "step_00000001", ckpt)
+
+    def run(out: str, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(TRAIN), *LEGACY_ARGS, "train.steps=2",
+                               f"train.out_dir={json.dumps(str(tmp_path / out))}", *extra],
+                              env=_env(), capture_output=True, text=True, timeout=HANG)
+
+    resumed = run("resumed", "--resume", str(ckpt))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    fresh = run("fresh")
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    (last,) = [r for r in _losses(tmp_path / "resumed") if r["step"] == 2]
+    assert last == [r for r in _losses(tmp_path / "fresh") if r["step"] == 2][0]
+    other = run("other", "--resume", str(ckpt), *TOY, "checkpoint.export=[]")
+    errors = [ln for ln in other.stderr.splitlines() if ln.startswith("framer-train: error:")]
+    assert other.returncode == 2 and len(errors) == 1 and \
+        "holds a 'dit4sr' model, this run trains model.family='_toy_family:FAMILY'" in errors[0]
+
+    model = build_model(load_config(str(REPO / "configs" / "tiny_cpu_demo.toml")).model)
+    load_control(model, LEGACY / "dit4sr_control.safetensors")
+    saved = load_file(str(LEGACY / "dit4sr_control.safetensors"))
+    state = model.state_dict()
+    assert saved and all(torch.equal(state[k], v) for k, v in saved.items())
