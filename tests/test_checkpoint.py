@@ -221,11 +221,20 @@ def test_distributed_backend_without_launcher_env_is_a_clear_error(monkeypatch):
         monkeypatch.delenv(k, raising=False)
     cfg = load_config(None, ["parallel.backend='fsdp2'"])
     model, params = make_model()
-    with pytest.raises(RuntimeError, match="torchrun"):
+    # one check of the launch (parallel.launcher_problem) up front, in setup_backend and before
+    # joining the process group: the same one-line ConfigError naming the key
+    with pytest.raises(ConfigError, match="^config key 'parallel.backend': 'fsdp2' needs a "
+                                          "distributed launcher, but RANK, WORLD_SIZE"):
         setup_backend(cfg, model, params)
+    from framer_dist.parallel import check_backend
+    with pytest.raises(ConfigError, match="torchrun"):
+        check_backend(cfg, 1)
+    check_backend(cfg, 1, on_this_machine=False)  # a submitter on a login node
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="single-process"):
         setup_backend(load_config(None, []), model, params)
+    with pytest.raises(ConfigError, match="single-process, but this was launched with WORLD_SIZE=2"):
+        check_backend(load_config(None, []), 2)
 
 
 def test_ds_config_injection_and_disagreements(tmp_path):
