@@ -148,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[demo] training the tiny DiT4SR + FRAMER on {len(photos)} photos from {PHOTOS} "
           f"for {cfg.train.steps} steps on CPU", flush=True)
 
-    from framer_dist.train import check_paths, train
+    from framer_dist.preflight import check_paths
+    from framer_dist.train import train
     check_paths(cfg)
     t0 = time.time()
     result = train(cfg)

@@ -289,7 +289,7 @@ def plan_submission(args: argparse.Namespace) -> Plan:
         cluster = "slurm"
     # the trainer's own up-front checks (paths, crop size, DeepSpeed JSON, global batch) for the
     # world size this job will have, so that a bad run never waits in the queue
-    from framer_dist.train import check_paths
+    from framer_dist.preflight import check_paths
     check_paths(cfg, world_size=params["nodes"] * params["tasks_per_node"], on_this_machine=False)
     return Plan(spec=spec, folder=folder, cluster=cluster, parameters=params,
                 max_requeues=args.max_requeues)

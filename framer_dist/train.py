@@ -5,10 +5,11 @@
     python framer_dist/train.py --config configs/tiny_cpu_demo.toml train.steps=10   # one process
     ... --resume auto | --resume runs/x/checkpoints/step_00000300
 
-Read top to bottom: arguments -> config and path checks (before any process group) -> model,
-training mode, backend, checkpoint resume, data from the global sample position -> the loop
-(per micro-batch: noise, forward with the per-layer readout, noise loss + lambda * FRAMER loss,
-backward; then step, log, checkpoint, preemption) -> exports. docs/training.md is the user guide.
+Read top to bottom: arguments -> config and path checks (``preflight.py``, before any process
+group) -> model family, model, trainable set, backend, checkpoint resume, data from the global
+sample position -> the loop (``Stepper.step``: per micro-batch the family's step and lambda *
+FRAMER, backward; then the optimizer step; ``Logger.log_step``; checkpoint; preemption) ->
+exports (``export.py``). docs/training.md is the user guide.
 """
 
 from __future__ import annotations
@@ -67,140 +68,6 @@ def build_config(args: argparse.Namespace) -> Config:
         raise ConfigError(f"--ds {args.ds} was given with --backend {args.backend}: a DeepSpeed "
                           "config only applies to parallel.backend='deepspeed'")
     return cfg
-
-
-def _need(key: str, value: str, kind: str) -> None:
-    """Config key ``key`` names a ``kind`` ('dir', 'file' or 'any') that exists (unset is fine)."""
-    if not value:
-        return
-    p = Path(value)
-    ok = p.is_dir() if kind == "dir" else p.is_file() if kind == "file" else p.exists()
-    if not ok:
-        what = {"dir": "folder", "file": "file"}.get(kind, "path")
-        raise ConfigError(f"config key '{key}': {what} not found: {value}")
-
-
-def check_paths(cfg: Config, world_size: int | None = None, on_this_machine: bool = True) -> None:
-    """Every file and folder the run needs, checked before any process group or model exists.
-
-    ``world_size``: the launch's (default: the launcher's WORLD_SIZE, else 1).
-    ``on_this_machine=False`` (a submitter on a login node) skips the launcher and CUDA checks."""
-
-    if cfg.parallel.backend == "deepspeed":
-        _need("parallel.ds_config", cfg.parallel.ds_config, "file")
-        try:
-            json.loads(Path(cfg.parallel.ds_config).read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"config key 'parallel.ds_config': {cfg.parallel.ds_config} is not "
-                              f"valid JSON: {e}") from None
-    from framer_dist.models import get_family
-    get_family(cfg.model.family).check(cfg)  # the family's own files (e.g. model.pretrained)
-    d = cfg.data
-    if d.source in ("folder", "cached"):
-        _need("data.path", d.path, "dir")
-    if d.source == "cached":  # the cache's manifest against data.resolution / data.scale
-        from framer_dist.data.sources import DataSourceError, check_cache_manifest
-        try:
-            check_cache_manifest(d.path, d.resolution, d.scale)
-        except DataSourceError as e:
-            raise ConfigError(str(e)) from None
-    elif d.source == "webdataset" and not any(ch in d.path for ch in "{:*"):
-        _need("data.path", d.path, "any")  # brace patterns and URLs are checked by the loader
-    _need("data.prompt_embeddings", d.prompt_embeddings, "dir")
-    _need("data.captions", d.captions, "file")
-    _need("data.vae", d.vae, "dir")
-    if d.vae and not any((Path(d.vae) / sub / "config.json").is_file() for sub in ("", "vae")):
-        raise ConfigError(f"config key 'data.vae': no diffusers VAE (config.json) in {d.vae} "
-                          "or its vae/ folder")
-    for key, value in (("train.out_dir", cfg.train.out_dir), ("checkpoint.dir", cfg.checkpoint.dir),
-                       ("log.dir", cfg.log.dir)):
-        if value and Path(value).exists() and not Path(value).is_dir():
-            raise ConfigError(f"config key '{key}': {value} exists and is not a folder")
-    # The launcher already fixed the world size: check the global batch divides before joining.
-    import os
-    from framer_dist.parallel.common import resolve_grad_accum
-    world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
-    accum = resolve_grad_accum(cfg, world)
-    if cfg.parallel.backend == "deepspeed":  # the JSON's contents against our config
-        from framer_dist.parallel.ds import build_ds_config
-        build_ds_config(cfg, accum, world)
-    if on_this_machine:
-        _check_launcher(cfg, world)
-    # last: the run folder's state (after every check of the config itself, which a mistake there
-    # should report first)
-    _check_resume_state(cfg)
-
-
-def _check_launcher(cfg: Config, world: int) -> None:
-    """The launcher's env vars and the device fit the backend (skipped by a submitter)."""
-    import os
-    backend = cfg.parallel.backend
-    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
-    if backend != "none" and missing:
-        raise ConfigError(
-            f"config key 'parallel.backend': {backend!r} needs a distributed launcher, but "
-            f"{', '.join(missing)} are not set: start it with `torchrun --nproc-per-node N "
-            "framer_dist/train.py ...` or `deepspeed framer_dist/train.py ...` (one process is "
-            "fine), or use --backend none for a plain single process")
-    if backend == "none" and world > 1:
-        raise ConfigError(f"config key 'parallel.backend': 'none' is single-process, but this was "
-                          f"launched with WORLD_SIZE={world}; use --backend fsdp2 or --ds JSON")
-    if cfg.train.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("config key 'train.device': 'cuda' requested but CUDA is not available")
-
-
-def _check_resume_state(cfg: Config) -> None:
-    """What checkpoint.resume finds in the run's checkpoint folder: an explicit checkpoint exists,
-    a fresh run does not land on an earlier run's checkpoints, and the checkpoint a resume would
-    load was written by this backend, optimizer and training mode."""
-    r = cfg.checkpoint.resume
-    from framer_dist.checkpoint import find_checkpoint, list_valid_checkpoints
-    root = Path(cfg.checkpoint.dir or Path(cfg.train.out_dir) / "checkpoints")
-    if r not in ("", "auto", "none"):
-        _need("checkpoint.resume", r, "any")  # a file: find_checkpoint says what it is
-    else:
-        found = list_valid_checkpoints(root) if r != "auto" else []
-        if found:  # a fresh run here would mix with (and not overwrite) the earlier run's saves
-            raise ConfigError(
-                f"config key 'checkpoint.resume': {root} already holds checkpoints of an earlier "
-                f"run (newest {found[-1].name}); continue it with --resume auto, or start afresh "
-                "with another train.out_dir (or checkpoint.dir) or after removing that folder")
-    try:  # the checkpoint a resume would load: it must fit this run's backend and optimizer
-        resume_from = find_checkpoint(root, r)
-    except FileNotFoundError as e:
-        raise ConfigError(str(e)) from None
-    from framer_dist.parallel.common import META_FILE, Backend, meta_mismatch
-    meta_file = resume_from / META_FILE if resume_from is not None else None
-    if meta_file is not None and meta_file.exists():  # none: Backend.load reports it
-        try:
-            meta = Backend.read_meta(resume_from)
-            if not isinstance(meta, dict):
-                raise ValueError("not a JSON object")
-        except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
-            raise ConfigError(f"config key 'checkpoint.resume': {meta_file} is not a framer_dist "
-                              f"backend meta file ({e})") from None
-        problem = meta_mismatch(meta, resume_from, cfg.parallel.backend, cfg.train.optimizer,
-                                cfg.train.mode, cfg.model.family)
-        if problem:
-            was = meta.get("backend")
-            if was != cfg.parallel.backend:
-                hint = ("; resume it with --ds <its DeepSpeed JSON>" if was == "deepspeed" else
-                        f"; resume it with --backend {was}")
-            elif meta.get("optimizer") != cfg.train.optimizer:
-                hint = "; resume it with train.optimizer=" + json.dumps(meta.get("optimizer"))
-            else:
-                hint = ""
-            raise ConfigError(f"config key 'checkpoint.resume': {problem}{hint}")
-
-
-def config_warnings(cfg: Config) -> list[str]:
-    """Valid settings that are almost certainly not what the user meant (one line each, naming
-    the key); the run goes on."""
-    out = []
-    if cfg.train.lr == 0:
-        out.append("config key 'train.lr' is 0: every step runs, but no weight changes (the "
-                   "updates and the weight decay scale with the learning rate)")
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,6 +188,127 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+@dataclass
+class StepStats:
+    """One optimizer step: the losses averaged over micro-batches and ranks (base, framer,
+    total), the pre-clip gradient norm, the last micro-batch's FRAMER metrics and batch."""
+
+    means: torch.Tensor
+    grad_norm: float
+    layer_metrics: dict[str, torch.Tensor]
+    batch: dict[str, Any]
+
+
+@dataclass
+class Stepper:
+    """What one optimizer step uses, built once; :meth:`step` runs one."""
+
+    cfg: Config
+    family: Any
+    backend: Any
+    batches: Iterator[dict[str, Any]]
+    students: list[int]
+    teacher: int
+    generator: torch.Generator          # FRAMER's random-layer draw, the same on every rank
+    thr: Any                            # metrics.Throughput
+    count_flops: Any = None             # the family's per-batch FLOP count, or None
+    flops_per_sample: float | None = None
+    vae: Any = None                     # loaded at the first batch of pixels
+
+    def step(self, samples_seen: int) -> StepStats:
+        """grad_accum micro-batches (the family's step + lambda * FRAMER, backward each), the
+        deferred NaN/Inf checks, the optimizer step."""
+        from framer_dist.micro_batch import micro_batch_loss
+        from framer_dist.models import StepContext
+
+        be, cfg = self.backend, self.cfg
+        sums = torch.zeros(3, dtype=torch.float64, device=be.device)  # base, framer, total
+        layer_metrics: dict[str, torch.Tensor] = {}
+        checks = []  # deferred FRAMER NaN/Inf checks, run before the optimizer step
+        for micro in range(be.grad_accum):
+            self.thr.data_start()
+            batch = to_device(next(self.batches), be.device)
+            self.thr.data_end()
+            if "hr_latent" not in batch:  # pixels: degrade/encode online with the VAE
+                from framer_dist.data import encode_batch, load_vae
+                self.vae = self.vae or load_vae(cfg.data, device=be.device)
+                batch = encode_batch(self.vae, batch)
+            positions = sample_positions(batch, samples_seen, micro, be.rank, be.world_size,
+                                         batch["hr_latent"].shape[0])
+            ctx = StepContext(cfg, positions, be.autocast())
+            losses = micro_batch_loss(self.family, be.model, batch, ctx, self.students,
+                                      self.teacher, self.generator, gather=be.gather, rank=be.rank)
+            be.backward(losses.total)
+            checks.append(losses.verify)
+            # detached sums on the device: no host sync per micro-batch
+            sums += torch.stack([losses.base.detach(), losses.framer.detach(),
+                                 losses.total.detach()]).double()
+            layer_metrics = losses.layer_metrics
+            if self.flops_per_sample is None and self.count_flops is not None:
+                self.flops_per_sample = self.count_flops(batch)
+        for check in checks:
+            check()
+        grad_norm = be.step()
+        self.thr.step_done(cfg.data.batch_size * be.grad_accum)
+        # Losses averaged over micro-batches and ranks (a tiny collective, every step).
+        means = be.gather((sums / be.grad_accum).reshape(1, 3)).mean(0).cpu()
+        return StepStats(means, float(grad_norm), layer_metrics, batch)
+
+
+@dataclass
+class Logger:
+    """Where a step's numbers go: metrics.jsonl and the history (every step), TensorBoard, the
+    data report and the progress bar (log.every), heat maps and validation pictures."""
+
+    cfg: Config
+    family: Any
+    backend: Any
+    tb: Any
+    bar: Any
+    data_lines: Any
+    report: Any
+    history_file: Path
+    peak: float | None
+    students: list[int]
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def log_step(self, step: int, st: StepStats, stepper: Stepper) -> None:
+        from framer_dist import metrics
+
+        cfg, be = self.cfg, self.backend
+        rec = {"step": step, f"loss/{self.family.base_loss_name}": float(st.means[0]),
+               "loss/total": float(st.means[2]), "lr": be.lr, "grad_norm": st.grad_norm}
+        if cfg.framer.enabled:
+            rec["loss/framer"] = float(st.means[1])
+        self.history.append(rec)
+        if be.is_main:
+            with open(self.history_file, "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+        if step % cfg.log.every == 0 or step == cfg.train.steps:
+            perf = stepper.thr.summary(stepper.flops_per_sample, self.peak, be.world_size)
+            totals = self.data_lines.flush()  # collective; rank 0 prints new data lines
+            # rank 0 logs the counts of all ranks, any other (log.all_ranks) its own
+            data_counts = {f"data/{k}": v for k, v in
+                           (totals if be.is_main else self.report.as_dict()).items()}
+            self.tb.scalars({**{k: v for k, v in rec.items() if k != "step"}, **perf,
+                             "memory/peak_gb": metrics.peak_memory_gb(be.device), **data_counts},
+                            step)
+            stepper.thr.reset()
+            self.bar.set_postfix(loss=f"{rec['loss/total']:.4f}",
+                                 img_s=f"{perf['perf/img_per_s']:.1f}")
+        if cfg.framer.enabled and st.layer_metrics:
+            if cfg.log.heatmap_every and (step % cfg.log.heatmap_every == 0 or step == 1):
+                if be.is_main or cfg.log.all_ranks:
+                    self.tb.image("framer/heatmap",
+                                  metrics.heatmap_image(st.layer_metrics, self.students, step), step)
+            if cfg.log.per_layer_scalars and step % cfg.log.every == 0:
+                self.tb.scalars(metrics.framer_layer_scalars(st.layer_metrics, self.students), step)
+        if cfg.log.val_every and step % cfg.log.val_every == 0 and self.family.validate is not None:
+            # every rank runs it: under ZeRO-3/FSDP2 the forward is collective
+            self.tb.image("val/sr", self.family.validate(be.model, st.batch, cfg, be.autocast()), step)
+        self.bar.update(1)
+
+
 # ----------------------------------------------------------------------------------------------
 # the run
 
@@ -329,16 +317,17 @@ def train(cfg: Config) -> RunResult:
     """One training run (every rank calls this). Config and paths must already be validated."""
     from framer_dist import metrics
     from framer_dist.checkpoint import CheckpointManager, seed_rng
+    from framer_dist.export import export
     from framer_dist.flops import peak_flops
     from framer_dist.framer import select_layers
-    from framer_dist.micro_batch import micro_batch_loss
-    from framer_dist.models import StepContext, get_family
+    from framer_dist.models import get_family
     from framer_dist.parallel import setup_backend
     from framer_dist.preempt import PreemptionHandler
 
     t_cfg, f_cfg = cfg.train, cfg.framer
     out_dir = Path(t_cfg.out_dir)
     import os
+    from framer_dist.preflight import config_warnings
     if os.environ.get("RANK", "0") == "0":  # once, before the model is built (the launcher's rank)
         for warning in config_warnings(cfg):
             print(f"[framer_dist] WARNING: {warning}", flush=True)
@@ -382,100 +371,38 @@ def train(cfg: Config) -> RunResult:
     # after a resume at step N, TensorBoard discards what the interrupted run logged after N
     tb = metrics.TBWriter(log_dir if world == 1 or backend.is_main else log_dir / f"rank{rank}",
                           enabled=logs_here, purge_step=step + 1 if client else None)
-    history_file = out_dir / "metrics.jsonl"
     if backend.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         from framer_dist.atomic import write_text_atomic
         from framer_dist.config import dump_toml
         write_text_atomic(out_dir / "config.toml", dump_toml(cfg))  # a crash keeps the old one
-    flops_per_sample: float | None = None
     peak = peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                       t_cfg.precision)
     bar = metrics.progress_bar(t_cfg.steps, step, cfg.log.progress and backend.is_main)
-    thr = metrics.Throughput()
-    history: list[dict[str, float]] = []
 
     from framer_dist.data import DataReport
     report = DataReport(echo=False)  # printed by rank 0 for all ranks (DataLines)
     data_lines = DataLines(report, backend, lambda line: metrics.bar_print(bar, line))
     batches = infinite_batches(cfg, rank, world, samples_seen, report=report)
-    vae = None
     preempt = PreemptionHandler.from_config(cfg).install()
     preempted, last_ckpt = False, None
-    model_fwd = backend.model
 
     def save(at_step: int) -> Path:
         return ckpt.save(at_step, {"step": at_step, "samples_seen": samples_seen,
                                    "world_size": world, "config": cfg.to_dict()},
                          generator=framer_gen)
 
+    stepper = Stepper(cfg, family, backend, batches, students, teacher, framer_gen,
+                      metrics.Throughput(), count_flops)
+    logger = Logger(cfg, family, backend, tb, bar, data_lines, report, out_dir / "metrics.jsonl",
+                    peak, students)
     try:
         while step < t_cfg.steps:
-            # Every random stream of this step is a function of (seed, step, rank) only.
-            seed_rng(t_cfg.seed, step, rank, framer_gen)
-            sums = torch.zeros(3, dtype=torch.float64, device=device)  # base, framer, total
-            layer_metrics: dict[str, torch.Tensor] = {}
-            checks = []  # deferred FRAMER NaN/Inf checks, run before the optimizer step
-            for micro in range(accum):
-                thr.data_start()
-                batch = to_device(next(batches), device)
-                thr.data_end()
-                if "hr_latent" not in batch:  # pixels: degrade/encode online with the VAE
-                    from framer_dist.data import encode_batch, load_vae
-                    vae = vae or load_vae(cfg.data, device=device)
-                    batch = encode_batch(vae, batch)
-                positions = sample_positions(batch, samples_seen, micro, rank, world,
-                                             batch["hr_latent"].shape[0])
-                # the family's step (its loss, the per-block features) + lambda * FRAMER
-                ctx = StepContext(cfg, positions, backend.autocast())
-                losses = micro_batch_loss(family, model_fwd, batch, ctx, students, teacher,
-                                          framer_gen, gather=backend.gather, rank=rank)
-                backend.backward(losses.total)
-                checks.append(losses.verify)
-                # detached sums on the device: no host sync per micro-batch
-                sums += torch.stack([losses.base.detach(), losses.framer.detach(),
-                                     losses.total.detach()]).double()
-                layer_metrics = losses.layer_metrics
-                if flops_per_sample is None and count_flops is not None:
-                    flops_per_sample = count_flops(batch)
-            for check in checks:
-                check()
-            grad_norm = backend.step()
+            seed_rng(t_cfg.seed, step, rank, framer_gen)  # every stream: (seed, step, rank) only
+            stats = stepper.step(samples_seen)
             step += 1
             samples_seen += global_batch
-            thr.step_done(b_micro * accum)
-
-            # Losses averaged over micro-batches and ranks (a tiny collective, every step).
-            mean = backend.gather((sums / accum).reshape(1, 3)).mean(0).cpu()
-            rec = {"step": step, f"loss/{family.base_loss_name}": float(mean[0]),
-                   "loss/total": float(mean[2]),
-                   "lr": backend.lr, "grad_norm": float(grad_norm)}
-            if f_cfg.enabled:
-                rec["loss/framer"] = float(mean[1])
-            history.append(rec)
-            if backend.is_main:
-                with open(history_file, "a") as fh:
-                    fh.write(json.dumps(rec) + "\n")
-            if step % cfg.log.every == 0 or step == t_cfg.steps:
-                perf = thr.summary(flops_per_sample, peak, world)
-                totals = data_lines.flush()  # collective; rank 0 prints new data lines
-                # rank 0 logs the counts of all ranks, any other (log.all_ranks) its own
-                data_counts = {f"data/{k}": v for k, v in
-                               (totals if backend.is_main else report.as_dict()).items()}
-                tb.scalars({**{k: v for k, v in rec.items() if k != "step"}, **perf,
-                            "memory/peak_gb": metrics.peak_memory_gb(device), **data_counts}, step)
-                thr.reset()
-                bar.set_postfix(loss=f"{rec['loss/total']:.4f}", img_s=f"{perf['perf/img_per_s']:.1f}")
-            if f_cfg.enabled and layer_metrics:
-                if cfg.log.heatmap_every and (step % cfg.log.heatmap_every == 0 or step == 1):
-                    if logs_here:
-                        tb.image("framer/heatmap",
-                                 metrics.heatmap_image(layer_metrics, students, step), step)
-                if cfg.log.per_layer_scalars and step % cfg.log.every == 0:
-                    tb.scalars(metrics.framer_layer_scalars(layer_metrics, students), step)
-            if cfg.log.val_every and step % cfg.log.val_every == 0:
-                validate(family, cfg, backend, batch, tb, step)
-            bar.update(1)
+            logger.log_step(step, stats, stepper)
 
             # Preemption: every rank learns whether any rank was signalled, then all save.
             preempted = preempt.should_stop(backend)
@@ -499,37 +426,8 @@ def train(cfg: Config) -> RunResult:
         bar.close()
         tb.close()
     return RunResult(steps_done=step, out_dir=out_dir, checkpoint=last_ckpt, exports=exports,
-                     log_dir=log_dir, history=history, preempted=preempted,
+                     log_dir=log_dir, history=logger.history, preempted=preempted,
                      model=backend.model, is_main=backend.is_main)
-
-
-def export(family: Any, cfg: Config, backend: Any, out_dir: Path) -> dict[str, Path]:
-    """The end-of-run exports named in checkpoint.export (collective; rank 0 writes).
-
-    The backend gathers every tensor (unsharded, fp32 masters for the trained ones) to rank 0,
-    where the family writes them under ``<out_dir>/export`` (DiT4SR: ``dit4sr/family.py``). With
-    ``train.ema`` the same exports are also written from the EMA weights under ``export/ema/``.
-    """
-    kinds = list(dict.fromkeys(cfg.checkpoint.export))
-    if not kinds:
-        return {}
-    full = backend.full_state_dict()  # collective
-    ema = backend.ema_state_dict() if cfg.train.ema else {}  # collective; trained params only
-    out: dict[str, Path] = {}
-    if backend.is_main:
-        out.update(family.export(cfg, kinds, full, out_dir / "export"))
-        if ema:
-            ema_out = family.export(cfg, kinds, {**full, **ema}, out_dir / "export" / "ema")
-            out.update({f"ema_{k}": v for k, v in ema_out.items()})
-    backend.barrier()
-    return out
-
-
-def validate(family: Any, cfg: Config, backend: Any, batch: dict[str, Any], tb: Any,
-             step: int) -> None:
-    """Log the family's validation picture of the last batch (log.val_every; collective)."""
-    if family.validate is not None:
-        tb.image("val/sr", family.validate(backend.model, batch, cfg, backend.autocast()), step)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -537,6 +435,7 @@ def validate(family: Any, cfg: Config, backend: Any, batch: dict[str, Any], tb: 
 
 
 def main(argv: list[str] | None = None) -> int:
+    from framer_dist.preflight import check_paths
     try:
         args = parse_args(argv)
         cfg = build_config(args)

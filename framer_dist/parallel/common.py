@@ -30,7 +30,7 @@ def meta_mismatch(meta: dict[str, Any], path: str | Path, backend: str, optimize
     """Why a checkpoint with backend meta ``meta`` cannot be loaded by ``backend`` with
     ``optimizer`` state for training mode ``mode`` of model family ``family`` (``None`` when it
     can): the layout version, the family, the backends' file layouts, the optimizers' state and
-    the modes' trainable sets differ. Checked up front by ``train.check_paths`` and again by
+    the modes' trainable sets differ. Checked up front by ``preflight.check_paths`` and again by
     ``Backend.load``. (Checkpoints from before the mode was recorded skip that check; those from
     before the family was recorded are ``dit4sr``, the only family then.)"""
     fmt = meta.get("format", 1)  # written before the version was recorded: the same layout
