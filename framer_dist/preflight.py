@@ -30,13 +30,8 @@ def check_paths(cfg: Config, world_size: int | None = None, on_this_machine: boo
     ``world_size``: the launch's (default: the launcher's WORLD_SIZE, else 1).
     ``on_this_machine=False`` (a submitter on a login node) skips the launcher and CUDA checks."""
 
-    if cfg.parallel.backend == "deepspeed":
+    if cfg.parallel.backend == "deepspeed":  # its contents: parallel.check_backend below
         _need("parallel.ds_config", cfg.parallel.ds_config, "file")
-        try:
-            json.loads(Path(cfg.parallel.ds_config).read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"config key 'parallel.ds_config': {cfg.parallel.ds_config} is not "
-                              f"valid JSON: {e}") from None
     from framer_dist.models import get_family
     get_family(cfg.model.family).check(cfg)  # the family's own files (e.g. model.pretrained)
     d = cfg.data
@@ -60,37 +55,16 @@ def check_paths(cfg: Config, world_size: int | None = None, on_this_machine: boo
                        ("log.dir", cfg.log.dir)):
         if value and Path(value).exists() and not Path(value).is_dir():
             raise ConfigError(f"config key '{key}': {value} exists and is not a folder")
-    # The launcher already fixed the world size: check the global batch divides before joining.
+    # The launcher already fixed the world size: the backend checks its own settings against it
     import os
-    from framer_dist.parallel.common import resolve_grad_accum
-    world = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
-    accum = resolve_grad_accum(cfg, world)
-    if cfg.parallel.backend == "deepspeed":  # the JSON's contents against our config
-        from framer_dist.parallel.ds import build_ds_config
-        build_ds_config(cfg, accum, world)
-    if on_this_machine:
-        _check_launcher(cfg, world)
+    from framer_dist.parallel import check_backend
+    check_backend(cfg, world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1")),
+                  on_this_machine)
+    if on_this_machine and cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config key 'train.device': 'cuda' requested but CUDA is not available")
     # last: the run folder's state (after every check of the config itself, which a mistake there
     # should report first)
     _check_resume_state(cfg)
-
-
-def _check_launcher(cfg: Config, world: int) -> None:
-    """The launcher's env vars and the device fit the backend (skipped by a submitter)."""
-    import os
-    backend = cfg.parallel.backend
-    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
-    if backend != "none" and missing:
-        raise ConfigError(
-            f"config key 'parallel.backend': {backend!r} needs a distributed launcher, but "
-            f"{', '.join(missing)} are not set: start it with `torchrun --nproc-per-node N "
-            "framer_dist/train.py ...` or `deepspeed framer_dist/train.py ...` (one process is "
-            "fine), or use --backend none for a plain single process")
-    if backend == "none" and world > 1:
-        raise ConfigError(f"config key 'parallel.backend': 'none' is single-process, but this was "
-                          f"launched with WORLD_SIZE={world}; use --backend fsdp2 or --ds JSON")
-    if cfg.train.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("config key 'train.device': 'cuda' requested but CUDA is not available")
 
 
 def _check_resume_state(cfg: Config) -> None:

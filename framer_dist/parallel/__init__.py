@@ -11,9 +11,25 @@ from torch import nn
 
 from framer_dist.config import Config, ConfigError
 from framer_dist.parallel.common import (Backend, ac_indices, apply_activation_checkpointing,
-                                         init_process_group, resolve_device, resolve_grad_accum)
+                                         init_process_group, launcher_problem, resolve_device,
+                                         resolve_grad_accum)
 
-__all__ = ["Backend", "setup_backend", "resolve_grad_accum", "ac_indices", "init_process_group"]
+__all__ = ["Backend", "setup_backend", "check_backend", "resolve_grad_accum", "ac_indices",
+           "init_process_group"]
+
+
+def check_backend(cfg: Config, world: int, on_this_machine: bool = True) -> None:
+    """The backend's own pre-flight checks, before any process group (``preflight.check_paths``):
+    the global batch divides over ``world`` ranks; DeepSpeed's JSON against our config (parsed
+    and checked here, once, by the builder the backend uses); the launcher's environment
+    (skipped by a submitter on a login node)."""
+    accum = resolve_grad_accum(cfg, world)
+    if cfg.parallel.backend == "deepspeed":
+        from framer_dist.parallel.ds import build_ds_config
+        build_ds_config(cfg, accum, world)
+    if on_this_machine and (problem := launcher_problem(cfg.parallel.backend,
+                                                        {**os.environ, "WORLD_SIZE": str(world)})):
+        raise ConfigError(problem)
 
 
 def setup_backend(cfg: Config, model: nn.Module, params: list[nn.Parameter]) -> Backend:
@@ -24,10 +40,8 @@ def setup_backend(cfg: Config, model: nn.Module, params: list[nn.Parameter]) -> 
     the launcher's env vars (torchrun / deepspeed).
     """
     name = cfg.parallel.backend
-    if name == "none" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("config key 'parallel.backend': 'none' is single-process, but this "
-                          f"was launched with WORLD_SIZE={os.environ['WORLD_SIZE']}; use "
-                          "'deepspeed' or 'fsdp2'")
+    if name == "none" and (problem := launcher_problem("none")):
+        raise ConfigError(problem)
     apply_activation_checkpointing(cfg, model)
     _maybe_compile(cfg, model)  # in place, before DeepSpeed wraps or fully_shard shards the blocks
     if name == "none":

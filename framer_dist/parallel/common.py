@@ -82,6 +82,25 @@ def local_rank_from_env(argv: list[str] | None = None) -> int:
     return 0
 
 
+def launcher_problem(backend_name: str, env: dict[str, str] | None = None) -> str | None:
+    """Why the launcher's environment does not fit ``parallel.backend`` (None when it does): a
+    distributed backend needs torchrun's / deepspeed's variables, ``none`` is one process. The one
+    check of the launch, used up front (``preflight``), by ``setup_backend`` and before joining
+    the process group."""
+    env = os.environ if env is None else env
+    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in env]
+    if backend_name != "none" and missing:
+        return (f"config key 'parallel.backend': {backend_name!r} needs a distributed launcher, "
+                f"but {', '.join(missing)} are not set: start it with `torchrun --nproc-per-node N "
+                "framer_dist/train.py ...` or `deepspeed framer_dist/train.py ...` (one process is "
+                "fine), or use --backend none for a plain single process")
+    world = int(env.get("WORLD_SIZE", "1"))
+    if backend_name == "none" and world > 1:
+        return (f"config key 'parallel.backend': 'none' is single-process, but this was launched "
+                f"with WORLD_SIZE={world}; use --backend fsdp2 or --ds JSON")
+    return None
+
+
 def init_process_group(backend_name: str, device_type: str) -> tuple[int, int, int]:
     """Join (or reuse) the default process group from launcher env vars; returns (rank, world, local_rank).
 
@@ -91,13 +110,9 @@ def init_process_group(backend_name: str, device_type: str) -> tuple[int, int, i
     local_rank = local_rank_from_env()
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), local_rank
-    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
-    if missing:
-        raise RuntimeError(
-            f"parallel.backend={backend_name!r} needs a distributed launcher, but the environment "
-            f"variables {', '.join(missing)} are not set. Launch with `torchrun --nproc_per_node N "
-            f"framer_dist/train.py ...` or `deepspeed framer_dist/train.py ...` (one process is "
-            f"fine: --nproc_per_node 1), or use parallel.backend='none' for a plain single process.")
+    problem = launcher_problem(backend_name)
+    if problem:
+        raise ConfigError(problem)
     pg_backend = "nccl" if device_type == "cuda" else "gloo"
     dist.init_process_group(pg_backend, timeout=timedelta(minutes=30))
     return dist.get_rank(), dist.get_world_size(), local_rank
