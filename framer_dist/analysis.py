@@ -56,7 +56,7 @@ def layer_band_metrics(features: Tensor, cfg: FramerConfig, teacher_index: int =
 @torch.no_grad()
 def layer_features(model, x0: Tensor, lr_latent: Tensor, sigma: float, noise: Tensor,
                    prompt_embeds: Tensor, pooled: Tensor, feature: str) -> Tensor:
-    """Every block's feature ``F^(i)`` (FRAMER_SPEC.md section 1) at noise level ``sigma``."""
+    """Every block's feature ``F^(i)`` (docs/specs/framer.md section 1) at noise level ``sigma``."""
     dt = next(model.parameters()).dtype
     dev = next(model.parameters()).device
     x_t = ((1 - sigma) * x0 + sigma * noise).to(dev)

@@ -56,7 +56,7 @@ class LoraConfig:
 
 @dataclass
 class FramerConfig:
-    """Every switch of FRAMER_SPEC.md sections 1-5, with the defaults given there."""
+    """Every switch of docs/specs/framer.md sections 1-5, with the defaults given there."""
 
     enabled: bool = _f(True, "off = the DiT4SR baseline")
     feature: Literal["x0", "velocity", "hidden"] = _f("x0", "what F^(i) is (spec section 1)")

@@ -1,4 +1,5 @@
-"""Rectified-flow noising and the noise loss (FRAMER_SPEC.md section 7, the SD3/DiT4SR objective).
+"""Rectified-flow noising and the noise loss (docs/specs/framer.md section 7, the SD3/DiT4SR
+objective).
 
     sigma  ~ shift(sigmoid(N(logit_mean, logit_std)))      shift(t) = s t / (1 + (s - 1) t)
     x_t    = (1 - sigma) x0 + sigma eps

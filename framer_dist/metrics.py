@@ -26,8 +26,8 @@ SCALAR_TAGS = ("loss/noise", "loss/total", "lr", "grad_norm", "perf/img_per_s",
 FRAMER_TAGS = ("loss/framer",)
 MFU_TAG = "perf/mfu"                # only where the device's peak FLOP/s is known
 IMAGE_TAGS = ("framer/heatmap",)    # plus "val/sr" when log.val_every > 0
-# FRAMER_SPEC.md section 6: w, a, the losses (l_lf / l_hf: L_intra on LF and L_inter on HF with
-# the default band assignment) and the teacher cosine, over layers x {LF, HF}
+# docs/specs/framer.md section 6: w, a, the losses (l_lf / l_hf: L_intra on LF and L_inter on HF
+# with the default band assignment) and the teacher cosine, over layers x {LF, HF}
 HEATMAP_ROWS = (("w", "w_lf", "w_hf"), ("a", "a_lf", "a_hf"), ("loss", "l_lf", "l_hf"),
                 ("cosine", "cos_lf", "cos_hf"))
 

@@ -501,7 +501,7 @@ def test_fp32_overflow_is_reported_not_silent():
 
 
 def test_config_defaults_are_the_spec_defaults():
-    """FRAMER_SPEC.md sections 1-5: every default it states, in one place."""
+    """docs/specs/framer.md sections 1-5: every default it states, in one place."""
     c = FramerConfig()
     assert (c.enabled, c.feature, c.students, c.teacher_layer) == (True, "x0", "all_but_last", -1)
     assert (c.mask, c.radius, c.cutoff, c.tau) == ("radial", 0.2, 0.2, 1.0)

@@ -370,7 +370,7 @@ def test_lora_run_in_bf16_holds_frozen_layers_in_bf16_validates_and_exports(tmp_
 
 def test_accumulation_notes_that_intercl_sees_one_forward(tmp_path, capsys):
     """InterCL's in-batch keys are gathered per forward: with gradient accumulation the run says
-    how many images InterCL compares against (FRAMER_SPEC.md's batch is one forward)."""
+    how many images InterCL compares against (the batch of docs/specs/framer.md is one forward)."""
     from framer_dist.train import train
 
     common = ("train.steps=1", "checkpoint.every=0", "checkpoint.export=[]", "log.heatmap_every=0")

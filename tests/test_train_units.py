@@ -153,8 +153,8 @@ def test_frozen_layers_in_bf16_give_the_same_bits_with_less_memory(mode):
 
 
 def test_heatmap_has_the_per_band_loss_panel():
-    """FRAMER_SPEC.md section 6: the layers x {LF, HF} heat map shows w, a, L_intra, L_inter and
-    the teacher cosine. The loss panel is l_lf / l_hf (L_intra on LF and L_inter on HF with the
+    """docs/specs/framer.md section 6: the layers x {LF, HF} heat map shows w, a, L_intra, L_inter
+    and the teacher cosine. The loss panel is l_lf / l_hf (L_intra on LF and L_inter on HF with the
     default band assignment), so the image has four panels, not three."""
     from framer_dist.metrics import HEATMAP_ROWS, heatmap_image
     assert ("loss", "l_lf", "l_hf") in HEATMAP_ROWS

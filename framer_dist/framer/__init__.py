@@ -1,4 +1,5 @@
-"""The FRAMER objective (FRAMER_SPEC.md): frequency-aligned self-distillation, vectorised over layers.
+"""The FRAMER objective (docs/specs/framer.md): frequency-aligned self-distillation, vectorised over
+layers.
 
 Public API (docs/interfaces.md): :func:`framer_objective`, :func:`select_layers`,
 :class:`FramerResult`. :mod:`framer_dist.framer.reference` is a slow per-layer reference for tests

@@ -1,4 +1,5 @@
-"""Which blocks teach and learn, and the random-layer negative draw (FRAMER_SPEC.md sections 1, 3)."""
+"""Which blocks teach and learn, and the random-layer negative draw (docs/specs/framer.md sections
+1, 3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""IntraCL / InterCL as softmax cross-entropies over cosine similarities (FRAMER_SPEC.md section 3).
+"""IntraCL / InterCL as softmax cross-entropies over cosine similarities (docs/specs/framer.md
+section 3).
 
 Queries are the un-normalised band vectors of the student layers (gradients flow through them and
 their norms); all keys are unit vectors and detached. Logits are ``(q . k) / (|q| tau)``, i.e.

@@ -1,4 +1,5 @@
-"""FAW and FAM, the two adaptive modulation weights (FRAMER_SPEC.md section 4). Both are detached."""
+"""FAW and FAM, the two adaptive modulation weights (docs/specs/framer.md section 4). Both are
+detached."""
 
 from __future__ import annotations
 

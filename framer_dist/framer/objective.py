@@ -1,4 +1,4 @@
-"""The FRAMER objective (FRAMER_SPEC.md sections 2-5), vectorised over student layers.
+"""The FRAMER objective (docs/specs/framer.md sections 2-5), vectorised over student layers.
 
 One FFT call transforms every student layer and the teacher together (fp32, ``rfft2`` half by
 default); masks, FAW energies, band vectors and both contrastive losses are batched tensor ops over
@@ -209,7 +209,7 @@ def framer_objective(students: Tensor, teacher: Tensor, cfg: FramerConfig,
     (one ``j != i`` per student position per call, shared by the batch; must be in the same state on
     every rank); gather: ``[B_local, K] -> [world * B_local, K]`` all_gather in rank order (None =
     single process); rank: this process's index in the data-parallel group (label index of image
-    ``b`` is ``rank * B_local + b``). See FRAMER_SPEC.md and docs/framer.md for every switch.
+    ``b`` is ``rank * B_local + b``). See docs/specs/framer.md and docs/framer.md for every switch.
 
     Autocast is switched off inside: the spectra, norms and logits stay fp32 even when the trainer
     calls this within its bf16 autocast region.

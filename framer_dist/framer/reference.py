@@ -1,10 +1,11 @@
 """SLOW plain reference of the FRAMER objective: for tests and the benchmark only, never training.
 
-Written straight from FRAMER_SPEC.md's equations, layer by layer, the way the authors' released
-code is structured: for every student layer two full ``fft2`` calls (the student's and, again,
-the teacher's), ``fftshift``, explicit masks, ``F.normalize`` and ``torch.quantile``. It shares no
-code with the vectorised implementation (:mod:`framer_dist.framer.objective`), which must match it
-to 1e-5. The random layers ``j`` are passed in explicitly so both can be compared on one draw.
+Written straight from the equations of docs/specs/framer.md, layer by layer, the way the authors'
+released code is structured: for every student layer two full ``fft2`` calls (the student's and,
+again, the teacher's), ``fftshift``, explicit masks, ``F.normalize`` and ``torch.quantile``. It
+shares no code with the vectorised implementation (:mod:`framer_dist.framer.objective`), which
+must match it to 1e-5. The random layers ``j`` are passed in explicitly so both can be compared on
+one draw.
 """
 
 from __future__ import annotations

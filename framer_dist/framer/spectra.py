@@ -1,4 +1,4 @@
-"""Spectra, frequency masks and band vectors (FRAMER_SPEC.md section 2).
+"""Spectra, frequency masks and band vectors (docs/specs/framer.md section 2).
 
 All spectral work is done in fp32 whatever the feature dtype (float64 stays float64), on the un-shifted FFT layout: the
 spec's ``fftshift`` only permutes bins, and every quantity FRAMER needs (norms, dot products, sums

@@ -1,4 +1,4 @@
-"""The super-resolution pipeline (DIT4SR_SPEC.md "Inference").
+"""The super-resolution pipeline (docs/specs/dit4sr.md "Inference").
 
 LR image -> bicubic x ``scale`` (any factor) -> optionally up to ``process_size`` on the short
 side (DiT4SR runs at >= 512 px) -> padded to a multiple of VAE factor x patch -> VAE latent

@@ -4,9 +4,10 @@ The sampler is written against a *denoiser*: any callable ``(z, lr_latent, sigma
 The model adapter, CFG and latent tiling are each such a callable wrapping the next one, so each
 piece is testable on its own (see ``tiling.py``).
 
-Conventions (SD3 rectified flow, FRAMER_SPEC.md section 7): ``x_t = (1 - sigma) x0 + sigma eps``,
-the model predicts ``v = eps - x0`` and takes ``timestep = sigma * 1000``. Sampling integrates
-``dx/dsigma = v`` from sigma = 1 (pure noise) to 0 with explicit Euler steps.
+Conventions (SD3 rectified flow, docs/specs/framer.md section 7):
+``x_t = (1 - sigma) x0 + sigma eps``, the model predicts ``v = eps - x0`` and takes
+``timestep = sigma * 1000``. Sampling integrates ``dx/dsigma = v`` from sigma = 1 (pure noise) to
+0 with explicit Euler steps.
 """
 
 from __future__ import annotations

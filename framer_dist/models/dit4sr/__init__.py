@@ -1,4 +1,4 @@
-"""The DiT4SR family: the LR-conditioned SD3/SD3.5 MMDiT (DIT4SR_SPEC.md) with the FRAMER
+"""The DiT4SR family: the LR-conditioned SD3/SD3.5 MMDiT (docs/specs/dit4sr.md) with the FRAMER
 per-layer readout. ``family.py`` is what the trainer sees; the names below load diffusers and
 peft on first use (PEP 562), so config checks that only need the family's names stay light."""
 

@@ -1,4 +1,4 @@
-"""Three-stream joint attention for the LR-conditioned MMDiT (DIT4SR_SPEC.md).
+"""Three-stream joint attention for the LR-conditioned MMDiT (docs/specs/dit4sr.md).
 
 One SDPA over ``[X | L | C]``: noisy image tokens X and text C use the frozen pretrained
 projections; the LR tokens L go through the same frozen projection followed by a zero-initialised

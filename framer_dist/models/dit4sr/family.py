@@ -1,7 +1,7 @@
 """DiT4SR as a model family (``model.family = "dit4sr"``, the default): what the trainer gets from
 it through :class:`framer_dist.models.ModelFamily`. The base loss is rectified flow
 (``framer_dist.flow``); the FRAMER feature of block i is read out through the model's own output
-head (``readout``), as FRAMER_SPEC.md section 1 says."""
+head (``readout``), as docs/specs/framer.md section 1 says."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def readout_kind(cfg: Config) -> str | None:
 
 
 def framer_features(out_features: Tensor, x_t: Tensor, sigma: Tensor, feature: str) -> Tensor:
-    """The per-block readout -> F^(i) of FRAMER_SPEC.md section 1 (x0_i = x_t - sigma v_i)."""
+    """The per-block readout -> F^(i) of docs/specs/framer.md section 1 (x0_i = x_t - sigma v_i)."""
     if feature == "x0":
         return flow.x0_from_velocity(x_t, out_features, sigma)
     return out_features

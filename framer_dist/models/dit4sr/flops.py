@@ -1,4 +1,4 @@
-"""FLOP count of the three-stream (noisy X | LR L | text C) MMDiT of DIT4SR_SPEC.md, for MFU.
+"""FLOP count of the three-stream (noisy X | LR L | text C) MMDiT of docs/specs/dit4sr.md, for MFU.
 
 Conventions (the usual ones for MFU, e.g. PaLM's appendix B):
 - one multiply-add = 2 FLOPs; a linear layer on ``n`` tokens costs ``2 n d_in d_out``;

@@ -1,4 +1,5 @@
-"""Backbone geometries (DIT4SR_SPEC.md, "Geometry"), as SD3Transformer2DModel keyword arguments."""
+"""Backbone geometries (docs/specs/dit4sr.md, "Geometry"), as SD3Transformer2DModel keyword
+arguments."""
 
 from __future__ import annotations
 

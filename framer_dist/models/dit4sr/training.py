@@ -1,4 +1,4 @@
-"""Training modes (DIT4SR_SPEC.md, ``train.mode``) and adapter export/reload.
+"""Training modes (docs/specs/dit4sr.md, ``train.mode``) and adapter export/reload.
 
 - ``control``: only the DiT4SR layers (``*_control`` projections, the injection conv) train.
 - ``lora``: ``control`` plus peft LoRA adapters on the frozen attention projections

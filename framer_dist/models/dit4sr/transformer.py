@@ -1,11 +1,11 @@
 """The LR-conditioned SD3/SD3.5 transformer (DiT4SR design) with the FRAMER per-layer readout.
 
 Subclasses diffusers' ``SD3Transformer2DModel`` so the pretrained weights keep their names; the
-blocks become :class:`DiT4SRBlock`. Forward (DIT4SR_SPEC.md):
+blocks become :class:`DiT4SRBlock`. Forward (docs/specs/dit4sr.md):
 ``h = [pos_embed(z_t) | pos_embed(z_lr)]`` -> blocks (each ``(c, h)``) -> noisy half -> the
 frozen head ``norm_out(., temb)``, ``proj_out``, unpatchify.
 
-Readout (FRAMER_SPEC.md section 1): with ``readout="velocity"`` every block's noisy half goes
+Readout (docs/specs/framer.md section 1): with ``readout="velocity"`` every block's noisy half goes
 through that same head; ``"hidden"`` gives the raw noisy tokens as a grid. The readout is computed
 inside the per-block function and *returned* from it, never captured by hooks, so it exists exactly
 once per block per forward whatever the activation checkpointing. A checkpointed block's function
