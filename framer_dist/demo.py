@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 
 from framer_dist.config import Config, load_config
+from framer_dist.data.images import IMAGE_EXTS
 
 PACKAGE = Path(__file__).resolve().parent
 PHOTOS = PACKAGE / "assets" / "photos"  # package data: shipped with the package
 # The run config lives in the source checkout, as every config (configs/ at the repository root,
 # not package data): `make demo` installs the checkout editable (pip install -e .), so it is there.
 DEMO_CONFIG = PACKAGE.parent / "configs" / "tiny_cpu_demo.toml"
-IMAGE_EXT = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
 class DemoError(Exception):
@@ -52,7 +52,7 @@ def demo_config(out: Path, steps: int, overrides: list[str], config: Path = DEMO
 
 
 def _photos() -> list[Path]:
-    files = sorted(p for p in PHOTOS.iterdir() if p.suffix.lower() in IMAGE_EXT) \
+    files = sorted(p for p in PHOTOS.iterdir() if p.suffix.lower() in IMAGE_EXTS) \
         if PHOTOS.is_dir() else []
     if not files:
         raise SystemExit(f"demo: no photographs found in {PHOTOS}")

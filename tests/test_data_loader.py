@@ -361,3 +361,35 @@ def test_corrupt_file_lines_name_the_file_and_the_tar_member(tmp_path, caplog):
         assert len(lines) == 1, lines
         assert lines[0].startswith(f"data: skipped_corrupt: {want} (UnidentifiedImageError: "), lines
         assert "BytesIO" not in lines[0] and "0x" not in lines[0], lines
+
+
+def test_bmp_and_tiff_images_are_training_data_in_folders_and_shards(tmp_path):
+    """One extension list (data/images.py IMAGE_EXTS) for every reader: .bmp/.tif/.tiff, which
+    framer-sr and the demo already read, are training data too (a 16-bit TIFF is scaled to 8 bits
+    like a 16-bit PNG)."""
+    import io
+
+    from framer_dist.data.images import IMAGE_EXTS
+    from framer_dist.infer import io as infer_io
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    Image.fromarray(_rgb(0)).save(root / "a.bmp")
+    Image.fromarray(_rgb(1)).save(root / "b.tif")
+    Image.fromarray((_rgb(2)[..., 0].astype(np.uint16) * 257)).save(root / "c.TIFF")   # mode I;16
+    pipe = build_dataloader(_cfg("data.source='folder'", f"data.path='{root}'", "data.batch_size=3"), 0, 1, 0)
+    assert sorted(_ids(pipe, 1)) == ["a", "b", "c"]
+    assert pipe.report.as_dict() == {"converted_16bit": 1}
+
+    def enc(img: np.ndarray, fmt: str) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, fmt)
+        return buf.getvalue()
+
+    shard = _tar(tmp_path / "s.tar", [("k0.bmp", enc(_rgb(0), "BMP")), ("k1.tiff", enc(_rgb(1), "TIFF")),
+                                      ("k2.png", _png_bytes(2))])
+    pipe = build_dataloader(_cfg("data.source='webdataset'", f"data.path='{shard}'", "data.batch_size=3"),
+                            0, 1, 0)
+    assert sorted(_ids(pipe, 1)) == ["k0", "k1", "k2"]
+    assert not pipe.report.as_dict()                           # no skipped_no_image
+    assert infer_io.IMAGE_EXTS is IMAGE_EXTS                   # framer-sr lists the same files

@@ -76,6 +76,22 @@ def test_demo_reads_the_checkout_config_and_a_missing_one_is_a_clear_error(tmp_p
     assert not (tmp_path / "demo").exists()
 
 
+def test_demo_finds_the_photos_training_reads(tmp_path, monkeypatch):
+    """The demo lists its photos with the training sources' extension list: a .tif photo is
+    shown by the demo and trained on (it used to be neither listed by the demo nor read)."""
+    from PIL import Image
+
+    import framer_dist.demo as demo
+    from framer_dist.data.sources import FolderSource
+
+    for name in ("a.jpg", "b.tif", "c.bmp"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    (tmp_path / "LICENSES.md").write_text("x")
+    monkeypatch.setattr(demo, "PHOTOS", tmp_path)
+    assert [p.name for p in demo._photos()] == ["a.jpg", "b.tif", "c.bmp"]
+    assert [FolderSource(tmp_path).item_id(i) for i in range(3)] == ["a", "b", "c"]
+
+
 def test_editable_install_prints_no_build_backend_warning_box(tmp_path):
     """`make venv` installs the checkout editable (pip install -e). That install prints nothing
     but pip's own lines: no setuptools "BuildBackendWarning: Editable installation" box, and the

@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
 
+from framer_dist.data.captions import CaptionsError
 from framer_dist.data.captioning import (DEFAULT_INSTRUCTION, DIT4SR_BANNED_WORDS, LlavaCaptioner,
                                          ModelFolderError, caption_images)
 from framer_dist.data.images import DataReport
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         report = DataReport()
         n = caption_images(a.images, a.out, cap, a.batch_size,
                            None if a.no_filter else DIT4SR_BANNED_WORDS, a.limit, report)
-    except (ModelFolderError, DataSourceError) as e:
+    except (ModelFolderError, DataSourceError, CaptionsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"captioned {n} images -> {a.out}; {report.summary()}")

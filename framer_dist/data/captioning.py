@@ -2,8 +2,10 @@
 
 Reads a folder or WebDataset tar shards, captions images in batches with transformers' LLaVA
 classes loaded from a local folder, and appends ``{"id": ..., "caption": ...}`` lines to a JSONL
-file, flushed after every batch. Resumable: ids already in the output are skipped (a line cut off
-by an interruption is ignored and its image captioned again).
+file, flushed after every batch. Resumable: ids already in the output are skipped (a last line cut
+off by an interruption is removed and its image captioned again; any other damaged line is an
+error naming it, :mod:`.captions`). An id is written once: a second image with the same id (a
+folder's ``a.png`` and ``a.jpg``) is reported as ``skipped_duplicate_id``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .captions import read_captions
 from .images import DataReport, ImageSkipped, decode, where
 from .sources import FolderSource, TarSource
 
@@ -42,23 +45,17 @@ def filter_sentences(text: str, banned: Iterable[str] = DIT4SR_BANNED_WORDS) -> 
 
 
 def read_done(path: str | Path) -> dict[str, str]:
-    """Captions already in a JSONL file (incomplete or malformed lines are ignored)."""
-    out: dict[str, str] = {}
+    """Captions already in an output JSONL (none before the first run): :func:`.read_captions`,
+    so a damaged line is a :class:`.CaptionsError`. A last line cut off by an interruption is
+    one too: :func:`caption_images` removes it (:func:`_drop_partial_line`) before reading."""
     p = Path(path)
-    if not p.is_file():
-        return out
-    for line in p.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-            out[str(rec["id"])] = str(rec["caption"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue
-    return out
+    return read_captions(p) if p.is_file() else {}
 
 
 def _drop_partial_line(path: Path) -> None:
     """Cut a last line left without its newline by an interruption (else the next record would be
-    appended to it and lost)."""
+    appended to it and lost). Even a complete JSON object without its newline goes: it may be
+    cut inside its caption's text."""
     if not path.is_file():
         return
     data = path.read_bytes()
@@ -126,24 +123,30 @@ def caption_images(images: str, out: str | Path, captioner: Callable[[list[Image
     ``limit`` stops after that many new captions (to split work; the next call continues).
     """
     src = open_images(images)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    _drop_partial_line(Path(out))       # before reading: a cut-off line is redone, not an error
     done = read_done(out)
     todo = [i for i in range(len(src)) if src.item_id(i) not in done]
     if limit is not None:
         todo = todo[:limit]
     report = report or DataReport()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    _drop_partial_line(Path(out))
+    first: dict[str, str] = {}          # id -> where its image is, for this run's duplicates
     n = 0
     with open(out, "a", encoding="utf-8") as fh:
         for s in range(0, len(todo), batch_size):
             ids, imgs = [], []
             for i in todo[s:s + batch_size]:
                 item = src.item_id(i)
+                if item in first:       # one caption per id: readers refuse an id twice
+                    report.add("skipped_duplicate_id", where(src, i),
+                               f"id {item!r} is also {first[item]}, captioned once")
+                    continue
                 try:
                     arr, conv = decode(src.read(i), item)
                 except ImageSkipped as e:
                     report.add(e.kind, where(src, i), str(e))
                     continue
+                first[item] = where(src, i)
                 ids.append(item)
                 imgs.append(Image.fromarray(np.ascontiguousarray(arr)))
             if not imgs:

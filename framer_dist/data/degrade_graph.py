@@ -1,10 +1,11 @@
 """The batched degradation replayed from CUDA graphs: one launch instead of ~1,600 small ones.
 
 :class:`GraphedDegrader` keeps one captured :class:`torch.cuda.CUDAGraph` per (batch size, H, W,
-dtype, device, :class:`~.degrade.DegradeParams`). A call plans on the CPU with a *static canvas*
-(every batch of that key has the same tensor shapes, see :func:`~.degrade.plan_degradation`),
-copies the packed plan (four pinned buffers, one per dtype) and the HR batch into the graph's
-static input buffers, replays, and returns clones of the static outputs. The outputs equal the
+dtype, device, :class:`~.degrade_plan.DegradeParams`). A call plans on the CPU with a *static
+canvas* (every batch of that key has the same tensor shapes, see
+:func:`~.degrade_plan.plan_degradation`), copies the packed plan (four pinned buffers, one per
+dtype) and the HR batch into the graph's static input buffers, replays
+(:func:`~.degrade_run.run_plan`), and returns clones of the static outputs. The outputs equal the
 eager batched call's on the same device bit for bit (same kernels, same shapes; tested on CUDA).
 
 Memory: each cached graph holds its private memory pool, i.e. every intermediate of one batched
@@ -22,8 +23,8 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
-from .degrade import (DegradeParams, DegradePlan, _full_fp32, check_inputs, plan_degradation,
-                      prepare_device, run_plan)
+from .degrade_plan import DegradeParams, DegradePlan, check_inputs, plan_degradation
+from .degrade_run import full_fp32, prepare_device, run_plan
 
 
 class _Captured:
@@ -38,13 +39,13 @@ class _Captured:
         side = torch.cuda.Stream(hr.device)
         side.wait_stream(torch.cuda.current_stream(hr.device))
         # warm-up on a side stream (PyTorch's rule for capture): cuBLAS/cuDNN handles, workspaces
-        with torch.cuda.stream(side), _full_fp32():
+        with torch.cuda.stream(side), full_fp32():
             for _ in range(warmup):
                 run_plan(self.hr, self.plan)
         torch.cuda.current_stream(hr.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         # thread_local: CUDA calls of other threads (a DataLoader's pin-memory thread) may go on
-        with _full_fp32(), torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+        with full_fp32(), torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.out = run_plan(self.hr, self.plan)
 
     def __call__(self, hr: Tensor, plan: DegradePlan) -> dict[str, Tensor]:

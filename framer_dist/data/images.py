@@ -19,7 +19,10 @@ from PIL import Image, ImageFile, ImageOps
 
 log = logging.getLogger("framer_dist.data")
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
+# The image files every reader looks for (training folder and tar sources, the captioner, framer-sr,
+# the demo): formats PIL decodes that decode()/to_rgb() turn into 8-bit RGB (TIFF's 16-bit and
+# float modes included). One list, so a file the demo or framer-sr reads is also training data.
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 # Kinds of events; "skipped_*" drop the file (another file takes its place), the others keep it.
 SKIP_KINDS = ("skipped_corrupt", "skipped_tiny", "skipped_unreadable")
 

@@ -60,7 +60,7 @@ def _dct_matrix(device: torch.device) -> Tensor:
 
 
 @functools.lru_cache(maxsize=8)
-def _dct2(device: str) -> Tensor:
+def dct2(device: str) -> Tensor:
     """kron(C, C): the 2-D 8x8 DCT as one 64x64 matrix, cached per device."""
     c = _dct_matrix(torch.device("cpu"))
     return torch.kron(c, c).to(device)
@@ -77,16 +77,16 @@ def _unblocks(x: Tensor) -> Tensor:
     return x.permute(0, 1, 3, 2, 4).reshape(b, hb * 8, wb * 8)
 
 
-def _code_plane(plane: Tensor, table: Tensor, dct2: Tensor) -> Tensor:
+def _code_plane(plane: Tensor, table: Tensor, dct: Tensor) -> Tensor:
     """Level-shifted plane [B, H, W] (multiples of 8) -> reconstructed plane (not yet rounded).
 
     The 2-D DCT of every 8x8 block is one GEMM with the 64x64 matrix kron(C, C)."""
     blk = _blocks(plane - 128.0)                         # [B, h, w, 8, 8]
     shape = blk.shape
-    coef = blk.reshape(-1, 64) @ dct2.T                  # row-major vec(C X C^T) = kron(C, C) vec(X)
+    coef = blk.reshape(-1, 64) @ dct.T                   # row-major vec(C X C^T) = kron(C, C) vec(X)
     t = table.reshape(shape[0], 1, 64).expand(shape[0], shape[1] * shape[2], 64).reshape(-1, 64)
     coef = torch.round(coef / t) * t
-    return _unblocks((coef @ dct2).view(shape)) + 128.0
+    return _unblocks((coef @ dct).view(shape)) + 128.0
 
 
 def jpeg(x: Tensor, quality: Tensor, h: Tensor | None = None, w: Tensor | None = None) -> Tensor:
@@ -118,7 +118,7 @@ def jpeg_with_tables(x: Tensor, luma: Tensor, chroma_table: Tensor, h: Tensor, w
     cb = torch.round(F.avg_pool2d(cb[:, None], 2)[:, 0])
     cr = torch.round(F.avg_pool2d(cr[:, None], 2)[:, 0])
     # chroma planes are (ph/2, pw/2): pad to whole 8x8 blocks (ph/2 is a multiple of 8 already)
-    dct = _dct2(str(x.device))
+    dct = dct2(str(x.device))
     y = torch.round(_code_plane(y, luma, dct)).clamp(0, 255)
     cb = torch.round(_code_plane(cb, chroma_table, dct)).clamp(0, 255)
     cr = torch.round(_code_plane(cr, chroma_table, dct)).clamp(0, 255)

@@ -56,7 +56,7 @@ def counter_hash(key: Tensor, h: Tensor, w: Tensor, mono: Tensor, channels: int,
 
 def normal_from_hash(z: Tensor) -> Tensor:
     """Standard normals (float32) from hash words: the top 20 bits index the quantile table."""
-    return _normal_table(str(z.device))[_lsr(z, 64 - _TABLE_BITS)]
+    return normal_table(str(z.device))[_lsr(z, 64 - _TABLE_BITS)]
 
 
 def hash_normal(keys: list[int], hs: list[int], ws: list[int], mono: list[bool], channels: int,
@@ -72,7 +72,7 @@ _TABLE_BITS = 20
 
 
 @functools.lru_cache(maxsize=4)
-def _normal_table(device: str) -> Tensor:
+def normal_table(device: str) -> Tensor:
     """Normal quantiles at the 2^20 cell mid-points (tails to +-4.9 sigma). A table look-up instead
     of Box-Muller: log/cos give position-dependent last bits on CPU (SIMD body vs scalar tail), a
     gather is exact, so a sample's noise is bit-identical alone or in any batch."""
@@ -107,7 +107,7 @@ def poisson_cdf_table(device: str) -> Tensor:
 
 
 @functools.lru_cache(maxsize=4)
-def _poisson_search_table(device: str) -> Tensor:
+def poisson_search_table(device: str) -> Tensor:
     """All CDF rows in one sorted int64 sequence: entry (r, k) = r * 2^51 + ceil(cdf[r, k] * 2^51)
     (exact: scaling by a power of 2, then an integer ceiling). Row r's entries lie in
     (r * 2^51, (r + 1) * 2^51], so one global binary search finds a value's row and its place."""
@@ -123,10 +123,10 @@ def poisson_index(z: Tensor, row: Tensor) -> Tensor:
     the 51-bit uniform ``u = U / 2^51`` (U the top 51 bits of the hash word), k is the smallest
     count with ``cdf[row, k] > u``. Since U is an integer, ``cdf * 2^51 > U`` iff
     ``ceil(cdf * 2^51) > U``, so one ``searchsorted`` of ``row * 2^51 + U`` in
-    :func:`_poisson_search_table` counts the entries <= it: all ``row * 512`` entries of earlier
+    :func:`poisson_search_table` counts the entries <= it: all ``row * 512`` entries of earlier
     rows plus the k entries of its own row with ``cdf <= u``. One kernel, no data-dependent
     control flow, integer-exact on every device."""
-    table = _poisson_search_table(str(z.device))
+    table = poisson_search_table(str(z.device))
     return torch.searchsorted(table, (row << U_BITS) + _lsr(z, 64 - U_BITS), right=True)
 
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .captioning import ModelFolderError, check_model_folder
+from .captions import read_captions
 from ..atomic import write_text_atomic
 from .prompts import (EMPTY_FILE, ENCODING_FILE, NEGATIVE_FILE, SHARD_GLOB, done_ids, join_suffix,
                       write_empty, write_shard)
@@ -68,23 +69,6 @@ class SD3TextEncoders:
         return torch.cat([clip, t5.to(clip.dtype)], dim=-2), torch.cat(pooled, -1)
 
 
-def read_captions(path: str | Path) -> list[tuple[str, str]]:
-    """(id, caption) pairs of a captions JSONL (last one wins for repeated ids), in file order."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"--captions: file not found: {p}")
-    out: dict[str, str] = {}
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            out[str(rec["id"])] = str(rec["caption"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            log.warning("%s:%d: not a {'id', 'caption'} JSON line; ignored", p, n)
-    return list(out.items())
-
-
 def _check_encoding(out: Path, suffix: str) -> None:
     """A folder keeps one suffix: a resumed run with another would mix two kinds of prompt."""
     f = out / ENCODING_FILE
@@ -109,6 +93,7 @@ def encode_captions(captions: str | Path, out_dir: str | Path, encoder, batch_si
     ``negative`` is encoded to ``negative.safetensors`` (the unconditional CFG branch)."""
     if dtype not in DTYPES:
         raise ValueError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+    texts = read_captions(captions)     # a bad file fails before anything is encoded or written
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for tmp in out.glob("*.tmp"):
@@ -122,8 +107,7 @@ def encode_captions(captions: str | Path, out_dir: str | Path, encoder, batch_si
         e, p = encoder([negative])
         write_empty(out, e[0].to(dt), p[0].to(dt), NEGATIVE_FILE)
     done = done_ids(out)
-    todo = [(i, join_suffix(c, suffix) if suffix else c) for i, c in read_captions(captions)
-            if i not in done]
+    todo = [(i, join_suffix(c, suffix) if suffix else c) for i, c in texts.items() if i not in done]
     if limit is not None:
         todo = todo[:limit]
     nums = [int(m.group(1)) for q in out.glob(SHARD_GLOB) if (m := re.search(r"(\d+)", q.stem))]

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+from framer_dist.data.images import IMAGE_EXTS
 
 
 class InferenceError(RuntimeError):

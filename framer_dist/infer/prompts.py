@@ -1,8 +1,8 @@
 """Prompts for inference: where the text comes from, and how it becomes SD3 embeddings.
 
 Text (one per image): a given ``--prompt``; a captions JSONL (one object per line with an image id
-under ``id``/``image``/``file``/``name`` and the text under ``caption``/``prompt``/``text``; the id
-matches the image file name or stem); or LLaVA from a local folder (``framer_dist.data.captioning``, the training captioner). DiT4SR's
+under ``id``/``image``/``file``/``name``/``image_id`` and the text under
+``caption``/``prompt``/``text``; the id matches the image file name or stem); or LLaVA from a local folder (``framer_dist.data.captioning``, the training captioner). DiT4SR's
 fixed positive suffix is appended and its negative prompt drives the unconditional CFG branch.
 
 Embeddings: SD3's three text encoders from a local folder (``sd3_text_encoder``, the data
@@ -14,7 +14,6 @@ per text).
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Protocol
 
@@ -43,25 +42,17 @@ def with_suffix(caption: str, suffix: str = POSITIVE_SUFFIX) -> str:
 
 
 def read_captions(path: str | Path) -> dict[str, str]:
-    """A captions JSONL as ``{id: text}``; ids are also indexed by their file stem."""
-    p = Path(path)
-    if not p.is_file():
-        raise InferenceError(f"captions file not found: {p}")
-    out: dict[str, str] = {}
-    for n, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InferenceError(f"{p}:{n}: not valid JSON: {e}") from None
-        key = next((obj[k] for k in _ID_KEYS if k in obj), None)
-        text = next((obj[k] for k in _TEXT_KEYS if k in obj), None)
-        if key is None or text is None:
-            raise InferenceError(f"{p}:{n}: expected an id ({'/'.join(_ID_KEYS)}) and a caption "
-                                 f"({'/'.join(_TEXT_KEYS)}), got keys {sorted(obj)}")
-        out[str(key)] = str(text)
-        out.setdefault(Path(str(key)).stem, str(text))
+    """A captions JSONL as ``{id: text}`` (``framer_dist.data.captions``'s reader and rules, with
+    the id and text keys above); ids are also indexed by their file stem."""
+    from framer_dist.data.captions import CaptionsError, read_captions as read_jsonl
+
+    try:
+        caps = read_jsonl(path, id_keys=_ID_KEYS, caption_keys=_TEXT_KEYS)
+    except CaptionsError as e:
+        raise InferenceError(str(e)) from None
+    out = dict(caps)
+    for key, text in caps.items():
+        out.setdefault(Path(key).stem, text)
     return out
 
 
