@@ -61,3 +61,43 @@ def tail(paths: list[Path], n: int = 3000) -> str:
             text += f"--- {p}\n{p.read_text(errors='replace')[-n:]}\n"
     return text or "(no logs)"
 
+
+
+def run_exits_before_listening(cmd: list[str], port: int, *, bound: float = HANG_S,
+                               poll: float = POLL_S, **popen_kw) -> subprocess.CompletedProcess:
+    """Run ``cmd`` (text output captured) to its exit, and fail at once if it listens on ``port``
+    first. Started as rank 0 of a process group with MASTER_PORT=``port``, a process that listens
+    there has reached the rendezvous (rank 0 hosts the store) and would block waiting for the
+    other ranks: this is how a test sees that a check did *not* run before the process group,
+    without a time limit standing for "it would have blocked"."""
+    import tempfile
+
+    import psutil
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, **popen_kw)
+
+        def listening() -> bool:
+            try:
+                conns = psutil.Process(proc.pid).net_connections(kind="tcp")
+            except (psutil.NoSuchProcess, psutil.ZombieProcess):
+                return False
+            return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in conns)
+
+        def output() -> str:
+            out.seek(0)
+            err.seek(0)
+            return out.read()[-3000:] + err.read()[-3000:]
+
+        try:
+            wait_until(lambda: proc.poll() is not None, f"{cmd[:3]} to exit",
+                       alive=lambda: not listening(), details=output, bound=bound, poll=poll,
+                       ended=f"it listens on port {port}: it reached the process group (and would "
+                             "block there) before it exited")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
