@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,11 +20,10 @@ def test_wait_until_returns_at_the_first_look_that_sees_the_state() -> None:
 
 
 def test_wait_until_fails_at_once_when_what_it_waits_for_has_ended() -> None:
-    start = time.monotonic()
     with pytest.raises(AssertionError, match=r"the run ended \(waiting for a step\)\nLOG") as e:
         wait_until(lambda: False, "a step", alive=lambda: False, ended="the run ended",
                    details=lambda: "LOG")
-    assert not isinstance(e.value, Hang) and time.monotonic() - start < 5
+    assert not isinstance(e.value, Hang)  # at once, not at the bound
 
 
 def test_wait_until_takes_a_state_reached_as_the_thing_ended() -> None:
@@ -46,7 +44,7 @@ def test_wait_exit_returns_the_exit_code_and_kills_a_hang() -> None:
     p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     with pytest.raises(Hang, match="the sleeper: not after"):
         wait_exit(p, "the sleeper", bound=0.2)
-    assert p.wait(timeout=60) == -9
+    assert p.wait() == -9  # killed by the helper
 
 
 def test_run_exits_before_listening(tmp_path: Path) -> None:
@@ -56,11 +54,10 @@ def test_run_exits_before_listening(tmp_path: Path) -> None:
     # one that reaches the rendezvous (rank 0 hosts the store on MASTER_PORT) and would block
     listener = ("import socket, time; s = socket.socket(); s.bind(('127.0.0.1', %d)); s.listen();"
                 "print('listening', flush=True); time.sleep(600)" % port)
-    start = time.monotonic()
     with pytest.raises(AssertionError, match=f"listens on port {port}: it reached the process group"
-                                             r"[^\n]*\nlistening"):
+                                             r"[^\n]*\nlistening") as e:
         run_exits_before_listening([sys.executable, "-c", listener], port)
-    assert time.monotonic() - start < 60  # not the hang bound
+    assert not isinstance(e.value, Hang)  # at once, not at the bound
 
 
 def test_tail_names_each_log(tmp_path: Path) -> None:
