@@ -13,10 +13,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _waiting import HANG_S  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run_with_file_size_limit(code: str, limit: int, timeout: float = 300
+def run_with_file_size_limit(code: str, limit: int, timeout: float = HANG_S
                              ) -> subprocess.CompletedProcess:
     """``python -c code`` (the repository on PYTHONPATH) with file writes capped at ``limit``."""
     def cap() -> None:

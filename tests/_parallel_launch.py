@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _waiting import HANG_S, wait_until  # noqa: E402
 WORKER = HERE / "_parallel_worker.py"
 NORMAL = (0, 75)  # 75: checkpoint.requeue_exit_code default
 
@@ -24,7 +26,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(world: int, out: Path, phases: list[dict], timeout: float = 240) -> list[int]:
+def launch(world: int, out: Path, phases: list[dict], bound: float = HANG_S) -> list[int]:
+    """Run the phases on ``world`` ranks to the end, however long a slow machine takes; only a hang
+    reaches ``bound``: then every rank is killed and the failure shows their logs."""
     out.mkdir(parents=True, exist_ok=True)
     spec = out / f"phases_{time.monotonic_ns()}.json"
     spec.write_text(json.dumps(phases))
@@ -40,19 +44,33 @@ def launch(world: int, out: Path, phases: list[dict], timeout: float = 240) -> l
         logs.append(log)
         procs.append(subprocess.Popen([sys.executable, str(WORKER), str(out), str(spec)], env=env,
                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-    deadline = time.monotonic() + timeout
     abnormal_at = None
-    while any(p.poll() is None for p in procs):
+
+    def ended() -> bool:
+        nonlocal abnormal_at
+        if all(p.poll() is not None for p in procs):
+            return True
         now = time.monotonic()
         if abnormal_at is None and any(p.poll() not in (None, *NORMAL) for p in procs):
             abnormal_at = now
-        if now > deadline or (abnormal_at is not None and now - abnormal_at > 5):
-            for p in procs:
-                if p.poll() is None:
-                    os.killpg(p.pid, signal.SIGKILL)
-        time.sleep(0.1)
-    for log in logs:
-        log.close()
+        if abnormal_at is not None and now - abnormal_at > 5:  # torchrun's agent: stop the rest
+            kill()
+        return False
+
+    def kill() -> None:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+        for p in procs:
+            p.wait()
+
+    try:
+        wait_until(ended, f"{world} ranks of {spec.name} to exit", bound=bound, on_hang=kill,
+                   details=lambda: tail(out))
+    finally:
+        kill()
+        for log in logs:
+            log.close()
     return [p.returncode for p in procs]
 
 

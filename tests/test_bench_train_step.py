@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from _waiting import HANG_S
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -13,7 +15,7 @@ def test_train_step_bench_tiny_cpu(tmp_path: Path) -> None:
     cmd = [sys.executable, str(ROOT / "bench" / "train_step.py"), "--preset", "tiny", "--batch", "2",
            "--resolution", "64", "--steps", "2", "--warmup", "1", "--modes", "control",
            "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_S, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     (run,) = result["runs"]

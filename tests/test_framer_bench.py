@@ -8,13 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+from _waiting import HANG_S
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_bench_tiny_runs(tmp_path):
     out = tmp_path / "bench.json"
     subprocess.run([sys.executable, str(ROOT / "bench" / "framer_loss.py"), "--tiny", "--threads", "1",
-                    "--out", str(out)], check=True, timeout=240,
+                    "--out", str(out)], check=True, timeout=HANG_S,
                    env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True)
     r = json.loads(out.read_text())
     assert r["losses_agree"] is True

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from _parallel_launch import free_port
+from _waiting import HANG_S
 
 SCRIPT = r"""
 import torch
@@ -60,5 +61,5 @@ def test_fsdp2_bf16_keeps_the_timestep_fp32(tmp_path):
                PYTHONPATH=os.pathsep.join([str(root), env_pp] if (env_pp := os.environ.get(
                    "PYTHONPATH")) else [str(root)]))
     r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=tmp_path, capture_output=True,
-                       text=True, timeout=240)
+                       text=True, timeout=HANG_S)
     assert r.returncode == 0 and "OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]

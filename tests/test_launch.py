@@ -24,6 +24,9 @@ import pytest
 
 from framer_dist import launch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _waiting import HANG_S, POLL_S, Hang, tail, wait_exit, wait_until  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 FAKE_SLURM = REPO / "tests" / "fake_slurm"
 SCRIPTS = sorted((REPO / "slurm").glob("*.sh")) + sorted(p for p in FAKE_SLURM.iterdir() if p.is_file())
@@ -73,12 +76,9 @@ def _steps_logged(out: Path) -> list[int]:
     return [json.loads(line)["step"] for line in f.read_text().splitlines() if line.strip()]
 
 
-def _wait_for_steps(out: Path, n: int, proc_alive, timeout: float = 120) -> None:
-    end = time.monotonic() + timeout
-    while len(_steps_logged(out)) < n:
-        assert proc_alive(), "the run ended before it could be preempted"
-        assert time.monotonic() < end, f"no progress in {out}"
-        time.sleep(0.05)
+def _wait_for_steps(out: Path, n: int, proc_alive, details=None) -> None:
+    wait_until(lambda: len(_steps_logged(out)) >= n, f"{n} steps logged in {out}", alive=proc_alive,
+               ended="the run ended before it could be preempted", details=details)
 
 
 def _checkpoint_steps(out: Path) -> list[int]:
@@ -228,10 +228,51 @@ def test_batch_script_refuses_a_missing_config(tmp_path: Path) -> None:
     env.pop("CONFIG", None)
     out = tmp_path / "batch.out"
     r = subprocess.run(["sbatch", f"--output={out}", "slurm/train_dit.sh"], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=60)
+                       capture_output=True, text=True, timeout=HANG_S)
     assert r.returncode == 2
     assert "CONFIG is not set" in out.read_text()
     assert not (tmp_path / "state" / "steps.0").exists() and not list((tmp_path / "state").glob("steps.*"))
+
+
+# ----------------------------------------------------------------------------------------------
+# waiting for a job: on its state, however slow the machine; only a hang reaches the bound
+
+
+def test_wait_job_polls_the_state_until_done() -> None:
+    looks = []
+
+    class Job:
+        job_id = "1"
+
+        def done(self) -> bool:
+            looks.append(time.monotonic())
+            return len(looks) == 4
+
+    _wait_job(Job(), bound=60, poll=0)
+    assert len(looks) == 4  # returned at the first look that saw the job done
+
+
+def test_wait_job_at_its_bound_cancels_and_shows_the_logs(tmp_path: Path) -> None:
+    """A real submitit job that would run for 10 minutes, waited on with a 1 s bound: the failure
+    names the job and carries every task's log; the job is cancelled (it ends right after)."""
+    import submitit
+
+    ex = submitit.LocalExecutor(folder=tmp_path)
+    ex.update_parameters(tasks_per_node=2, timeout_min=30)
+    job = ex.submit(time.sleep, 600)
+    tasks = _task_processes(job)
+    outs = [job.task(k).paths.stdout for k in range(2)]
+    wait_until(lambda: all(p.is_file() and "Starting with" in p.read_text() for p in outs),
+               "both tasks to log their start")
+    with pytest.raises(Hang) as e:
+        _wait_job(job, bound=1)
+    msg = str(e.value)
+    assert f"submitit job {job.job_id} to finish: not after 1 s" in msg and "only a hang" in msg
+    for k in range(2):
+        assert f"{job.job_id}_{k}_log.out" in msg and f"{job.job_id}_{k}_log.err" in msg
+    assert "Starting with JobEnvironment" in msg  # the log text itself, not only its name
+    _wait_job(job)  # the cancelled job ends
+    wait_until(lambda: not any(p.is_running() for p in tasks), "the cancelled job's tasks to exit")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,20 +288,26 @@ def _submit_local(tmp: Path, cfg: Path, folder: Path, tasks: int, *extra: str):
 
 def _task_processes(job) -> list[psutil.Process]:
     """submitit's task processes: the children of the local controller (not the trainers)."""
-    end = time.monotonic() + 30
-    while time.monotonic() < end:
-        kids = psutil.Process(job._process.pid).children()
-        if kids:
-            return kids
-        time.sleep(0.05)
-    raise AssertionError("no submitit task processes")
+    controller = psutil.Process(job._process.pid)
+    wait_until(lambda: bool(controller.children()), "submitit's task processes",
+               alive=lambda: job._process.poll() is None, ended="the submitit controller exited",
+               details=lambda: _job_logs(job), on_hang=job.cancel)
+    return controller.children()
 
 
-def _wait_job(job, timeout: float = 240):
-    end = time.monotonic() + timeout
-    while not job.done():
-        assert time.monotonic() < end, "submitit job did not finish"
-        time.sleep(0.2)
+def _job_logs(job) -> str:
+    """The end of every task's stdout and stderr (submitit's log files)."""
+    paths = [job.task(k).paths for k in range(job.num_tasks)]
+    return f"submitit job {job.job_id}, state {job.state}\n" + tail(
+        [f for p in paths for f in (p.stdout, p.stderr)])
+
+
+def _wait_job(job, bound: float = HANG_S, poll: float = POLL_S) -> None:
+    """Wait until the job is no longer running (its controller process ended), however long a slow
+    machine takes; only a hang reaches ``bound``: then the job is cancelled and the failure shows
+    every task's log."""
+    wait_until(job.done, f"submitit job {job.job_id} to finish", details=lambda: _job_logs(job),
+               bound=bound, poll=poll, on_hang=lambda: job.cancel())
 
 
 @pytest.fixture(scope="module")
@@ -269,7 +316,7 @@ def reference(tmp_path_factory) -> tuple[Path, list[str], dict]:
     tmp = tmp_path_factory.mktemp("ref")
     out = tmp / "run"
     job = _submit_local(tmp, _write_config(tmp, out), tmp / "submitit", 2, "--time", "30")
-    _wait_job(job)
+    _wait_job(job)  # cancels the job if it hangs
     results = job.results()
     assert [r["exit_code"] for r in results] == [0, 0] and results[0]["attempt"] == 0
     assert _steps_logged(out) == list(range(1, STEPS + 1))
@@ -284,11 +331,15 @@ def test_submitit_local_preemption_requeues_and_matches_uninterrupted(tmp_path, 
     out = tmp_path / "run"
     folder = tmp_path / "submitit"
     job = _submit_local(tmp_path, _write_config(tmp_path, out), folder, 2, "--time", "30")
-    tasks = _task_processes(job)
-    _wait_for_steps(out, 3, lambda: not job.done())
-    for p in tasks:  # SLURM signals every task of the job; so does the local controller
-        p.send_signal(signal.SIGUSR2)
-    _wait_job(job)
+    try:
+        tasks = _task_processes(job)
+        _wait_for_steps(out, 3, lambda: not job.done(), details=lambda: _job_logs(job))
+        for p in tasks:  # SLURM signals every task of the job; so does the local controller
+            p.send_signal(signal.SIGUSR2)
+        _wait_job(job)
+    finally:
+        if not job.done():
+            job.cancel()
 
     results = job.results()
     assert [r["exit_code"] for r in results] == [0, 0]
@@ -313,7 +364,7 @@ def test_submitit_resubmit_with_other_task_count_resumes_same_checkpoint(tmp_pat
     cfg = _write_config(tmp_path, out, steps=STEPS + 3)
     folder = tmp_path / "submitit"
     job = _submit_local(tmp_path, cfg, folder, 1, "--time", "30")
-    _wait_job(job)
+    _wait_job(job)  # cancels the job if it hangs
     (result,) = job.results()
     assert result["exit_code"] == 0
     assert _steps_logged(out) == list(range(1, STEPS + 4))
@@ -340,13 +391,16 @@ def test_sbatch_script_trains_preempts_and_requeues_under_fake_slurm(tmp_path, r
     # 2 nodes x 1 GPU: two srun tasks, each a torchrun agent, one c10d rendezvous -> 2 ranks
     proc = subprocess.Popen(["sbatch", "--nodes=2", f"--output={batch_out}", "slurm/train_dit.sh"],
                             cwd=REPO, env=env)
+
+    def job_logs() -> str:
+        return tail(sorted(tmp_path.glob("batch-*.out")) + sorted(logs.rglob("*.log")))
+
     try:
-        _wait_for_steps(out, 3, lambda: proc.poll() is None)
+        _wait_for_steps(out, 3, lambda: proc.poll() is None, details=job_logs)
         subprocess.run(["scancel", "--signal=USR1", job_id], env=env, check=True)
-        assert proc.wait(timeout=240) == 0
+        assert wait_exit(proc, "the requeued fake-SLURM job to end", details=job_logs) == 0, job_logs()
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        _stop_fake_job(proc, env, job_id)
     batch_log = (tmp_path / f"batch-{job_id}.out").read_text()
     assert (state / "requeued").read_text().split() == [job_id], batch_log
     assert "scontrol requeue 4242" in batch_log
@@ -381,6 +435,14 @@ sys.exit(75)   # as the trainer does after its collective save
 """
 
 
+def _stop_fake_job(proc: subprocess.Popen, env: dict, job_id: str) -> None:
+    """After a failed wait: kill the fake job's steps (their own process groups) and its sbatch."""
+    if proc.poll() is None:
+        subprocess.run(["scancel", "--full", "--signal=KILL", job_id], env=env)
+        proc.kill()
+        proc.wait()
+
+
 def _standin_repo(tmp: Path) -> Path:
     repo = tmp / "repo"
     shutil.copytree(REPO / "slurm", repo / "slurm")
@@ -403,16 +465,16 @@ def test_batch_script_does_not_requeue_a_cancelled_job(tmp_path: Path) -> None:
     env = _standin_env(tmp_path, repo, "wait")
     proc = subprocess.Popen(["sbatch", "--nodes=1", "--output=batch.out", "slurm/train_dit.sh"],
                             cwd=repo, env=env)
+    def job_logs() -> str:
+        return tail([repo / "batch.out", *sorted((tmp_path / "logs").rglob("*.log"))])
+
     try:
-        end = time.monotonic() + 120
-        while not (tmp_path / "ready.0").exists():
-            assert proc.poll() is None and time.monotonic() < end, "stand-in never started"
-            time.sleep(0.05)
+        wait_until((tmp_path / "ready.0").exists, "the stand-in trainer to start",
+                   alive=lambda: proc.poll() is None, ended="the job ended first", details=job_logs)
         subprocess.run(["scancel", "77"], env=env, check=True)  # TERM to the batch shell and steps
-        assert proc.wait(timeout=120) == 0
+        assert wait_exit(proc, "the cancelled job to end", details=job_logs) == 0, job_logs()
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        _stop_fake_job(proc, env, "77")
     log = (repo / "batch.out").read_text()
     assert "job was cancelled, not requeueing" in log, log
     assert not (tmp_path / "state" / "requeued").exists()
@@ -424,7 +486,7 @@ def test_batch_script_reports_a_failed_trainer_without_requeue(tmp_path: Path) -
     repo = _standin_repo(tmp_path)
     env = _standin_env(tmp_path, repo, "fail")
     r = subprocess.run(["sbatch", "--nodes=1", "--output=batch.out", "slurm/train_dit.sh"],
-                       cwd=repo, env=env, timeout=120)
+                       cwd=repo, env=env, timeout=HANG_S)
     assert r.returncode != 0
     log = (repo / "batch.out").read_text()
     assert "training failed" in log, log

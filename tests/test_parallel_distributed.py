@@ -12,7 +12,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _parallel_launch import launch, tail  # noqa: E402
+from _parallel_launch import free_port, launch, tail  # noqa: E402
+from _waiting import HANG_S  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 
@@ -330,9 +331,9 @@ def test_deepspeed_skipped_step_moves_neither_the_step_count_nor_the_ema(tmp_pat
     import subprocess
 
     env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT="29747", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+               MASTER_PORT=str(free_port()), PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", _SKIP_SCRIPT, str(REPO / "tests")], env=env,
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+                          cwd=REPO, capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(proc.stdout.split("ROWS ", 1)[1])
     before, skipped, after = rows

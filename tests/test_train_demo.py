@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _waiting import HANG_S
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -18,7 +19,7 @@ def test_demo_runs_end_to_end(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO), FRAMER_NO_PROGRESS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run([sys.executable, "-m", "framer_dist.demo", "--out", str(out),
                            "--steps", "4", "--sample-steps", "4"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = proc.stdout
     # it says where everything went, and it is there

@@ -26,11 +26,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _waiting import HANG_S, wait_until  # noqa: E402
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -61,10 +63,12 @@ def _backend_args(backend: str, tmp: Path) -> list[str]:
     return ["--backend", backend]
 
 
-def launch(world: int, args: list[str], log: Path, during=None, timeout: float = 240) -> list[int]:
+def launch(world: int, args: list[str], log: Path, during=None, bound: float = HANG_S) -> list[int]:
     """Start `world` ranks of train.py with the env torchrun sets; each rank's own exit code.
 
-    ``during(procs)`` is polled while they run (to kill or signal them)."""
+    ``during(procs)`` is polled while they run (to kill or signal them) until it returns True.
+    They run to the end however long a slow machine takes; only a hang reaches ``bound``: then
+    every rank is killed and the failure shows the log."""
     port = _free_port()
     procs = []
     with open(log, "w") as fh:
@@ -76,15 +80,26 @@ def launch(world: int, args: list[str], log: Path, during=None, timeout: float =
                        PYTHONWARNINGS="ignore", PYTHONPATH=str(REPO))
             procs.append(subprocess.Popen([sys.executable, str(TRAIN), *args], env=env, stdout=fh,
                                           stderr=subprocess.STDOUT, start_new_session=True))
-        deadline = time.monotonic() + timeout
-        while any(p.poll() is None for p in procs):
+
+        def ended() -> bool:
+            nonlocal during
             if during is not None and during(procs):
                 during = None
-            if time.monotonic() > deadline:
-                for p in procs:
-                    if p.poll() is None:
-                        os.killpg(p.pid, signal.SIGKILL)
-            time.sleep(0.01)
+            return all(p.poll() is not None for p in procs)
+
+        def kill() -> None:
+            for p in procs:
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+            for p in procs:
+                p.wait()
+
+        try:
+            # 10 ms: kill_in_save must catch a checkpoint while it is being written
+            wait_until(ended, f"{world} ranks of train.py ({log.name}) to exit", bound=bound,
+                       poll=0.01, on_hang=kill, details=lambda: log.read_text()[-6000:])
+        finally:
+            kill()
     return [p.returncode for p in procs]
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +17,10 @@ import pytest
 import torch
 
 from framer_dist.train import build_config, main, parse_args
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _parallel_launch import free_port  # noqa: E402
+from _waiting import run_exits_before_listening  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = str(REPO / "configs" / "tiny_cpu_demo.toml")
@@ -89,14 +92,16 @@ def test_ds_json_contents_are_checked_before_the_launch(tmp_path, capsys):
 
 def test_bad_ds_config_fails_before_the_process_group(tmp_path):
     """As the deepspeed launcher would start rank 0 of 2: a process group init would block
-    waiting for rank 1, so a prompt exit proves the check ran first."""
+    waiting for rank 1, so an exit before rank 0 listens on MASTER_PORT proves the check ran
+    first."""
     bad = tmp_path / "zero3.json"
     bad.write_text("{not json")
+    port = free_port()
     env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT="29731", PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, str(REPO / "framer_dist" / "train.py"), "--local_rank=0",
-                           "--ds", str(bad), "--config", TINY, SYN], env=env, capture_output=True,
-                          text=True, timeout=120)
+               MASTER_PORT=str(port), PYTHONPATH=str(REPO))
+    proc = run_exits_before_listening([sys.executable, str(REPO / "framer_dist" / "train.py"),
+                                       "--local_rank=0", "--ds", str(bad), "--config", TINY, SYN],
+                                      port, env=env)
     assert proc.returncode == 2, proc.stderr
     assert "parallel.ds_config" in proc.stderr and str(bad) in proc.stderr
 
@@ -265,13 +270,14 @@ def test_checkpoint_of_another_backend_or_optimizer_is_refused_before_the_model(
     assert str(ckpt) in err and "train.mode='control'" in err and "'lora'" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
-    # another backend, launched as rank 0 of 2: a process group init would wait for rank 1, so a
-    # prompt exit 2 shows the check ran first
+    # another backend, launched as rank 0 of 2: a process group init would wait for rank 1, so an
+    # exit 2 before rank 0 listens on MASTER_PORT shows the check ran first
+    port = free_port()
     env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT="29733", PYTHONPATH=str(REPO), FRAMER_NO_PROGRESS="1")
-    proc = subprocess.run([sys.executable, str(REPO / "framer_dist" / "train.py"), "--backend",
-                           "fsdp2", *base, "train.steps=2", "--resume", str(ckpt)], env=env,
-                          capture_output=True, text=True, timeout=120)
+               MASTER_PORT=str(port), PYTHONPATH=str(REPO), FRAMER_NO_PROGRESS="1")
+    proc = run_exits_before_listening([sys.executable, str(REPO / "framer_dist" / "train.py"),
+                                       "--backend", "fsdp2", *base, "train.steps=2", "--resume",
+                                       str(ckpt)], port, env=env)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert str(ckpt) in proc.stderr and "'none' backend" in proc.stderr
     assert "parallel.backend='fsdp2'" in proc.stderr and "--backend none" in proc.stderr
