@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from _ranks import kill_all  # noqa: E402
 from _waiting import HANG_S, wait_until  # noqa: E402
 WORKER = HERE / "_parallel_worker.py"
 NORMAL = (0, 75)  # 75: checkpoint.requeue_exit_code default
@@ -58,11 +58,7 @@ def launch(world: int, out: Path, phases: list[dict], bound: float = HANG_S) -> 
         return False
 
     def kill() -> None:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-        for p in procs:
-            p.wait()
+        kill_all(procs)
 
     try:
         wait_until(ended, f"{world} ranks of {spec.name} to exit", bound=bound, on_hang=kill,

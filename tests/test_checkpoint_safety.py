@@ -15,7 +15,6 @@ import os
 import pickle
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +30,10 @@ from framer_dist.safe_load import (FORMAT_VERSION, CheckpointLoadError, load_tor
                                    read_dcp_metadata)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _ranks import rank_env, run_ranks  # noqa: E402
 from _tiny_parallel import make_model  # noqa: E402
+from _waiting import HANG_S as HANG  # noqa: E402
+from _waiting import wait_exit  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = REPO / "framer_dist" / "train.py"
@@ -39,7 +41,6 @@ WORKER = REPO / "tests" / "_resume_worker.py"
 ARGS = ["--config", str(REPO / "configs" / "tiny_cpu_demo.toml"), 'data.source="synthetic"',
         "data.resolution=32", "train.ema=true", "checkpoint.every=1", "checkpoint.export=[]",
         "log.every=1", "log.heatmap_every=0", "log.val_every=0", "log.progress=false"]
-HANG = 1200  # seconds: only a hang gets there
 
 
 class Payload:
@@ -81,33 +82,22 @@ def plant_dcp_entry(dcp_dir: Path, marker: Path) -> None:
     dcp.save(sd, checkpoint_id=str(dcp_dir), no_dist=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env(rank: int, world: int, port: int | None) -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", FRAMER_NO_PROGRESS="1",
                PYTHONPATH=str(REPO))
-    if port is not None:
-        env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                   LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    return env
+    return env if port is None else rank_env(env, rank, world, port)
 
 
 def _run(args: list[str], world: int, distributed: bool, log: Path) -> None:
     """Ranks 0..world-1 of ``args`` (train.py or the worker) with the env torchrun sets."""
-    port = _free_port() if distributed else None
-    with open(log, "w") as fh:
-        procs = [subprocess.Popen([sys.executable, *args], env=_env(r, world, port), stdout=fh,
-                                  stderr=subprocess.STDOUT) for r in range(world)]
-        try:
-            codes = [p.wait(timeout=HANG) for p in procs]
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
+    if distributed:
+        codes = run_ranks([sys.executable, *args], world, log, _env(0, 1, None))
+    else:
+        with open(log, "w") as fh:
+            p = subprocess.Popen([sys.executable, *args], env=_env(0, 1, None), stdout=fh,
+                                 stderr=subprocess.STDOUT)
+            codes = [wait_exit(p, f"{Path(args[0]).name} to exit",
+                               details=lambda: log.read_text()[-4000:])]
     assert codes == [0] * world, f"{args[0]} exited {codes}:\n{log.read_text()[-4000:]}"
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +23,9 @@ ARGS = ["--config", str(REPO / "configs" / "tiny_cpu_demo.toml"), *TOY, 'data.so
         "data.resolution=32", "train.global_batch_size=4", "data.batch_size=2", "train.steps=4",
         "log.every=1", "log.heatmap_every=2", "log.val_every=1", "log.progress=false",
         "checkpoint.every=2", "checkpoint.export=[]", "framer.random_negatives=false"]
-HANG = 1200  # seconds: only a hang gets there
+sys.path.insert(0, str(TESTS))
+from _ranks import run_ranks  # noqa: E402
+from _waiting import HANG_S as HANG  # noqa: E402
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -60,28 +61,13 @@ def test_a_family_from_outside_the_package_trains_on_none_and_fsdp2(tmp_path):
     p = subprocess.run([sys.executable, str(TRAIN), *ARGS, f"train.out_dir={json.dumps(str(single))}"],
                        env=_env(), capture_output=True, text=True, timeout=HANG)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     fsdp = tmp_path / "fsdp2"
     # the same global batch of 4 in forwards of 2 images (InterCL compares within a forward):
     # micro 2 x accumulation 2 on one process, micro 1 x 2 ranks x accumulation 2 here
     args = [str(TRAIN), *ARGS, "--backend", "fsdp2", 'parallel.activation_checkpointing="all"',
             "data.batch_size=1", f"train.out_dir={json.dumps(str(fsdp))}"]
-    logs = [open(tmp_path / f"rank{r}.log", "w") for r in range(2)]
-    procs = [subprocess.Popen([sys.executable, *args], stdout=logs[r], stderr=subprocess.STDOUT,
-                              env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
-                                       LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                                       MASTER_PORT=str(port))) for r in range(2)]
-    try:
-        codes = [q.wait(timeout=HANG) for q in procs]
-    finally:
-        for q in procs:
-            if q.poll() is None:
-                q.kill()
-    for fh in logs:
-        fh.close()
-    assert codes == [0, 0], (tmp_path / "rank0.log").read_text()[-3000:]
+    codes = run_ranks([sys.executable, *args], 2, tmp_path / "fsdp2.log", _env())
+    assert codes == [0, 0], (tmp_path / "fsdp2.log").read_text()[-3000:]
 
     a, b = _losses(single), _losses(fsdp)
     assert [r["step"] for r in a] == [1, 2, 3, 4] == [r["step"] for r in b]

@@ -23,8 +23,6 @@ import json
 import os
 import re
 import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -32,7 +30,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _waiting import HANG_S, wait_until  # noqa: E402
+from _ranks import run_ranks  # noqa: E402
+from _waiting import HANG_S  # noqa: E402
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -47,12 +46,6 @@ COMMON = ['data.source="synthetic"', "data.resolution=64", "train.global_batch_s
           "checkpoint.keep_last=10", 'parallel.activation_checkpointing="all"']
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _backend_args(backend: str, tmp: Path) -> list[str]:
     if backend == "deepspeed":
         ds = tmp / "zero3.json"  # tiny params must really be partitioned: threshold 0
@@ -64,43 +57,12 @@ def _backend_args(backend: str, tmp: Path) -> list[str]:
 
 
 def launch(world: int, args: list[str], log: Path, during=None, bound: float = HANG_S) -> list[int]:
-    """Start `world` ranks of train.py with the env torchrun sets; each rank's own exit code.
-
-    ``during(procs)`` is polled while they run (to kill or signal them) until it returns True.
-    They run to the end however long a slow machine takes; only a hang reaches ``bound``: then
-    every rank is killed and the failure shows the log."""
-    port = _free_port()
-    procs = []
-    with open(log, "w") as fh:
-        for r in range(world):
-            env = dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world),
-                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                       OMP_NUM_THREADS="1", FRAMER_NO_PROGRESS="1",
-                       TORCH_EXTENSIONS_DIR=str(log.parent / "torch_ext"),
-                       PYTHONWARNINGS="ignore", PYTHONPATH=str(REPO))
-            procs.append(subprocess.Popen([sys.executable, str(TRAIN), *args], env=env, stdout=fh,
-                                          stderr=subprocess.STDOUT, start_new_session=True))
-
-        def ended() -> bool:
-            nonlocal during
-            if during is not None and during(procs):
-                during = None
-            return all(p.poll() is not None for p in procs)
-
-        def kill() -> None:
-            for p in procs:
-                if p.poll() is None:
-                    os.killpg(p.pid, signal.SIGKILL)
-            for p in procs:
-                p.wait()
-
-        try:
-            # 10 ms: kill_in_save must catch a checkpoint while it is being written
-            wait_until(ended, f"{world} ranks of train.py ({log.name}) to exit", bound=bound,
-                       poll=0.01, on_hang=kill, details=lambda: log.read_text()[-6000:])
-        finally:
-            kill()
-    return [p.returncode for p in procs]
+    """``world`` ranks of train.py (tests/_ranks.py); ``during(procs)`` may kill or signal them.
+    10 ms polls: kill_in_save must catch a checkpoint while it is being written."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", FRAMER_NO_PROGRESS="1", PYTHONWARNINGS="ignore",
+               TORCH_EXTENSIONS_DIR=str(log.parent / "torch_ext"), PYTHONPATH=str(REPO))
+    return run_ranks([sys.executable, str(TRAIN), *args], world, log, env, during=during,
+                     bound=bound, poll=0.01)
 
 
 def _losses(run_dir: Path) -> list[dict]:

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _ranks import run_ranks  # noqa: E402
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -27,35 +26,13 @@ PHOTOS = REPO / "framer_dist" / "assets" / "photos"
 STEPS = 4
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(world: int, args: list[str], log: Path, timeout: float = 300) -> list[int]:
-    """``world`` ranks of train.py with the env torchrun sets, all writing into ``log``; no
-    warning filter of our own (PYTHONWARNINGS) and the progress bar on, as a user runs it."""
-    port = _free_port()
+def launch(world: int, args: list[str], log: Path) -> list[int]:
+    """``world`` ranks of train.py (tests/_ranks.py), all writing into ``log``; no warning filter
+    of our own (PYTHONWARNINGS) and the progress bar on, as a user runs it."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "FRAMER_NO_PROGRESS")}
-    procs = []
-    with open(log, "w") as fh:
-        for r in range(world):
-            procs.append(subprocess.Popen(
-                [sys.executable, str(TRAIN), *args], stdout=fh, stderr=subprocess.STDOUT,
-                env=dict(env, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world),
-                         LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                         MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-                         TORCH_EXTENSIONS_DIR=str(log.parent / "torch_ext"), PYTHONPATH=str(REPO)),
-                start_new_session=True))
-        deadline = time.monotonic() + timeout
-        while any(p.poll() is None for p in procs):
-            if time.monotonic() > deadline:
-                for p in procs:
-                    if p.poll() is None:
-                        os.killpg(p.pid, signal.SIGKILL)
-            time.sleep(0.05)
-    return [p.returncode for p in procs]
+    env.update(OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=str(log.parent / "torch_ext"),
+               PYTHONPATH=str(REPO))
+    return run_ranks([sys.executable, str(TRAIN), *args], world, log, env)
 
 
 @pytest.fixture(scope="module")
