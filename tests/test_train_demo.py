@@ -99,7 +99,7 @@ def test_editable_install_prints_no_build_backend_warning_box(tmp_path):
     installed package imports from the checkout. (Into a scratch prefix, with the venv's setuptools.)"""
     proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps",
                            "--no-build-isolation", "--no-index", "--prefix", str(tmp_path / "pfx"),
-                           "-e", str(REPO)], capture_output=True, text=True, timeout=300)
+                           "-e", str(REPO)], capture_output=True, text=True, timeout=HANG_S)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     assert "BuildBackendWarning" not in out and "Editable installation" not in out, out
@@ -107,6 +107,6 @@ def test_editable_install_prints_no_build_backend_warning_box(tmp_path):
     where = subprocess.run(
         [sys.executable, "-S", "-c", f"import site; site.addsitedir({str(site)!r}); "
          "import framer_dist; print(framer_dist.__file__)"],
-        capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        capture_output=True, text=True, timeout=HANG_S, cwd=tmp_path)
     assert where.returncode == 0, where.stderr
     assert Path(where.stdout.strip()).resolve() == (REPO / "framer_dist" / "__init__.py").resolve()

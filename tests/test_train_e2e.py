@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from framer_dist.train import build_config, main, parse_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _parallel_launch import free_port  # noqa: E402
-from _waiting import run_exits_before_listening  # noqa: E402
+from _waiting import HANG_S, run_exits_before_listening  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = str(REPO / "configs" / "tiny_cpu_demo.toml")
@@ -208,7 +209,7 @@ def test_data_report_lines_do_not_share_the_progress_bars_line(tmp_path):
          str(tmp_path / "run"), f'data.path="{REPO / "framer_dist" / "assets" / "photos"}"',
          "train.steps=4", "log.every=2", "log.heatmap_every=0", "log.val_every=0",
          "checkpoint.export=[]"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=HANG_S,
         env=dict(env, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-3000:]
     lines = proc.stdout.replace("\r", "\n").splitlines()
