@@ -39,6 +39,7 @@ from framer_dist.framer import select_layers  # noqa: E402
 from framer_dist.micro_batch import micro_batch_loss  # noqa: E402
 from framer_dist.models import StepContext, get_family  # noqa: E402
 from framer_dist.models.dit4sr import apply_training_mode, build_model  # noqa: E402
+from framer_dist.models.dit4sr.config import section  # noqa: E402
 from framer_dist.models.dit4sr.flops import geometry_from_model, train_flops_per_sample  # noqa: E402
 from framer_dist.parallel import ac_indices, setup_backend  # noqa: E402
 
@@ -118,8 +119,9 @@ def run_combo(a: argparse.Namespace, mode: str, backend_key: str, device_type: s
     cfg = make_config(a, mode, backend_key, device_type)
     base_cfg = dataclasses.replace(cfg, framer=dataclasses.replace(cfg.framer, enabled=False))
     torch.manual_seed(0)
-    model = build_model(cfg.model, device="cuda" if device_type == "cuda" else None)
-    params = apply_training_mode(model, mode, cfg.lora)
+    model = build_model(cfg.model, lr_injection_scale=section(cfg).lr_injection_scale,
+                        device="cuda" if device_type == "cuda" else None)
+    params = apply_training_mode(model, mode, section(cfg).lora)
     students, teacher = select_layers(model.num_blocks, cfg.framer)
     geometry = geometry_from_model(model)
     text_tokens = a.text_tokens or (154 if a.preset != "tiny" else 8)
@@ -213,7 +215,7 @@ def run_combo(a: argparse.Namespace, mode: str, backend_key: str, device_type: s
 
     precision = cfg.train.precision
     peak = peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", precision)
-    lora_rank = cfg.lora.rank if mode == "lora" else 0
+    lora_rank = section(cfg).lora.rank if mode == "lora" else 0
     res: dict[str, Any] = {"mode": mode, "backend": backend_key, "precision": precision,
                            "batch": a.batch, "resolution": a.resolution, "text_tokens": text_tokens,
                            "activation_checkpointing": a.ac,

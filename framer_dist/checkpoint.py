@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from framer_dist.atomic import write_text_atomic
+from framer_dist.log import get_logger
 from framer_dist.parallel.common import CLIENT_STATE_FILE, Backend
 from framer_dist.safe_load import CheckpointLoadError, load_torch
 
@@ -313,6 +314,6 @@ class CheckpointManager:
             os.rename(p, self.root / f"abandoned-{tag}-{p.name}")
         _fsync_dir(self.root)
         write_text_atomic(self.root / LATEST, path.name + "\n")
-        print(f"[framer_dist] resumed from {path.name}, older than {newer[-1].name}: the newer "
-              f"checkpoints of {self.root} were renamed to abandoned-{tag}-step_* (this run "
-              "writes its own)", flush=True)
+        get_logger().info(f"resumed from {path.name}, older than {newer[-1].name}: the newer "
+                          f"checkpoints of {self.root} were renamed to abandoned-{tag}-step_* "
+                          "(this run writes its own)")

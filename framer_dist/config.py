@@ -24,7 +24,7 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the offending key."""
 
 
-def _f(default: Any, doc: str = "", **meta: Any) -> Any:
+def option(default: Any, doc: str = "", **meta: Any) -> Any:
     """A dataclass field with a default and constraint metadata."""
     meta["doc"] = doc
     if isinstance(default, (list, dict)):
@@ -34,130 +34,109 @@ def _f(default: Any, doc: str = "", **meta: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    family: str = _f("dit4sr", "model family: a registered name (dit4sr) or module:attribute "
+    family: str = option("dit4sr", "model family: a registered name (dit4sr) or module:attribute "
                      "naming a framer_dist.models.ModelFamily (docs/interfaces.md)")
-    preset: str = _f("tiny", "backbone geometry, one of the family's presets (dit4sr: tiny, "
+    preset: str = option("tiny", "backbone geometry, one of the family's presets (dit4sr: tiny, "
                      "sd3-medium, sd3.5-medium, sd3.5-large; docs/models.md)")
-    pretrained: str = _f("", "local diffusers folder with transformer weights ('' = random init)")
-    lr_injection_scale: float = _f(1.2, "scale of the depth-wise conv LR injection in the MLP", min=0.0)
-
-
-@dataclass
-class LoraConfig:
-    rank: int = _f(16, "LoRA rank", min=1)
-    alpha: float = _f(16.0, "LoRA alpha", min=0.0)
-    dropout: float = _f(0.0, "LoRA dropout", min=0.0, max=1.0)
-    targets: list[str] = _f(["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj",
-                             "add_v_proj", "to_add_out"],
-                            "attention projections that get adapters (default: every frozen one, "
-                            "image and text stream, as diffusers' SD3 LoRA training script)")
-    include_mlp: bool = _f(False, "also adapt the feed-forward linears")
+    pretrained: str = option("", "local diffusers folder with transformer weights ('' = random init)")
 
 
 @dataclass
 class FramerConfig:
     """Every switch of docs/specs/framer.md sections 1-5, with the defaults given there."""
 
-    enabled: bool = _f(True, "off = the DiT4SR baseline")
-    feature: Literal["x0", "velocity", "hidden"] = _f("x0", "what F^(i) is (spec section 1)")
-    students: str | list[int] = _f(
+    enabled: bool = option(True, "off = the DiT4SR baseline")
+    feature: Literal["x0", "velocity", "hidden"] = option("x0", "what F^(i) is (spec section 1)")
+    students: str | list[int] = option(
         "all_but_last", "'all_but_last', 'all' or a list of block indices")
-    teacher_layer: int = _f(-1, "block whose readout teaches (-1 = final)")
-    mask: Literal["radial", "teacher_quantile"] = _f("radial", "frequency mask mode")
-    radius: float = _f(0.2, "radial LF radius as a fraction of Nyquist (seed's 'r = 0.2%')", min=0.0)
-    cutoff: float = _f(0.2, "teacher_quantile: quantile of |S_teacher| below which a bin is LF",
+    teacher_layer: int = option(-1, "block whose readout teaches (-1 = final)")
+    mask: Literal["radial", "teacher_quantile"] = option("radial", "frequency mask mode")
+    radius: float = option(0.2, "radial LF radius as a fraction of Nyquist (seed's 'r = 0.2%')", min=0.0)
+    cutoff: float = option(0.2, "teacher_quantile: quantile of |S_teacher| below which a bin is LF",
                        min=0.0, max=1.0)
-    tau: float = _f(1.0, "contrastive temperature", min=1e-6)
-    faw: bool = _f(True, "frequency-based adaptive weight")
-    fam: bool = _f(True, "frequency-based alignment modulation")
-    faw_denominator: Literal["student", "teacher", "none"] = _f(
+    tau: float = option(1.0, "contrastive temperature", min=1e-6)
+    faw: bool = option(True, "frequency-based adaptive weight")
+    fam: bool = option(True, "frequency-based alignment modulation")
+    faw_denominator: Literal["student", "teacher", "none"] = option(
         "student", "denominator of Delta in FAW")
-    eps: float = _f(1e-6, "numerical epsilon of FAW", min=0.0)
-    random_negatives: bool = _f(True, "use a random other layer's features as a negative")
-    in_batch_negatives: bool = _f(True, "InterCL uses the other images of the global batch")
-    lf_loss: Literal["intra", "inter"] = _f("intra", "loss applied to the LF band")
-    hf_loss: Literal["intra", "inter"] = _f("inter", "loss applied to the HF band")
-    plain_l2: bool = _f(False, "replace the contrastive terms by MSE(student, teacher)")
-    weight: float = _f(0.1, "lambda of Eq. 10", min=0.0)
-    layer_reduce: Literal["mean", "sum"] = _f("mean", "aggregate over student layers")
-    use_rfft: bool = _f(True, "exact half-spectrum shortcut (rfft2 with sqrt(2) weights)")
-    nonfinite: Literal["error", "skip"] = _f(
+    eps: float = option(1e-6, "numerical epsilon of FAW", min=0.0)
+    random_negatives: bool = option(True, "use a random other layer's features as a negative")
+    in_batch_negatives: bool = option(True, "InterCL uses the other images of the global batch")
+    lf_loss: Literal["intra", "inter"] = option("intra", "loss applied to the LF band")
+    hf_loss: Literal["intra", "inter"] = option("inter", "loss applied to the HF band")
+    plain_l2: bool = option(False, "replace the contrastive terms by MSE(student, teacher)")
+    weight: float = option(0.1, "lambda of Eq. 10", min=0.0)
+    layer_reduce: Literal["mean", "sum"] = option("mean", "aggregate over student layers")
+    use_rfft: bool = option(True, "exact half-spectrum shortcut (rfft2 with sqrt(2) weights)")
+    nonfinite: Literal["error", "skip"] = option(
         "error", "NaN/Inf in features: raise naming the layer, or skip the FRAMER term this step")
 
 
 @dataclass
-class FlowConfig:
-    shift: float = _f(3.0, "SD3 timestep shift", min=1e-6)
-    logit_mean: float = _f(0.0, "logit-normal sigma sampling mean")
-    logit_std: float = _f(1.0, "logit-normal sigma sampling std", min=1e-6)
-    precondition_outputs: bool = _f(True, "loss on x0 estimate (sigma^2-weighted v-loss)")
-
-
-@dataclass
 class DataConfig:
-    source: Literal["synthetic", "folder", "webdataset", "cached"] = _f(
+    source: Literal["synthetic", "folder", "webdataset", "cached"] = option(
         "synthetic", "where HR images or cached pairs come from")
-    path: str = _f("", "folder, shard pattern or cache directory")
-    resolution: int = _f(512, "HR crop size in pixels", min=16)
-    scale: int = _f(4, "SR factor of the degradation", min=1)
-    batch_size: int = _f(1, "micro-batch per rank", min=1)
-    num_workers: int = _f(0, "dataloader worker processes", min=0)
-    null_prompt_prob: float = _f(0.2, "share of samples trained with the empty prompt",
+    path: str = option("", "folder, shard pattern or cache directory")
+    resolution: int = option(512, "HR crop size in pixels", min=16)
+    scale: int = option(4, "SR factor of the degradation", min=1)
+    batch_size: int = option(1, "micro-batch per rank", min=1)
+    num_workers: int = option(0, "dataloader worker processes", min=0)
+    null_prompt_prob: float = option(0.2, "share of samples trained with the empty prompt",
                                  min=0.0, max=1.0)
-    prompt_embeddings: str = _f("", "directory of cached prompt embeddings ('' = random)")
-    captions: str = _f("", "JSONL captions keyed by image id")
-    vae: str = _f("", "local diffusers VAE folder for online latents ('' = tiny random VAE)")
-    degrade_online: bool = _f(True, "degrade on the fly (else read cached pairs)")
-    usm_sharpen: bool = _f(True, "USM-sharpen the HR target")
-    min_size: int = _f(64, "images smaller than this on either side are skipped (reported); "
+    prompt_embeddings: str = option("", "directory of cached prompt embeddings ('' = random)")
+    captions: str = option("", "JSONL captions keyed by image id")
+    vae: str = option("", "local diffusers VAE folder for online latents ('' = tiny random VAE)")
+    degrade_online: bool = option(True, "degrade on the fly (else read cached pairs)")
+    usm_sharpen: bool = option(True, "USM-sharpen the HR target")
+    min_size: int = option(64, "images smaller than this on either side are skipped (reported); "
                        "larger ones below the crop size are upscaled", min=1)
-    prompt_len: int = _f(154, "token length T of random prompt embeddings (77 CLIP + T5 length); "
+    prompt_len: int = option(154, "token length T of random prompt embeddings (77 CLIP + T5 length); "
                          "cached ones bring their own", min=1)
-    drop_last: bool = _f(True, "drop the uneven last batch (the teacher-key gather needs equal shapes)")
+    drop_last: bool = option(True, "drop the uneven last batch (the teacher-key gather needs equal shapes)")
 
 
 @dataclass
 class TrainConfig:
-    mode: str = _f("control", "which parameters train, one of the family's modes (dit4sr: "
+    mode: str = option("control", "which parameters train, one of the family's modes (dit4sr: "
                    "control, lora, full)")
-    steps: int = _f(1000, "optimizer steps in total", min=1)
-    grad_accum: int = _f(1, "micro-batches per optimizer step", min=1)
-    global_batch_size: int = _f(
+    steps: int = option(1000, "optimizer steps in total", min=1)
+    grad_accum: int = option(1, "micro-batches per optimizer step", min=1)
+    global_batch_size: int = option(
         0, "if > 0: kept constant across world sizes by adjusting grad_accum", min=0)
-    lr: float = _f(5e-5, "learning rate", min=0.0)
-    weight_decay: float = _f(1e-2, "AdamW weight decay", min=0.0)
-    betas: list[float] = _f([0.9, 0.999], "AdamW betas")
-    adam_eps: float = _f(1e-8, "AdamW epsilon", min=0.0)
-    optimizer: Literal["adamw", "adamw8bit"] = _f("adamw", "optimizer")
-    lr_schedule: Literal["constant", "warmup_cosine"] = _f("constant", "LR schedule")
-    warmup_steps: int = _f(0, "linear warm-up steps", min=0)
-    min_lr_ratio: float = _f(0.0, "cosine floor as a fraction of lr", min=0.0, max=1.0)
-    grad_clip: float = _f(1.0, "global grad-norm clip (0 = off)", min=0.0)
-    precision: Literal["fp32", "bf16"] = _f("bf16", "compute precision (master weights fp32)")
-    frozen_bf16: bool = _f(
+    lr: float = option(5e-5, "learning rate", min=0.0)
+    weight_decay: float = option(1e-2, "AdamW weight decay", min=0.0)
+    betas: list[float] = option([0.9, 0.999], "AdamW betas")
+    adam_eps: float = option(1e-8, "AdamW epsilon", min=0.0)
+    optimizer: Literal["adamw", "adamw8bit"] = option("adamw", "optimizer")
+    lr_schedule: Literal["constant", "warmup_cosine"] = option("constant", "LR schedule")
+    warmup_steps: int = option(0, "linear warm-up steps", min=0)
+    min_lr_ratio: float = option(0.0, "cosine floor as a fraction of lr", min=0.0, max=1.0)
+    grad_clip: float = option(1.0, "global grad-norm clip (0 = off)", min=0.0)
+    precision: Literal["fp32", "bf16"] = option("bf16", "compute precision (master weights fp32)")
+    frozen_bf16: bool = option(
         True, "backend 'none' with precision bf16: hold the frozen Linear/Conv weights in bf16 "
               "(autocast casts them to bf16 at every use anyway: bit-identical results, about half "
               "the frozen weights' memory, no per-use casts; DeepSpeed holds the whole module in bf16)")
-    seed: int = _f(0, "global seed")
-    ema: bool = _f(False, "keep an EMA of the trainable parameters")
-    ema_decay: float = _f(0.9999, "EMA decay", min=0.0, max=1.0)
-    device: Literal["auto", "cpu", "cuda"] = _f("auto", "compute device")
-    out_dir: str = _f("runs/default", "run directory (checkpoints, logs, samples)")
+    seed: int = option(0, "global seed")
+    ema: bool = option(False, "keep an EMA of the trainable parameters")
+    ema_decay: float = option(0.9999, "EMA decay", min=0.0, max=1.0)
+    device: Literal["auto", "cpu", "cuda"] = option("auto", "compute device")
+    out_dir: str = option("runs/default", "run directory (checkpoints, logs, samples)")
 
 
 @dataclass
 class ParallelConfig:
-    backend: Literal["none", "deepspeed", "fsdp2"] = _f("none", "data-parallel backend")
-    ds_config: str = _f("", "DeepSpeed JSON (ds_configs/...)")
-    activation_checkpointing: Literal["none", "all", "every_k", "blocks"] = _f(
+    backend: Literal["none", "deepspeed", "fsdp2"] = option("none", "data-parallel backend")
+    ds_config: str = option("", "DeepSpeed JSON (ds_configs/...)")
+    activation_checkpointing: Literal["none", "all", "every_k", "blocks"] = option(
         "none", "which transformer blocks recompute activations in backward")
-    ac_every_k: int = _f(2, "with 'every_k': checkpoint every k-th block", min=1)
-    ac_blocks: list[int] = _f([], "with 'blocks': the block indices to checkpoint")
-    compile: bool = _f(False, "torch.compile each transformer block")
-    reshard_after_forward: bool = _f(
+    ac_every_k: int = option(2, "with 'every_k': checkpoint every k-th block", min=1)
+    ac_blocks: list[int] = option([], "with 'blocks': the block indices to checkpoint")
+    compile: bool = option(False, "torch.compile each transformer block")
+    reshard_after_forward: bool = option(
         True, "FSDP2: free each block's gathered params after its forward (the root keeps its own "
               "until backward ends)")
-    zero3_persist_head: bool = _f(
+    zero3_persist_head: bool = option(
         True, "DeepSpeed ZeRO-3: keep the output head (norm_out, proj_out; the FRAMER readout runs "
               "it after every block) gathered on every rank instead of fetching it at each use "
               "(SD3.5: 4.7 M more resident parameters per rank)")
@@ -165,42 +144,73 @@ class ParallelConfig:
 
 @dataclass
 class CheckpointConfig:
-    dir: str = _f("", "checkpoint root ('' = <out_dir>/checkpoints)")
-    every: int = _f(500, "save every N optimizer steps (0 = only at the end/preemption)", min=0)
-    keep_last: int = _f(3, "keep the newest k checkpoints", min=1)
-    resume: str = _f("", "'' (fresh), 'auto' (newest valid) or a checkpoint path")
-    export: list[str] = _f([], "exports at the end: any of 'diffusers', 'control', 'lora'",
+    dir: str = option("", "checkpoint root ('' = <out_dir>/checkpoints)")
+    every: int = option(500, "save every N optimizer steps (0 = only at the end/preemption)", min=0)
+    keep_last: int = option(3, "keep the newest k checkpoints", min=1)
+    resume: str = option("", "'' (fresh), 'auto' (newest valid) or a checkpoint path")
+    export: list[str] = option([], "exports at the end: any of 'diffusers', 'control', 'lora'",
                            item_choices=["diffusers", "control", "lora"])
-    preempt_signal: Literal["SIGUSR1", "SIGUSR2", "none"] = _f(
+    preempt_signal: Literal["SIGUSR1", "SIGUSR2", "none"] = option(
         "SIGUSR1", "signal that requests a collective save and requeue (SIGTERM always does)")
-    requeue_exit_code: int = _f(75, "exit code after a preemption save", min=1, max=255)
+    requeue_exit_code: int = option(75, "exit code after a preemption save", min=1, max=255)
 
 
 @dataclass
 class LogConfig:
-    dir: str = _f("", "TensorBoard directory ('' = <out_dir>/tb)")
-    every: int = _f(10, "scalar logging period in steps", min=1)
-    heatmap_every: int = _f(100, "per-layer FRAMER heat map period (0 = off)", min=0)
-    per_layer_scalars: bool = _f(False, "also log per-layer FRAMER scalars")
-    val_every: int = _f(0, "validation super-resolution period (0 = off)", min=0)
-    progress: bool = _f(True, "rank-0 progress bar")
-    all_ranks: bool = _f(False, "log from every rank (debugging)")
+    dir: str = option("", "TensorBoard directory ('' = <out_dir>/tb)")
+    every: int = option(10, "scalar logging period in steps", min=1)
+    heatmap_every: int = option(100, "per-layer FRAMER heat map period (0 = off)", min=0)
+    per_layer_scalars: bool = option(False, "also log per-layer FRAMER scalars")
+    val_every: int = option(0, "validation super-resolution period (0 = off)", min=0)
+    progress: bool = option(True, "rank-0 progress bar")
+    all_ranks: bool = option(False, "log from every rank (debugging)")
 
 
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
     framer: FramerConfig = field(default_factory=FramerConfig)
-    flow: FlowConfig = field(default_factory=FlowConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    # The active model family's own section: the TOML table named after the family (``[dit4sr]``),
+    # typed by the family (``ModelFamily.config``); None for a family without keys. load_config
+    # builds it for model.family; a bare Config() gets the default family's defaults.
+    family_section: Any = field(default=None, metadata={"family_section": True})
+
+    def __post_init__(self) -> None:
+        if self.family_section is None:
+            self.family_section = _family_defaults(self.model.family)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every section as plain data; the family section under the family's name."""
+        out = {f.name: dataclasses.asdict(getattr(self, f.name))
+               for f in dataclasses.fields(self) if f.name != "family_section"}
+        if self.family_section is not None:
+            out[_family(self.model.family).name] = dataclasses.asdict(self.family_section)
+        return out
+
+
+def _family(name: str) -> Any:
+    from framer_dist.models import get_family  # the registry imports this module
+    return get_family(name)
+
+
+def _family_defaults(name: str) -> Any:
+    fam = _family(name)
+    return fam.config() if fam.config is not None else None
+
+
+def _moved(key: str) -> str | None:
+    """Where a key of an older config format lives now (a family took it into its section)."""
+    from framer_dist.models import registered_families
+    for fam in registered_families():
+        for old, new in fam.moved_keys:
+            if key == old or key.startswith(old + "."):
+                return new + key[len(old):]
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,6 +280,10 @@ def _check_bounds(key: str, f: dataclasses.Field, value: Any) -> None:
 
 
 def _unknown(key: str, known: list[str]) -> ConfigError:
+    moved = _moved(key)
+    if moved:
+        return ConfigError(f"config key '{key}' is now '{moved}' (a model family's keys live in "
+                           "the family's own section; docs/training.md, Sections)")
     leaf = key.rsplit(".", 1)[-1]
     close = difflib.get_close_matches(leaf, known, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
@@ -278,7 +292,7 @@ def _unknown(key: str, known: list[str]) -> ConfigError:
 
 def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
     hints = typing.get_type_hints(type(obj))
-    fields = {f.name: f for f in dataclasses.fields(obj)}
+    fields = {f.name: f for f in dataclasses.fields(obj) if not f.metadata.get("family_section")}
     for name, value in data.items():
         key = f"{prefix}{name}"
         if name not in fields:
@@ -341,34 +355,87 @@ def _nest(key: str, value: Any) -> dict[str, Any]:
     return out
 
 
+def _merge(dst: dict[str, Any], src: dict[str, Any]) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _merge(dst[k], v)
+        else:
+            dst[k] = v
+
+
+def _build(sources: list[dict[str, Any]]) -> Config:
+    """defaults <- each source in turn (nested dicts as from TOML); the family section is applied
+    once model.family is known, then everything is cross-checked."""
+    cfg = Config()
+    core = {f.name for f in dataclasses.fields(cfg) if not f.metadata.get("family_section")}
+    tables: dict[str, Any] = {}  # top-level names that are not core sections
+    for data in sources:
+        _apply(cfg, {k: v for k, v in data.items() if k in core})
+        _merge(tables, {k: v for k, v in data.items() if k not in core})
+    fam = _family(cfg.model.family)
+    cfg.family_section = fam.config() if fam.config is not None else None
+    for name, table in tables.items():
+        if name == fam.name and cfg.family_section is not None:
+            if not isinstance(table, dict):
+                raise ConfigError(f"config key '{name}' is a section; expected a table, got {table!r}")
+            _apply(cfg.family_section, table, prefix=f"{name}.")
+            continue
+        from framer_dist.models import registered_families
+        if name in {f.name for f in registered_families()}:
+            raise ConfigError(f"config section '{name}' holds keys of the {name} family, but "
+                              f"model.family is {cfg.model.family!r}; remove it or set model.family")
+        known = sorted(core) + ([fam.name] if fam.config is not None else [])
+        key = name
+        while isinstance(table, dict) and table:  # name the first key: 'lora.rank', not 'lora'
+            sub, table = next(iter(table.items()))
+            key = f"{key}.{sub}"
+        raise _unknown(key, known) if _moved(key) else _unknown(name, known)
+    _cross_checks(cfg)
+    return cfg
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Build the config: defaults <- TOML file <- dotted overrides; validate everything."""
-    cfg = Config()
+    sources: list[dict[str, Any]] = []
     if path:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            data = tomllib.loads(p.read_text())
+            sources.append(tomllib.loads(p.read_text()))
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {p} is not valid TOML: {e}") from None
-        _apply(cfg, data)
     for ov in overrides:
         key, value = parse_override(ov)
         if "." not in key:
             raise ConfigError(f"override {ov!r}: expected section.key=value "
-                              f"(sections: {', '.join(f.name for f in dataclasses.fields(cfg))})")
-        _apply(cfg, _nest(key, value))
-    _cross_checks(cfg)
-    return cfg
+                              f"(sections: {', '.join(f.name for f in dataclasses.fields(Config))})")
+        sources.append(_nest(key, value))
+    return _build(sources)
+
+
+def _pop_path(data: dict[str, Any], dotted: str) -> tuple[bool, Any]:
+    *parents, leaf = dotted.split(".")
+    cur = data
+    for p in parents:
+        cur = cur.get(p)
+        if not isinstance(cur, dict):
+            return False, None
+    return (True, cur.pop(leaf)) if leaf in cur else (False, None)
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
-    """Rebuild (and validate) a config from ``Config.to_dict()`` output, e.g. a checkpoint's."""
-    cfg = Config()
-    _apply(cfg, data)
-    _cross_checks(cfg)
-    return cfg
+    """Rebuild (and validate) a config from ``Config.to_dict()`` output, e.g. a checkpoint's. A
+    dict written before the family seam (its family's keys in their old places) is read too."""
+    import copy
+
+    data = copy.deepcopy(data)
+    fam = _family(data.get("model", {}).get("family", "dit4sr"))
+    for old, new in fam.moved_keys:
+        found, value = _pop_path(data, old)
+        if found:
+            _merge(data, _nest(new, value))
+    return _build([data])
 
 
 def dump_toml(cfg: Config) -> str:
@@ -382,9 +449,16 @@ def dump_toml(cfg: Config) -> str:
             return "[" + ", ".join(lit(x) for x in v) + "]"
         return repr(v)
 
-    lines = []
-    for sec, values in cfg.to_dict().items():
-        lines.append(f"[{sec}]")
-        lines += [f"{k} = {lit(v)}" for k, v in values.items()]
+    lines: list[str] = []
+
+    def table(name: str, values: dict[str, Any]) -> None:
+        lines.append(f"[{name}]")
+        lines.extend(f"{k} = {lit(v)}" for k, v in values.items() if not isinstance(v, dict))
         lines.append("")
+        for k, v in values.items():
+            if isinstance(v, dict):
+                table(f"{name}.{k}", v)
+
+    for sec, values in cfg.to_dict().items():
+        table(sec, values)
     return "\n".join(lines)

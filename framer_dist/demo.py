@@ -71,6 +71,7 @@ def upscale_photo(cfg: Config, model: torch.nn.Module, photo: Path, out_png: Pat
 
     from framer_dist.data import decode_latents, encode_pixels, load_vae, prompt_shapes
     from framer_dist.infer.sampler import euler_sample, flow_sigmas, model_denoiser
+    from framer_dist.models.dit4sr.config import section
 
     r, s = cfg.data.resolution, cfg.data.scale
     img = Image.open(photo).convert("RGB")
@@ -87,7 +88,7 @@ def upscale_photo(cfg: Config, model: torch.nn.Module, photo: Path, out_png: Pat
     was = model.training
     model.eval()
     lat = euler_sample(lambda z, sig: denoise(z, lr_lat, sig), noise,
-                       flow_sigmas(steps, cfg.flow.shift))
+                       flow_sigmas(steps, section(cfg).flow.shift))
     model.train(was)
     from framer_dist.infer.colorfix import adain_color_fix
     # the authors' AdaIN colour fix against the bicubic input, as the inference pipeline does
@@ -108,10 +109,11 @@ def layer_hierarchy_plot(cfg: Config, model: torch.nn.Module, photos: list[Path]
     from framer_dist.infer.io import read_image
     from framer_dist.infer.loading import load_vae as load_codec
     from framer_dist.models.dit4sr import apply_training_mode, build_model
+    from framer_dist.models.dit4sr.config import section
 
     torch.manual_seed(cfg.train.seed)  # the trainer's initialisation, untrained
-    init = build_model(cfg.model)
-    apply_training_mode(init, cfg.train.mode, cfg.lora)
+    init = build_model(cfg.model, lr_injection_scale=section(cfg).lr_injection_scale)
+    apply_training_mode(init, cfg.train.mode, section(cfg).lora)
     was = model.training
     model.eval()
     images = [read_image(p) for p in photos[:3]]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from framer_dist.config import FlowConfig
+from framer_dist.models.dit4sr.config import FlowConfig
 
 # Mixed into per-sample seeds so the flow stream never coincides with another seeded stream.
 _FLOW_STREAM = 0x5EED_F10A

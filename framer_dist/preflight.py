@@ -13,8 +13,9 @@ import torch
 from framer_dist.config import Config, ConfigError
 
 
-def _need(key: str, value: str, kind: str) -> None:
-    """Config key ``key`` names a ``kind`` ('dir', 'file' or 'any') that exists (unset is fine)."""
+def need_path(key: str, value: str, kind: str) -> None:
+    """Config key ``key`` names a ``kind`` ('dir', 'file' or 'any') that exists (unset is fine);
+    families check their own paths with it in ``ModelFamily.check``."""
     if not value:
         return
     p = Path(value)
@@ -31,12 +32,12 @@ def check_paths(cfg: Config, world_size: int | None = None, on_this_machine: boo
     ``on_this_machine=False`` (a submitter on a login node) skips the launcher and CUDA checks."""
 
     if cfg.parallel.backend == "deepspeed":  # its contents: parallel.check_backend below
-        _need("parallel.ds_config", cfg.parallel.ds_config, "file")
+        need_path("parallel.ds_config", cfg.parallel.ds_config, "file")
     from framer_dist.models import get_family
     get_family(cfg.model.family).check(cfg)  # the family's own files (e.g. model.pretrained)
     d = cfg.data
     if d.source in ("folder", "cached"):
-        _need("data.path", d.path, "dir")
+        need_path("data.path", d.path, "dir")
     if d.source == "cached":  # the cache's manifest against data.resolution / data.scale
         from framer_dist.data.sources import DataSourceError, check_cache_manifest
         try:
@@ -44,10 +45,10 @@ def check_paths(cfg: Config, world_size: int | None = None, on_this_machine: boo
         except DataSourceError as e:
             raise ConfigError(str(e)) from None
     elif d.source == "webdataset" and not any(ch in d.path for ch in "{:*"):
-        _need("data.path", d.path, "any")  # brace patterns and URLs are checked by the loader
-    _need("data.prompt_embeddings", d.prompt_embeddings, "dir")
-    _need("data.captions", d.captions, "file")
-    _need("data.vae", d.vae, "dir")
+        need_path("data.path", d.path, "any")  # brace patterns and URLs are checked by the loader
+    need_path("data.prompt_embeddings", d.prompt_embeddings, "dir")
+    need_path("data.captions", d.captions, "file")
+    need_path("data.vae", d.vae, "dir")
     if d.vae and not any((Path(d.vae) / sub / "config.json").is_file() for sub in ("", "vae")):
         raise ConfigError(f"config key 'data.vae': no diffusers VAE (config.json) in {d.vae} "
                           "or its vae/ folder")
@@ -75,7 +76,7 @@ def _check_resume_state(cfg: Config) -> None:
     from framer_dist.checkpoint import find_checkpoint, list_valid_checkpoints
     root = Path(cfg.checkpoint.dir or Path(cfg.train.out_dir) / "checkpoints")
     if r not in ("", "auto", "none"):
-        _need("checkpoint.resume", r, "any")  # a file: find_checkpoint says what it is
+        need_path("checkpoint.resume", r, "any")  # a file: find_checkpoint says what it is
     else:
         found = list_valid_checkpoints(root) if r != "auto" else []
         if found:  # a fresh run here would mix with (and not overwrite) the earlier run's saves

@@ -28,6 +28,9 @@ if __package__ in (None, ""):  # `python framer_dist/train.py` / `deepspeed fram
 import torch
 
 from framer_dist.config import Config, ConfigError, load_config
+from framer_dist.log import get_logger
+
+log = get_logger()
 
 # ----------------------------------------------------------------------------------------------
 # command line and up-front validation
@@ -102,7 +105,7 @@ def closing_line(result: RunResult, total_steps: int, seconds: float) -> str:
     """The one line a finished run ends with: steps, time, where the checkpoint, the exports and
     the TensorBoard logs are."""
     exports = ", ".join(f"{k} {v}" for k, v in result.exports.items()) or "none (checkpoint.export)"
-    return (f"[framer_dist] done: step {result.steps_done} of {total_steps} "
+    return (f"done: step {result.steps_done} of {total_steps} "
             f"({len(result.history)} this run) in {_duration(seconds)}; "
             f"last checkpoint: {result.checkpoint or 'none written'}; exports: {exports}; "
             f"TensorBoard logs: {result.log_dir} (tensorboard --logdir {result.log_dir})")
@@ -330,7 +333,7 @@ def train(cfg: Config) -> RunResult:
     from framer_dist.preflight import config_warnings
     if os.environ.get("RANK", "0") == "0":  # once, before the model is built (the launcher's rank)
         for warning in config_warnings(cfg):
-            print(f"[framer_dist] WARNING: {warning}", flush=True)
+            log.warning(warning)
     torch.manual_seed(t_cfg.seed)  # identical initialisation of the new layers on every rank
 
     # -- model, trainable parameters, backend ---------------------------------------------------
@@ -350,10 +353,10 @@ def train(cfg: Config) -> RunResult:
     logs_here = backend.is_main or cfg.log.all_ranks
     if f_cfg.enabled and f_cfg.in_batch_negatives and accum > 1 and backend.is_main:
         # InterCL's keys are gathered per forward, so accumulation shrinks its negatives
-        print(f"[framer_dist] note: InterCL compares each image with the {b_micro * world} images "
+        log.info(f"note: InterCL compares each image with the {b_micro * world} images "
               f"of one forward (data.batch_size x world size), not the global batch of "
               f"{global_batch} ({accum} accumulated micro-batches); the authors' run used one "
-              "forward of 16 (docs/framer.md)", flush=True)
+                 "forward of 16 (docs/framer.md)")
 
     # -- resume: weights, optimizer, scheduler, EMA, RNGs, step and global data position --------
     framer_gen = torch.Generator().manual_seed(t_cfg.seed)
@@ -363,8 +366,8 @@ def train(cfg: Config) -> RunResult:
     step = int(client["step"]) if client else 0
     samples_seen = int(client["samples_seen"]) if client else 0
     if client and backend.is_main:
-        print(f"[framer_dist] resumed from {ckpt.last_loaded} at step {step} "
-              f"(sample {samples_seen}, world size {world})", flush=True)
+        log.info(f"resumed from {ckpt.last_loaded} at step {step} "
+                 f"(sample {samples_seen}, world size {world})")
 
     # -- logging -------------------------------------------------------------------------------
     log_dir = Path(cfg.log.dir or out_dir / "tb")
@@ -411,9 +414,8 @@ def train(cfg: Config) -> RunResult:
                 last_ckpt = save(step)
             if preempted:
                 if backend.is_main:
-                    metrics.bar_print(bar, f"[framer_dist] preemption signal: saved {last_ckpt}; "
-                                      f"exiting with code {cfg.checkpoint.requeue_exit_code} for "
-                                      "requeue")
+                    log.info(f"preemption signal: saved {last_ckpt}; exiting with code "
+                             f"{cfg.checkpoint.requeue_exit_code} for requeue")
                 break
         data_lines.flush(final=True)  # collective: the last lines and the summed counts
         exports = {} if preempted else export(family, cfg, backend, out_dir)
@@ -458,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     if result.preempted:  # the preemption message said what was saved
         return cfg.checkpoint.requeue_exit_code
     if result.is_main:
-        print(closing_line(result, cfg.train.steps, time.monotonic() - t0), flush=True)
+        log.info(closing_line(result, cfg.train.steps, time.monotonic() - t0))
     return 0
 
 

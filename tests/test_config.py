@@ -91,7 +91,8 @@ def test_cross_key_checks():
 
 
 def test_round_trips(tmp_path):
-    cfg = load_config(None, ["framer.radius=0.35", "framer.students=[1, 3]", "lora.targets=['to_q']"])
+    cfg = load_config(None, ["framer.radius=0.35", "framer.students=[1, 3]",
+                             "dit4sr.lora.targets=['to_q']", "dit4sr.flow.shift=2.5"])
     again = config_from_dict(cfg.to_dict())
     assert again == cfg
     p = _write(tmp_path, dump_toml(cfg))
@@ -119,3 +120,52 @@ def test_every_framer_switch_is_documented():
 def test_shipped_configs_parse(path):
     cfg = load_config(path)
     assert isinstance(cfg, Config)
+
+
+def test_family_section_keys(tmp_path):
+    """A family's keys live in its own section ([dit4sr], [dit4sr.lora], [dit4sr.flow]), validated
+    like the rest; the old places are refused naming the new key; another family's section is
+    refused while it is not the active family."""
+    from framer_dist.models.dit4sr.config import DiT4SRConfig, section
+
+    p = _write(tmp_path, "[dit4sr]\nlr_injection_scale = 0.5\n[dit4sr.lora]\nrank = 8\n"
+                         "[dit4sr.flow]\nshift = 2.0\n")
+    cfg = load_config(p, ["dit4sr.lora.alpha=4.0"])
+    assert isinstance(cfg.family_section, DiT4SRConfig)
+    sec = section(cfg)
+    assert (sec.lr_injection_scale, sec.lora.rank, sec.lora.alpha, sec.flow.shift) == (0.5, 8, 4.0, 2.0)
+    assert Config().family_section == DiT4SRConfig()  # a bare Config has the default family's
+    with pytest.raises(ConfigError, match=r"unknown config key 'dit4sr.lora.rnak' \(did you mean 'rank'"):
+        load_config(None, ["dit4sr.lora.rnak=2"])
+    with pytest.raises(ConfigError, match="'dit4sr.flow.shift': 0.0 is below the minimum"):
+        load_config(None, ["dit4sr.flow.shift=0.0"])
+    for old, new in (("lora.rank=2", "dit4sr.lora.rank"), ("flow.shift=2.0", "dit4sr.flow.shift"),
+                     ("model.lr_injection_scale=1.0", "dit4sr.lr_injection_scale")):
+        with pytest.raises(ConfigError, match=f"config key '{old.split('=')[0]}' is now '{new}'"):
+            load_config(None, [old])
+    p = _write(tmp_path, "[lora]\nrank = 8\n")
+    with pytest.raises(ConfigError, match="config key 'lora.rank' is now 'dit4sr.lora.rank'"):
+        load_config(p)
+    # the inactive family's section (the toy family has no section of its own)
+    with pytest.raises(ConfigError, match="config section 'dit4sr' holds keys of the dit4sr family, "
+                                          "but model.family is '_toy_family:FAMILY'"):
+        load_config(None, ["model.family='_toy_family:FAMILY'", "model.preset='toy'",
+                           "train.mode='all'", "dit4sr.lora.rank=2"])
+
+
+def test_family_section_dump_and_legacy_dict(tmp_path):
+    """dump_toml writes the nested family tables; a config dict written before the family seam
+    (lora/flow/model.lr_injection_scale at top level, as checkpoints stored it) still loads."""
+    from framer_dist.models.dit4sr.config import section
+
+    cfg = load_config(None, ["dit4sr.lora.rank=3", "dit4sr.lr_injection_scale=0.9"])
+    text = dump_toml(cfg)
+    assert "[dit4sr]\nlr_injection_scale = 0.9\n" in text and "[dit4sr.lora]\nrank = 3\n" in text
+    assert load_config(_write(tmp_path, text)) == cfg
+    legacy = cfg.to_dict()
+    dit = legacy.pop("dit4sr")
+    legacy["lora"], legacy["flow"] = dit["lora"], dit["flow"]
+    legacy["model"]["lr_injection_scale"] = dit["lr_injection_scale"]
+    del legacy["model"]["family"]
+    again = config_from_dict(legacy)
+    assert again == cfg and section(again).lora.rank == 3

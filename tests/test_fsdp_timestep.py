@@ -20,13 +20,14 @@ SCRIPT = r"""
 import torch
 from framer_dist.config import load_config
 from framer_dist.models.dit4sr import apply_training_mode, build_model
+from framer_dist.models.dit4sr.config import section
 from framer_dist.parallel import setup_backend
 
 cfg = load_config(None, ["parallel.backend='fsdp2'", "train.precision='bf16'",
                          "parallel.activation_checkpointing='all'"])
 torch.manual_seed(0)
 model = build_model(cfg.model)
-params = apply_training_mode(model, cfg.train.mode, cfg.lora)
+params = apply_training_mode(model, cfg.train.mode, section(cfg).lora)
 backend = setup_backend(cfg, model, params)
 seen = []
 model.time_text_embed.register_forward_pre_hook(lambda mod, args: seen.append(args[0].clone()))

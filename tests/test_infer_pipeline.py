@@ -136,7 +136,7 @@ def test_cli_full_and_control_exports_and_clear_errors(parts, tmp_path, capsys):
 
 
 def test_cli_lora_export_and_cached_prompt_embeddings(parts, tmp_path, capsys):
-    from framer_dist.config import LoraConfig
+    from framer_dist.models.dit4sr.config import LoraConfig
     from framer_dist.data.prompts import write_empty, write_shard
     from framer_dist.models.dit4sr import apply_training_mode, load_pretrained, save_lora
 
@@ -246,7 +246,7 @@ def test_lora_run_export_folder_loads_its_control_layers_too(parts, tmp_path):
     """The trainer's LoRA export (checkpoint.export = ["control", "lora"]) is
     export/dit4sr_control.safetensors + export/lora/pytorch_lora_weights.safetensors; loading
     export/ (as docs/inference.md shows) or export/lora must apply both, as the trainer's model."""
-    from framer_dist.config import LoraConfig
+    from framer_dist.models.dit4sr.config import LoraConfig
     from framer_dist.infer.loading import load_transformer
     from framer_dist.models.dit4sr import apply_training_mode, load_pretrained, save_lora
 

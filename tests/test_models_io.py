@@ -9,7 +9,8 @@ import torch
 from diffusers import SD3Transformer2DModel
 from safetensors.torch import load_file, save_file
 
-from framer_dist.config import LoraConfig, ModelConfig
+from framer_dist.config import ModelConfig
+from framer_dist.models.dit4sr.config import LoraConfig
 from framer_dist.models.dit4sr import (PretrainedLoadError, apply_training_mode, build_model,
                                 is_control_key, load_control, load_lora, load_pretrained,
                                 preset_geometry, save_control, save_lora, save_model)
@@ -107,7 +108,7 @@ def test_pretrained_errors_are_clear(stock, tmp_path):
 @pytest.mark.parametrize("shard", ["10GB", "40KB"])
 def test_save_load_roundtrip_whole_model(tmp_path, shard):
     torch.manual_seed(3)
-    m = build_model(ModelConfig(preset="tiny", lr_injection_scale=0.7))
+    m = build_model(ModelConfig(preset="tiny"), lr_injection_scale=0.7)
     with torch.no_grad():
         for n, p in m.named_parameters():
             if is_control_key(n):
@@ -177,7 +178,7 @@ def test_training_mode_errors():
     m = build_model(ModelConfig(preset="tiny"))
     with pytest.raises(ValueError, match="train.mode"):
         apply_training_mode(m, "partial", None)
-    with pytest.raises(ValueError, match="lora.targets"):
+    with pytest.raises(ValueError, match="dit4sr.lora.targets"):
         apply_training_mode(m, "lora", LoraConfig(targets=["no_such_proj"]))
 
 

@@ -313,7 +313,7 @@ def test_mode_trains_exports_and_reloads(tmp_path, mode, exports):
     cfg = _cfg(tmp_path / mode, f'train.mode="{mode}"', "train.steps=2", "train.lr=1e-2",
                f"train.ema={ema}", "train.ema_decay=0.5",
                f'train.precision="{"bf16" if mode == "full" else "fp32"}"',
-               "checkpoint.every=0", "log.heatmap_every=0", "lora.rank=4",
+               "checkpoint.every=0", "log.heatmap_every=0", "dit4sr.lora.rank=4",
                f"checkpoint.export={json.dumps(exports)}")
     res = train(cfg)
     assert set(res.exports) == set(exports) | ({f"ema_{k}" for k in exports} if mode == "lora" else set())
@@ -359,7 +359,7 @@ def test_lora_run_in_bf16_holds_frozen_layers_in_bf16_validates_and_exports(tmp_
     from framer_dist.models.dit4sr import build_model
     from framer_dist.train import train
 
-    common = ('train.mode="lora"', 'train.precision="bf16"', "lora.rank=4", "train.lr=1e-2",
+    common = ('train.mode="lora"', 'train.precision="bf16"', "dit4sr.lora.rank=4", "train.lr=1e-2",
               "log.val_every=2", "log.heatmap_every=2", "checkpoint.every=2",
               'checkpoint.export=["lora", "diffusers"]')
     res = train(_cfg(tmp_path / "run", *common, "train.steps=2"))

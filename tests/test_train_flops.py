@@ -9,7 +9,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from framer_dist.config import LoraConfig, ModelConfig
+from framer_dist.config import ModelConfig
+from framer_dist.models.dit4sr.config import LoraConfig
 from framer_dist.models.dit4sr.flops import geometry_from_model, train_flops_per_sample
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from framer_dist import flow
-from framer_dist.config import FlowConfig
+from framer_dist.models.dit4sr.config import FlowConfig
 from framer_dist.models.dit4sr.flops import MMDiTGeometry, train_flops_per_sample
 
 
@@ -109,6 +109,7 @@ def test_frozen_layers_in_bf16_give_the_same_bits_with_less_memory(mode):
     from framer_dist.config import load_config
     from framer_dist.framer import select_layers
     from framer_dist.models.dit4sr import apply_training_mode, build_model
+    from framer_dist.models.dit4sr.config import section
     from framer_dist.micro_batch import micro_batch_loss
     from framer_dist.models import StepContext, get_family
     from framer_dist.parallel import setup_backend
@@ -119,7 +120,7 @@ def test_frozen_layers_in_bf16_give_the_same_bits_with_less_memory(mode):
                                  f'train.mode="{mode}"', f"train.frozen_bf16={str(frozen_bf16).lower()}"])
         torch.manual_seed(0)
         model = build_model(cfg.model)
-        backend = setup_backend(cfg, model, apply_training_mode(model, mode, cfg.lora))
+        backend = setup_backend(cfg, model, apply_training_mode(model, mode, section(cfg).lora))
         c = model.config
         g = torch.Generator().manual_seed(1)
         lat = (2, c.in_channels, 16, 16)

@@ -87,6 +87,12 @@ class ModelFamily:
     # (T5-style sequence width D, pooled width P) of the prompt embeddings the data pipeline feeds
     # (synthetic and null prompts, cache checks); T is data.prompt_len
     text_dims: Callable[[Config], tuple[int, int]] = lambda cfg: (0, 0)
+    # the dataclass of the family's own config section, the TOML table named after the family
+    # (cfg.family_section while the family is active; its keys are errors otherwise)
+    config: type | None = None
+    # (old key, new key) pairs for keys this family's section took over from an older format:
+    # old TOML keys are refused naming the new place, old stored configs are migrated
+    moved_keys: tuple[tuple[str, str], ...] = ()
 
 
 _REGISTRY: dict[str, ModelFamily] = {}
@@ -99,6 +105,12 @@ def register_family(family: ModelFamily) -> ModelFamily:
 
 def _builtin() -> None:
     from framer_dist.models.dit4sr.family import FAMILY  # noqa: F401  (registers itself)
+
+
+def registered_families() -> list[ModelFamily]:
+    """The built-in families and any registered since (not ``module:attribute`` ones)."""
+    _builtin()
+    return list(_REGISTRY.values())
 
 
 def get_family(name: str) -> ModelFamily:
@@ -139,4 +151,4 @@ def check_family_keys(cfg: Config) -> ModelFamily:
 
 
 __all__ = ["ModelFamily", "ModelLoadError", "StepContext", "StepOutput", "check_family_keys", "get_family",
-           "register_family"]
+           "register_family", "registered_families"]

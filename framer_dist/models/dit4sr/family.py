@@ -15,6 +15,7 @@ from framer_dist import flow
 from framer_dist.config import Config, ConfigError
 from framer_dist.models import ModelFamily, StepContext, StepOutput, register_family
 
+from .config import MOVED_KEYS, DiT4SRConfig, section
 from .presets import PRESETS
 
 # diffusers and peft load only when a model is built: config checks need only the names here
@@ -43,7 +44,7 @@ def step(model: Callable, batch: dict[str, Tensor], ctx: StepContext) -> StepOut
     features. ``batch`` holds latents: hr_latent, lr_latent, prompt_embeds, pooled."""
     cfg = ctx.cfg
     x0 = batch["hr_latent"]
-    sigma, noise = flow.sample_sigma_and_noise(ctx.positions, tuple(x0.shape[1:]), cfg.flow,
+    sigma, noise = flow.sample_sigma_and_noise(ctx.positions, tuple(x0.shape[1:]), section(cfg).flow,
                                                cfg.train.seed, device=x0.device)
     x0 = x0.float()
     x_t = flow.add_noise(x0, noise, sigma)
@@ -52,7 +53,7 @@ def step(model: Callable, batch: dict[str, Tensor], ctx: StepContext) -> StepOut
                     timestep=flow.timesteps(sigma),
                     encoder_hidden_states=batch["prompt_embeds"],
                     pooled_projections=batch["pooled"], readout=readout_kind(cfg))
-    loss = flow.noise_loss(out.sample, x_t, x0, noise, sigma, cfg.flow.precondition_outputs)
+    loss = flow.noise_loss(out.sample, x_t, x0, noise, sigma, section(cfg).flow.precondition_outputs)
     if not cfg.framer.enabled:
         return StepOutput(loss)
     return StepOutput(loss, framer_features(out.features, x_t, sigma, cfg.framer.feature))
@@ -61,13 +62,13 @@ def step(model: Callable, batch: dict[str, Tensor], ctx: StepContext) -> StepOut
 def build(cfg: Config) -> nn.Module:
     from .loading import build_model
 
-    return build_model(cfg.model)
+    return build_model(cfg.model, lr_injection_scale=section(cfg).lr_injection_scale)
 
 
 def trainable(model: nn.Module, cfg: Config) -> list[nn.Parameter]:
     from .training import apply_training_mode
 
-    return apply_training_mode(model, cfg.train.mode, cfg.lora)
+    return apply_training_mode(model, cfg.train.mode, section(cfg).lora)
 
 
 def flops(model: nn.Module, cfg: Config) -> Callable[[dict[str, Any]], float]:
@@ -77,7 +78,7 @@ def flops(model: nn.Module, cfg: Config) -> Callable[[dict[str, Any]], float]:
 
     geometry = geometry_from_model(model)
     readout = readout_kind(cfg) is not None
-    lora_rank = cfg.lora.rank if cfg.train.mode == "lora" else 0
+    lora_rank = section(cfg).lora.rank if cfg.train.mode == "lora" else 0
 
     def per_sample(batch: dict[str, Any]) -> float:
         return train_flops_per_sample(geometry, tuple(batch["hr_latent"].shape[-2:]),
@@ -95,8 +96,8 @@ def export(cfg: Config, kinds: list[str], state: dict[str, Tensor], root: Path) 
     from .loading import build_model, save_model
     from .training import apply_training_mode, save_control, save_lora
 
-    plain = build_model(cfg.model)
-    apply_training_mode(plain, cfg.train.mode, cfg.lora)
+    plain = build_model(cfg.model, lr_injection_scale=section(cfg).lr_injection_scale)
+    apply_training_mode(plain, cfg.train.mode, section(cfg).lora)
     missing, unexpected = plain.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise RuntimeError(f"export: the gathered state does not fit the model: missing "
@@ -128,7 +129,7 @@ def validate(model: nn.Module, batch: dict[str, Any], cfg: Config, autocast: Any
     noise = torch.randn(lr.shape, generator=g).to(lr.device)
     denoise = model_denoiser(model, batch["prompt_embeds"][:n], batch["pooled"][:n])
     with autocast:
-        sr = euler_sample(lambda x, s: denoise(x, lr, s), noise, flow_sigmas(10, cfg.flow.shift))
+        sr = euler_sample(lambda x, s: denoise(x, lr, s), noise, flow_sigmas(10, section(cfg).flow.shift))
     model.train(was_training)
     panels = [lr, sr, batch["hr_latent"][:n]]
     if "hr" in batch:  # pixels are there: decode the latents for a picture a human can judge
@@ -142,11 +143,12 @@ def validate(model: nn.Module, batch: dict[str, Any], cfg: Config, autocast: Any
 
 def check(cfg: Config) -> None:
     """model.pretrained is an SD3/SD3.5 or DiT4SR transformer folder; 'lora' exports need LoRA."""
+    from framer_dist.preflight import need_path
+
     from .loading import PretrainedLoadError, read_transformer_config, resolve_transformer_dir
 
+    need_path("model.pretrained", cfg.model.pretrained, "dir")
     if cfg.model.pretrained:
-        if not Path(cfg.model.pretrained).is_dir():
-            raise ConfigError(f"config key 'model.pretrained': folder not found: {cfg.model.pretrained}")
         try:
             read_transformer_config(resolve_transformer_dir(cfg.model.pretrained))
         except PretrainedLoadError as e:
@@ -167,4 +169,5 @@ def text_dims(cfg: Config) -> tuple[int, int]:
 FAMILY = register_family(ModelFamily(
     name="dit4sr", presets=tuple(PRESETS), modes=MODES, build=build,
     trainable=trainable, step=step, base_loss_name="noise", export_kinds=EXPORTS, export=export,
-    flops=flops, validate=validate, check=check, text_dims=text_dims))
+    flops=flops, validate=validate, check=check, text_dims=text_dims, config=DiT4SRConfig,
+    moved_keys=tuple(MOVED_KEYS.items())))

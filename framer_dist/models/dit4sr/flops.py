@@ -76,7 +76,7 @@ def train_flops_per_sample(g: MMDiTGeometry, latent_hw: tuple[int, int], text_to
     """Forward, backward and total training FLOPs for one sample (see the module docstring).
 
     ``mode`` is ``control``, ``lora`` or ``full`` (which weights train); ``readout`` adds the
-    FRAMER per-block head; ``lora_rank`` > 0 adds adapters with the default ``lora.targets``
+    FRAMER per-block head; ``lora_rank`` > 0 adds adapters with the default ``dit4sr.lora.targets``
     (to_q/k/v on the X and L tokens, to_out.0 on X) in every attention.
     """
     if mode not in ("control", "lora", "full"):

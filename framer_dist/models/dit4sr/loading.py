@@ -165,20 +165,21 @@ def _norm(v: Any) -> Any:
     return tuple(v) if isinstance(v, (list, tuple)) else v
 
 
-def build_model(cfg: ModelConfig, *, device: Any = None,
+def build_model(cfg: ModelConfig, *, lr_injection_scale: float = 1.2, device: Any = None,
                 dtype: torch.dtype | None = None) -> DiT4SRTransformer:
     """The backbone of ``cfg.preset``; with ``cfg.pretrained`` the weights come from that folder.
+    ``lr_injection_scale``: the run's ``dit4sr.lr_injection_scale`` (it overrides a folder's).
 
     Parameters are fp32 unless ``dtype`` says otherwise (master weights; a bf16 release file is
     upcast), so random and pretrained models start alike.
     """
     if cfg.pretrained:
         return load_pretrained(cfg.pretrained, preset=cfg.preset,
-                               lr_injection_scale=cfg.lr_injection_scale, device=device,
+                               lr_injection_scale=lr_injection_scale, device=device,
                                dtype=dtype or torch.float32)
     geometry = preset_geometry(cfg.preset)
     with torch.device(device if device is not None else "cpu"):
-        model = DiT4SRTransformer(**geometry, lr_injection_scale=cfg.lr_injection_scale)
+        model = DiT4SRTransformer(**geometry, lr_injection_scale=lr_injection_scale)
     if dtype is not None:
         model.to(dtype=dtype)
     return model

@@ -2,7 +2,7 @@
 
 - ``control``: only the DiT4SR layers (``*_control`` projections, the injection conv) train.
 - ``lora``: ``control`` plus peft LoRA adapters on the frozen attention projections
-  (``lora.targets``; the feed-forward linears too with ``lora.include_mlp``).
+  (``dit4sr.lora.targets``; the feed-forward linears too with ``dit4sr.lora.include_mlp``).
 - ``full``: every transformer parameter trains.
 
 LoRA adapters are exported in the diffusers pipeline layout (keys ``transformer.<module>.lora_A
@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ...atomic import save_safetensors_atomic
-from ...config import LoraConfig as LoraSettings
+from .config import LoraConfig as LoraSettings
 from .loading import is_control_key
 from .transformer import DiT4SRTransformer
 
@@ -54,14 +54,14 @@ def add_lora(model: DiT4SRTransformer, lora_cfg: LoraSettings) -> None:
 
     targets = lora_target_modules(lora_cfg)
     if not targets:
-        raise ValueError("config key 'lora.targets': empty; name at least one projection")
+        raise ValueError("config key 'dit4sr.lora.targets': empty; name at least one projection")
     config = LoraConfig(r=lora_cfg.rank, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
                         target_modules=targets, init_lora_weights=True)
     try:
         model.add_adapter(config, adapter_name=ADAPTER)
     except ValueError as e:
         if "not found in the base model" in str(e):
-            raise ValueError(f"config key 'lora.targets': {targets} match no module of the "
+            raise ValueError(f"config key 'dit4sr.lora.targets': {targets} match no module of the "
                              "transformer (valid names end like 'to_q', 'to_out.0', 'add_q_proj', "
                              "'ff.net.2')") from None
         raise
