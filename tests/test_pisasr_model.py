@@ -97,6 +97,9 @@ def test_tiny_counts(tiny):
     assert tiny.blocks[0] is tiny.unet.down_blocks[0] and tiny.blocks[3] is tiny.unet.mid_block
     names = [n for n, _ in tiny.named_parameters()]
     assert all(n.startswith(("unet.", "framer_heads.")) for n in names) and len(names) == len(set(names))
+    modules = dict(tiny.named_modules())
+    assert tiny.readout_head_modules == ("unet.conv_norm_out", "unet.conv_out", "framer_heads")
+    assert all(n in modules for n in tiny.readout_head_modules)
     # unet-tiny's coarsest grid is S/4: at r = 0.2 no student is coarse, at r = 0.25 three are
     grids = tiny.block_grids((32, 32))[:-1]
     assert hf_student_mask(grids, (32, 32), 0.2).all()
@@ -306,6 +309,30 @@ def test_adjustable_inference(tiny):
     mix = L.adjustable_residual(tiny, z, c, 0.5, 2.0)
     torch.testing.assert_close(mix, 0.5 * r_pix + 2.0 * (r_both - r_pix), atol=1e-5, rtol=0)
     assert L.active_sets(tiny.unet) == ("pix",)
+
+
+def test_merge_sets_gives_a_stock_unet():
+    import copy
+
+    torch.manual_seed(3)
+    m = build_model("unet-tiny", heads=False)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if ".lora_B." in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    z, c = _inputs()
+    for sets in (("pix",), ("pix", "sem")):
+        with torch.no_grad(), L.using_sets(m.unet, sets):
+            want = m(z, c).sample
+        merged = L.merge_sets(copy.deepcopy(m), sets)
+        assert type(merged) is UNet2DConditionModel and not hasattr(merged, "peft_config")
+        assert _count(merged.parameters()) == 370_500
+        assert set(merged.state_dict()) == set(UNet2DConditionModel(**preset_config("unet-tiny")).state_dict())
+        with torch.no_grad():
+            torch.testing.assert_close(merged(z, 1, c).sample, want, atol=1e-5, rtol=0)
+    assert m.readout_head_modules == ("unet.conv_norm_out", "unet.conv_out")
+    assert set(dict(m.named_modules())) >= set(m.readout_head_modules)
 
 
 def test_lora_init_is_seeded_and_gaussian():

@@ -182,6 +182,24 @@ def apply_stage(model: nn.Module, stage: str, *, train_heads: bool = True) -> li
 
 
 @torch.no_grad()
+def merge_sets(model: nn.Module, sets: Sequence[str] = SETS) -> nn.Module:
+    """Fold the adapters of ``sets`` into the base weights and remove every adapter, in place
+    (PiSA-SR's inference merges both sets; ``("pix",)`` gives its adjustable mode's pix-only
+    U-Net). Returns ``model.unet``, now a stock ``UNet2DConditionModel`` (stock keys and count)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    unet = model.unet
+    names = adapter_names(sets)
+    for m in unet.modules():
+        if isinstance(m, BaseTunerLayer):
+            present = [a for a in names if a in m.lora_A]
+            if present:
+                m.merge(adapter_names=present)
+    unet.unload_lora()
+    return unet
+
+
+@torch.no_grad()
 def adjustable_residual(model: nn.Module, z_l: Tensor, encoder_hidden_states: Tensor,
                         lambda_pix: float = 1.0, lambda_sem: float = 1.0) -> Tensor:
     """PiSA-SR's adjustable inference: ``l_pix * r_pix + l_sem * (r_both - r_pix)`` with ``r_pix``

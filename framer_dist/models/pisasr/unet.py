@@ -78,9 +78,6 @@ class PiSASRUNet(nn.Module):
     """The module a backend wraps: the U-Net (``unet``), the FRAMER heads (``framer_heads``,
     training only) and the block-by-block one-step forward."""
 
-    # Used after every block by the readout: kept gathered under ZeRO-3, unsharded under FSDP2.
-    readout_head_modules = ("unet.conv_norm_out", "unet.conv_out", "framer_heads")
-
     def __init__(self, unet: nn.Module, *, heads: bool = True, head_seed: int = 0,
                  timestep: int = 1) -> None:
         super().__init__()
@@ -107,6 +104,13 @@ class PiSASRUNet(nn.Module):
     @property
     def blocks(self) -> tuple[nn.Module, ...]:
         return self._blocks
+
+    @property
+    def readout_head_modules(self) -> tuple[str, ...]:
+        """Used after every block by the readout: kept gathered under ZeRO-3, unsharded (root)
+        under FSDP2."""
+        heads = ("framer_heads",) if self.framer_heads is not None else ()
+        return ("unet.conv_norm_out", "unet.conv_out", *heads)
 
     @property
     def num_blocks(self) -> int:
