@@ -8,7 +8,9 @@ semantic LoRA sets (docs/specs/framer_u.md). The names below load diffusers and 
 - ``lora``: the pix/sem sets, the stages (:func:`apply_stage`) and adjustable inference;
 - ``loading``: :func:`build_unet` / :func:`build_model` (presets or a local diffusers folder);
 - ``losses``: the stage losses, CSD, the per-sample keyed draws;
-- ``lpips``: LPIPS-VGG in plain torch from two local weight files.
+- ``lpips``: LPIPS-VGG in plain torch from two local weight files;
+- ``training``: :func:`train_step`, one micro-batch on plain tensors (encode, forward, decode,
+  the stage's loss) with the frozen :class:`Helpers`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ _WHERE = {
     "CSDLoss": "losses", "StageWeights": "losses", "stage_loss": "losses", "pixel_mse": "losses",
     "sample_generator": "losses", "sample_generators": "losses", "encode_latents": "losses",
     "decode_images": "losses", "null_prompt_mask": "losses", "ddpm_alphas_cumprod": "losses",
+    "merge_sets": "lora", "Helpers": "training", "StepResult": "training", "train_step": "training",
     "LPIPS": "lpips", "LPIPSWeightsError": "lpips", "load_lpips": "lpips",
 }
 
