@@ -366,3 +366,27 @@ def test_load_pretrained_folder_and_geometry_mismatch(tmp_path):
     assert "\n" not in str(e.value)
     with pytest.raises(PretrainedLoadError, match="not found"):
         build_unet("unet-tiny", tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("readout", ["x0", "hidden"])
+def test_features_feed_the_framer_objective(tiny, readout):
+    """select_layers' default (all_but_last) picks the heads' students and the real output as the
+    teacher; the objective's gradient reaches the heads and the stage's LoRA set."""
+    from framer_dist.config import FramerConfig
+    from framer_dist.framer import framer_objective
+    from framer_dist.framer.layers import select_layers
+
+    students, teacher = select_layers(tiny.num_blocks, FramerConfig())
+    assert students == list(range(6)) and teacher == 6
+    try:
+        L.apply_stage(tiny, "pix")
+        out = tiny(*_inputs(), readout=readout)
+        res = framer_objective(out.features[students], out.features[teacher], FramerConfig(),
+                               torch.Generator().manual_seed(0))
+        assert torch.isfinite(res.loss)
+        res.loss.backward()
+        grads = {n for n, p in tiny.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        assert any(n.startswith("framer_heads.") for n in grads)
+        assert any("_pix." in n for n in grads) and not any("_sem." in n for n in grads)
+    finally:
+        tiny.zero_grad(set_to_none=True)
