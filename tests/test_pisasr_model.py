@@ -93,6 +93,10 @@ def test_tiny_counts(tiny):
         assert _count(p for _, p in L.lora_parameters(tiny, s)) == 60_320
     assert _count(tiny.framer_heads.parameters()) == 2_816
     assert tiny.num_blocks == 7 and len(tiny.framer_heads) == 6
+    plain = build_unet("unet-tiny")
+    release = L.release_targets(plain)  # same split and targets as SD2.1-base
+    for part in L.PARTS:
+        assert [n for n, _ in plain.named_modules() if re.fullmatch(L.TARGETS[part], n)] == release[part]
     # blocks are the unet's own modules; parameters are registered once, under unet.*
     assert tiny.blocks[0] is tiny.unet.down_blocks[0] and tiny.blocks[3] is tiny.unet.mid_block
     names = [n for n, _ in tiny.named_parameters()]
