@@ -1,0 +1,100 @@
+"""One pisasr training micro-batch on plain tensors (models/pisasr/training.py): the stage losses
+on decoded images, the keyed draws (a batch equals its halves, as two ranks equal one process),
+the null prompt. unet-tiny, a tiny x2 VAE, random LPIPS, a tiny CSD U-Net; 32 px images."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+
+from framer_dist.models.pisasr import lora as L  # noqa: E402
+from framer_dist.models.pisasr import losses as Ls  # noqa: E402
+from framer_dist.models.pisasr.loading import build_model, build_unet  # noqa: E402
+from framer_dist.models.pisasr.lpips import LPIPS  # noqa: E402
+from framer_dist.models.pisasr.training import Helpers, train_step  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def setup():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    model = build_model("unet-tiny")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_B." in n:
+                p.normal_(0, 0.02)
+    vae = AutoencoderKL(in_channels=3, out_channels=3,
+                        down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8),
+                        latent_channels=4, norm_num_groups=4, layers_per_block=1).eval()
+    vae.requires_grad_(False)
+    lp = LPIPS().requires_grad_(False)
+    csd = Ls.CSDLoss(build_unet("unet-tiny").eval(), Ls.ddpm_alphas_cumprod())
+    g = torch.Generator().manual_seed(9)
+    helpers = Helpers(vae=vae, null_embeds=torch.randn(1, 5, 16, generator=g),
+                      negative_embeds=torch.randn(1, 5, 16, generator=g), lpips=lp, csd=csd)
+    return model, helpers
+
+
+def _batch(seed=0, b=2):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(b, 3, 32, 32, generator=g) * 2 - 1, torch.rand(b, 3, 32, 32, generator=g) * 2 - 1,
+            torch.randn(b, 5, 16, generator=g))
+
+
+@pytest.mark.parametrize("stage", ["pix", "sem"])
+def test_stage_step_and_batch_equals_its_halves(setup, stage):
+    model, helpers = setup
+    L.apply_stage(model, stage)
+    lr, hr, c = _batch()
+    with torch.no_grad():
+        full = train_step(model, helpers, lr, hr, c, [10, 11], seed=3, stage=stage, readout="x0")
+        halves = [train_step(model, helpers, lr[i:i + 1], hr[i:i + 1], c[i:i + 1], [10 + i], seed=3,
+                             stage=stage, readout="x0") for i in range(2)]
+    assert full.features.shape == (7, 2, 4, 16, 16) and full.pred.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(full.loss, (halves[0].loss + halves[1].loss) / 2, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(full.features[:, 1:], halves[1].features, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(full.parts["mse"], F.mse_loss(full.pred, hr))
+    if stage == "pix":
+        assert set(full.parts) == {"mse"}
+        torch.testing.assert_close(full.loss, full.parts["mse"])
+    else:
+        p = full.parts
+        assert set(p) == {"mse", "lpips", "csd"}
+        torch.testing.assert_close(full.loss, p["mse"] + 2 * p["lpips"] + p["csd"])
+    L.apply_stage(model, "pix")
+
+
+def test_step_gradient_reaches_only_the_stage_set(setup):
+    model, helpers = setup
+    try:
+        params = L.apply_stage(model, "sem", train_heads=True)
+        lr, hr, c = _batch(seed=1)
+        out = train_step(model, helpers, lr, hr, c, [0, 1], seed=0, stage="sem", readout="x0")
+        (out.loss + out.features[:-1].square().mean()).backward()
+        got = {n for n, p in model.named_parameters() if p.grad is not None}
+        want = {n for n, p in model.named_parameters() if any(p is q for q in params)}
+        assert got == want and any(n.startswith("framer_heads.") for n in got)
+        assert all(torch.isfinite(p.grad).all() for p in params)
+    finally:
+        model.zero_grad(set_to_none=True)
+        L.apply_stage(model, "pix")
+
+
+def test_null_prompt_is_drawn_per_sample(setup):
+    model, helpers = setup
+    lr, hr, c = _batch(seed=2)
+    null = helpers.null_embeds.expand_as(c)
+    with torch.no_grad():
+        always = train_step(model, helpers, lr, hr, c, [5, 6], seed=0, stage="pix", null_prob=1.0)
+        by_hand = train_step(model, helpers, lr, hr, null, [5, 6], seed=0, stage="pix", null_prob=0.0)
+        never = train_step(model, helpers, lr, hr, c, [5, 6], seed=0, stage="pix", null_prob=0.0)
+    torch.testing.assert_close(always.loss, by_hand.loss)
+    assert not torch.equal(always.z_h, never.z_h)
+    with pytest.raises(ValueError, match="positions"):
+        train_step(model, helpers, lr, hr, c, [5], seed=0, stage="pix")
