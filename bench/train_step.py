@@ -40,7 +40,8 @@ from framer_dist.micro_batch import micro_batch_loss  # noqa: E402
 from framer_dist.models import StepContext, get_family  # noqa: E402
 from framer_dist.models.dit4sr import apply_training_mode, build_model  # noqa: E402
 from framer_dist.models.dit4sr.flops import geometry_from_model, train_flops_per_sample  # noqa: E402
-from framer_dist.parallel import ac_indices, setup_backend  # noqa: E402
+from framer_dist.parallel import setup_backend  # noqa: E402
+from framer_dist.parallel.blocks import ac_indices  # noqa: E402
 
 # Step phases timed on the GPU timeline (CUDA events): model forward + both losses, backward,
 # optimizer step (with clipping)

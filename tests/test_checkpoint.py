@@ -20,8 +20,9 @@ from _tiny_parallel import batch, make_model  # noqa: E402
 from framer_dist.checkpoint import (MARKER, CheckpointManager, capture_rng, derived_seed,  # noqa: E402
                                     list_valid_checkpoints, restore_rng, seed_rng)
 from framer_dist.config import ConfigError, load_config  # noqa: E402
-from framer_dist.parallel import resolve_grad_accum, setup_backend  # noqa: E402
-from framer_dist.parallel.common import ac_indices, lr_lambda  # noqa: E402
+from framer_dist.parallel import setup_backend  # noqa: E402
+from framer_dist.parallel.blocks import ac_indices  # noqa: E402
+from framer_dist.parallel.optim import lr_lambda, resolve_grad_accum  # noqa: E402
 from framer_dist.preempt import PreemptionHandler  # noqa: E402
 
 

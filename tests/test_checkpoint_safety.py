@@ -25,7 +25,7 @@ import torch
 from framer_dist.checkpoint import CheckpointManager
 from framer_dist.config import load_config
 from framer_dist.parallel import setup_backend
-from framer_dist.parallel.common import META_FILE, Backend, meta_mismatch
+from framer_dist.parallel.base import META_FILE, Backend, meta_mismatch
 from framer_dist.safe_load import (FORMAT_VERSION, CheckpointLoadError, load_torch,
                                    read_dcp_metadata)
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from framer_dist.config import ModelConfig, load_config
 from framer_dist.models.dit4sr import apply_training_mode, build_model, is_control_key
-from framer_dist.parallel.common import ac_indices
+from framer_dist.parallel.blocks import ac_indices
 
 
 def _inputs(b: int = 2, h: int = 6, w: int = 10, seed: int = 0):

@@ -10,12 +10,12 @@ import os
 from torch import nn
 
 from framer_dist.config import Config, ConfigError
-from framer_dist.parallel.common import (Backend, ac_indices, apply_activation_checkpointing,
-                                         init_process_group, launcher_problem, resolve_device,
-                                         resolve_grad_accum)
+from framer_dist.parallel.base import Backend
+from framer_dist.parallel.blocks import apply_activation_checkpointing, transformer_blocks
+from framer_dist.parallel.optim import resolve_grad_accum
+from framer_dist.parallel.process_group import launcher_problem, resolve_device
 
-__all__ = ["Backend", "setup_backend", "check_backend", "resolve_grad_accum", "ac_indices",
-           "init_process_group"]
+__all__ = ["Backend", "setup_backend", "check_backend"]
 
 
 def check_backend(cfg: Config, world: int, on_this_machine: bool = True) -> None:
@@ -63,8 +63,6 @@ def _maybe_compile(cfg: Config, model: nn.Module) -> None:
     """parallel.compile: torch.compile each transformer block in place (names unchanged)."""
     if not cfg.parallel.compile:
         return
-    from framer_dist.parallel.common import transformer_blocks
-
     blocks = transformer_blocks(model)
     if not blocks:
         raise ConfigError("config key 'parallel.compile': the model has no transformer_blocks to compile")

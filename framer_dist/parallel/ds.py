@@ -35,9 +35,10 @@ import torch
 from torch import Tensor, nn
 
 from framer_dist.config import Config, ConfigError
-from framer_dist.parallel.common import (Backend, init_process_group, local_rank_from_env, lr_lambda,
-                                         resolve_device, strip_wrapper_prefixes, trainable_names)
-from framer_dist.parallel.optim import build_optimizer
+from framer_dist.parallel.base import Backend
+from framer_dist.parallel.names import strip_wrapper_prefixes, trainable_names
+from framer_dist.parallel.optim import build_optimizer, lr_lambda
+from framer_dist.parallel.process_group import init_process_group, local_rank_from_env, resolve_device
 from framer_dist.safe_load import load_torch, safe_torch_loads
 
 TAG = "ds"                # DeepSpeed tag directory inside our checkpoint directory

@@ -25,10 +25,12 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from framer_dist.config import Config, ConfigError
-from framer_dist.parallel.common import (EMA, Backend, init_process_group, local_rank_from_env,
-                                         lr_lambda, resolve_device, strip_wrapper_prefixes,
-                                         trainable_names, transformer_blocks)
-from framer_dist.parallel.optim import build_optimizer, optimizer_kwargs
+from framer_dist.parallel.base import Backend
+from framer_dist.parallel.blocks import transformer_blocks
+from framer_dist.parallel.ema import EMA
+from framer_dist.parallel.names import strip_wrapper_prefixes, trainable_names
+from framer_dist.parallel.optim import build_optimizer, lr_lambda, optimizer_kwargs
+from framer_dist.parallel.process_group import init_process_group, local_rank_from_env, resolve_device
 from framer_dist.safe_load import dcp_load, load_torch, read_dcp_metadata
 
 DCP_DIR = "dcp"

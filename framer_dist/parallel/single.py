@@ -9,8 +9,10 @@ import torch
 from torch import Tensor, nn
 
 from framer_dist.config import Config
-from framer_dist.parallel.common import EMA, Backend, cast_frozen_layers, lr_lambda, trainable_names
-from framer_dist.parallel.optim import build_optimizer
+from framer_dist.parallel.base import Backend
+from framer_dist.parallel.ema import EMA
+from framer_dist.parallel.names import trainable_names
+from framer_dist.parallel.optim import build_optimizer, lr_lambda
 from framer_dist.safe_load import load_torch
 
 STATE_FILE = "single_state.pt"
@@ -88,3 +90,19 @@ class SingleBackend(Backend):
 
     def ema_state_dict(self) -> dict[str, Tensor]:
         return {} if self.ema is None else {k: v.cpu().clone() for k, v in self.ema.shadow.items()}
+
+
+def cast_frozen_layers(model: nn.Module, dtype: torch.dtype) -> int:
+    """Cast the weights of every Linear and Conv layer none of whose own parameters train to
+    ``dtype``; returns how many parameter elements were cast. Under autocast to ``dtype`` these
+    layers cast their weights at every use (frozen weights are not in autocast's cast cache), so
+    holding them in ``dtype`` gives the same bits with less memory and no casts. Norms and every
+    other frozen parameter keep their dtype (autocast runs norms in fp32, where a rounded weight
+    would change results)."""
+    cast = 0
+    for m in model.modules():
+        own = list(m.parameters(recurse=False))
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and own and not any(p.requires_grad for p in own):
+            m.to(dtype)
+            cast += sum(p.numel() for p in own)
+    return cast
