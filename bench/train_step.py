@@ -187,7 +187,7 @@ def run_combo(a: argparse.Namespace, mode: str, backend_key: str, device_type: s
 
     fetches = None
     if getattr(backend, "stage", None) == 3:  # DeepSpeed ZeRO-3: what one step fetches
-        from framer_dist.parallel.ds import zero3_fetch_counter
+        from framer_dist.parallel.deepspeed.instrument import zero3_fetch_counter
         fetches = {}
         for kind, c in (("baseline", base_cfg), ("framer", cfg)):
             for _ in range(2):  # after a change of step kind ZeRO-3 drops its trace, then re-records it

@@ -77,7 +77,7 @@ def run_phase(out: Path, ph: dict) -> None:
                 torch.save(sd, pdir / "loaded.pt")
     losses: dict[int, float] = {}
     if ph.get("count_fetches"):  # ZeRO-3: what the parameter coordinator does in each step
-        from framer_dist.parallel.ds import zero3_fetch_counter
+        from framer_dist.parallel.deepspeed.instrument import zero3_fetch_counter
         info["zero3_leaves"] = be.zero3_leaves
         info["fetches"] = []
     for step in range(start, ph["steps"]):

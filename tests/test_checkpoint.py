@@ -238,8 +238,23 @@ def test_distributed_backend_without_launcher_env_is_a_clear_error(monkeypatch):
         check_backend(load_config(None, []), 2)
 
 
+def test_deepspeed_package_neither_shadows_the_library_nor_loads_the_fetch_counter():
+    """framer_dist.parallel.deepspeed imports the real `deepspeed`, and the runtime (trainer and
+    backend) never imports the benchmark/test fetch counter, which patches DeepSpeed's classes."""
+    import subprocess
+
+    code = ("import sys, framer_dist.train, framer_dist.parallel.deepspeed.backend as b, deepspeed; "
+            "print(deepspeed.__file__); "
+            "print('framer_dist.parallel.deepspeed.instrument' in sys.modules)")
+    repo = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], cwd=repo / "framer_dist", capture_output=True,
+                         text=True, env=dict(os.environ, PYTHONPATH=str(repo)), check=True).stdout.split()
+    assert "framer_dist" not in out[-2] and out[-2].endswith(os.path.join("deepspeed", "__init__.py"))
+    assert out[-1] == "False"
+
+
 def test_ds_config_injection_and_disagreements(tmp_path):
-    from framer_dist.parallel.ds import build_ds_config
+    from framer_dist.parallel.deepspeed.config import build_ds_config
 
     def cfg_with(ds: dict, *over: str):
         p = tmp_path / "ds.json"

@@ -25,7 +25,7 @@ def check_backend(cfg: Config, world: int, on_this_machine: bool = True) -> None
     (skipped by a submitter on a login node)."""
     accum = resolve_grad_accum(cfg, world)
     if cfg.parallel.backend == "deepspeed":
-        from framer_dist.parallel.ds import build_ds_config
+        from framer_dist.parallel.deepspeed.config import build_ds_config
         build_ds_config(cfg, accum, world)
     if on_this_machine and (problem := launcher_problem(cfg.parallel.backend,
                                                         {**os.environ, "WORLD_SIZE": str(world)})):
@@ -49,7 +49,7 @@ def setup_backend(cfg: Config, model: nn.Module, params: list[nn.Parameter]) -> 
 
         return SingleBackend(cfg, model, params, resolve_device(cfg, 0))
     if name == "deepspeed":
-        from framer_dist.parallel.ds import DeepSpeedBackend
+        from framer_dist.parallel.deepspeed.backend import DeepSpeedBackend
 
         return DeepSpeedBackend.create(cfg, model, params)
     if name == "fsdp2":

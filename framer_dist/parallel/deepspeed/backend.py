@@ -1,41 +1,28 @@
 """The `deepspeed` backend: ZeRO-2/3 with a client optimizer (torch AdamW or bitsandbytes 8-bit).
 
-Our config is the single source of truth for precision, micro-batch, accumulation and clipping:
-they are injected into the DeepSpeed JSON, and a JSON that says otherwise is an error.
-
-ZeRO-3 fetch granularity: DeepSpeed's own ``zero_optimization.leaf_module`` (classes, names or
-name suffixes; ``ds_configs/zero3.json`` names ``DiT4SRBlock``) makes each transformer block one
-fetch unit (one coalesced all-gather, one set of hooks) instead of one per Linear/norm. Two
-things this module adds so that works and pays off (docs/distributed.md, "ZeRO-3 fetch units"):
-
-* DeepSpeed reduces a leaf's gradients from a *full backward hook* on the leaf. When none of the
-  leaf's inputs requires grad (the first block in control and LoRA modes: its inputs come from
-  frozen embedders) torch fires that hook as soon as the gradient of the leaf's *outputs* exists,
-  before any parameter gradient: DeepSpeed then fills ``param.grad`` with ``zeros_like`` of the
-  released (0-element) parameter and the real gradient fails to accumulate ("The size of tensor
-  a (0) must match ..."). :func:`guard_leaf_inputs` makes the smallest floating input of such a
-  call require grad, so the hook fires after the block's backward as intended.
-* ``parallel.zero3_persist_head``: the output head the FRAMER readout uses after every block
-  stays gathered (DeepSpeed's persistent parameters), see :func:`persist_modules`.
+The engine is built from :func:`~framer_dist.parallel.deepspeed.config.build_ds_config`; ZeRO-3's
+fetch units are set up by :mod:`~framer_dist.parallel.deepspeed.units`. Checkpoints are
+DeepSpeed's own (tag ``ds``) inside our checkpoint directory; a world-size change goes through
+DeepSpeed's universal conversion (8-bit optimizer state: weights only).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
-import json
 import os
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from framer_dist.config import Config, ConfigError
+from framer_dist.config import Config
 from framer_dist.parallel.base import Backend
+from framer_dist.parallel.deepspeed.config import build_ds_config
+from framer_dist.parallel.deepspeed.units import guard_leaf_inputs, persist_modules
 from framer_dist.parallel.names import strip_wrapper_prefixes, trainable_names
 from framer_dist.parallel.optim import build_optimizer, lr_lambda
 from framer_dist.parallel.process_group import init_process_group, local_rank_from_env, resolve_device
@@ -43,60 +30,6 @@ from framer_dist.safe_load import load_torch, safe_torch_loads
 
 TAG = "ds"                # DeepSpeed tag directory inside our checkpoint directory
 UNIVERSAL = "ds_universal"  # universal conversion, created on demand for a world-size change
-
-
-def load_ds_json(path: str) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config key 'parallel.ds_config': file not found: {p}")
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"config key 'parallel.ds_config': {p} is not valid JSON: {e}") from None
-
-
-def build_ds_config(cfg: Config, grad_accum: int, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config: the JSON's ZeRO settings plus our precision/batch/clip values."""
-    src = cfg.parallel.ds_config
-    ds = load_ds_json(src)
-    for sec, ours in (("optimizer", "train.optimizer / train.lr"), ("scheduler", "train.lr_schedule")):
-        if sec in ds:
-            raise ConfigError(f"{src}: remove the '{sec}' section; the optimizer and schedule come "
-                              f"from our config ({ours}) and are passed to DeepSpeed as client objects")
-    if ds.get("fp16", {}).get("enabled") not in (None, False, "auto"):
-        raise ConfigError(f"{src}: fp16 is not supported; use train.precision='bf16' (or 'fp32')")
-    want_bf16 = cfg.train.precision == "bf16"
-    bf16 = dict(ds.get("bf16", {}))
-    if bf16.get("enabled", "auto") != "auto" and bool(bf16["enabled"]) != want_bf16:
-        raise ConfigError(
-            f"{src} says bf16.enabled={bf16['enabled']} but config key 'train.precision' is "
-            f"{cfg.train.precision!r}; set bf16.enabled to \"auto\" (recommended) or make them agree")
-    bf16["enabled"] = want_bf16
-    ds["bf16"] = bf16
-    ours = {"train_micro_batch_size_per_gpu": (cfg.data.batch_size, "data.batch_size"),
-            "gradient_accumulation_steps": (grad_accum, "train.grad_accum/global_batch_size"),
-            "gradient_clipping": (cfg.train.grad_clip, "train.grad_clip")}
-    for key, (value, our_key) in ours.items():
-        if key in ds and ds[key] != "auto" and ds[key] != value:
-            raise ConfigError(f"{src} sets {key}={ds[key]} but our config key '{our_key}' gives "
-                              f"{value}; set it to \"auto\" or remove it from the JSON")
-        ds[key] = value
-    tbs = cfg.data.batch_size * grad_accum * world_size
-    if ds.get("train_batch_size", "auto") not in ("auto", tbs):
-        raise ConfigError(f"{src} sets train_batch_size={ds['train_batch_size']}, but micro batch x "
-                          f"accumulation x world = {tbs}; set it to \"auto\"")
-    ds["train_batch_size"] = tbs
-    zero = ds.setdefault("zero_optimization", {})
-    if zero.get("stage", 0) not in (0, 1, 2, 3):
-        raise ConfigError(f"{src}: zero_optimization.stage must be 0-3, got {zero.get('stage')}")
-    if zero.get("offload_optimizer", {}).get("device", "none") != "none":
-        # Our client optimizer steps on the CPU shards; DeepSpeed would otherwise insist on its
-        # JIT-compiled DeepSpeedCPUAdam.
-        ds.setdefault("zero_force_ds_cpu_optimizer", False)
-    ds["zero_allow_untested_optimizer"] = True  # bitsandbytes AdamW8bit is a client optimizer
-    ds.setdefault("steps_per_print", 1 << 30)
-    ds.setdefault("wall_clock_breakdown", False)
-    return ds
 
 
 def _skip_cpu_shm_op() -> None:
@@ -123,105 +56,6 @@ def quiet_deprecated_collectives() -> None:
     for name in DEPRECATED_COLLECTIVES:
         warnings.filterwarnings("ignore", message=rf"`torch\.distributed\.{name}` is deprecated",
                                 category=FutureWarning)
-
-
-def _leaf_input_needs_grad(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-    """Forward pre-hook of a ZeRO-3 leaf with trainable parameters: when grad is on and no
-    floating tensor argument requires grad, replace the smallest one with a detached copy that
-    does (no data copy). Its gradient is computed and dropped; the only cost is that the leaf's
-    backward also computes input gradients (the frozen layers' dX) in that one call."""
-    if not torch.is_grad_enabled():
-        return None
-    found = [(i, a) for i, a in enumerate(args) if isinstance(a, Tensor) and a.is_floating_point()]
-    if not found or any(a.requires_grad for _, a in found):
-        return None
-    i, a = min(found, key=lambda t: t[1].numel())
-    out = list(args)
-    out[i] = a.detach().requires_grad_(True)
-    return tuple(out)
-
-
-def guard_leaf_inputs(module: nn.Module) -> list[str]:
-    """Register :func:`_leaf_input_needs_grad` (first in order, before DeepSpeed's own pre-hooks
-    and before torch sets up the full backward hook) on every ZeRO-3 leaf module that holds
-    trainable parameters. Returns the leaves' names."""
-    from deepspeed.utils import z3_leaf_module
-
-    names = []
-    for n, m in module.named_modules():
-        if z3_leaf_module(m):
-            names.append(n)
-            if any(p.requires_grad for p in m.parameters()):
-                m.register_forward_pre_hook(_leaf_input_needs_grad, prepend=True)
-    return names
-
-
-def persist_modules(engine: Any, names: Iterable[str]) -> int:
-    """Mark the parameters of the named submodules of ``engine.module`` as ZeRO-3 persistent, as
-    DeepSpeed does for parameters under ``stage3_param_persistence_threshold``: gathered at the
-    first use, never released between uses, partitioned for the optimizer step and gathered again
-    right after it (one all-gather per step instead of one per use). Returns how many parameter
-    elements became persistent (each rank then holds them in full)."""
-    optimizer = engine.optimizer
-    persistent = optimizer.persistent_parameters
-    # the optimizer and the parameter coordinator share this list (stage3.py)
-    assert persistent is optimizer.parameter_offload.persistent_parameters
-    modules = dict(engine.module.named_modules())
-    added = 0
-    for name in names:
-        for p in modules[name].parameters():
-            if not p.ds_persist:
-                p.ds_persist = True
-                persistent.append(p)
-                added += p.ds_numel
-    return added
-
-
-@contextlib.contextmanager
-def zero3_fetch_counter() -> Iterator[dict[str, int]]:
-    """Count what ZeRO-3's parameter coordinator does inside the block (for benchmarks and tests;
-    it patches the coordinator class while active): ``hook_fetches`` (module fetch requests from
-    the forward/backward hooks), ``allgathers`` (coalesced all-gather launches, prefetches
-    included), ``params_gathered`` / ``numel_gathered``, ``releases`` (parameters partitioned
-    again). The once-per-step gather of persistent parameters after the optimizer step goes
-    around the coordinator and is not counted."""
-    from deepspeed.runtime.zero import partitioned_param_coordinator as ppc
-
-    cls = ppc.PartitionedParameterCoordinator
-    gather_name = "_PartitionedParameterCoordinator__all_gather_params_"
-    release_name = "_PartitionedParameterCoordinator__release_param"
-    orig_fetch, orig_gather, orig_release = (cls.fetch_sub_module, getattr(cls, gather_name),
-                                             getattr(cls, release_name))
-    counts = {"hook_fetches": 0, "allgathers": 0, "params_gathered": 0, "numel_gathered": 0,
-              "releases": 0}
-    unavailable = ppc.ZeroParamStatus.NOT_AVAILABLE
-
-    def fetch(self: Any, sub_module: nn.Module, forward: bool) -> None:
-        counts["hook_fetches"] += 1
-        return orig_fetch(self, sub_module, forward)
-
-    def gather(self: Any, params: Any, forward: bool, quantize: bool = False) -> None:
-        todo = [p for p in params if p.ds_status == unavailable]
-        if todo:
-            counts["allgathers"] += 1
-            counts["params_gathered"] += len(todo)
-            counts["numel_gathered"] += sum(p.ds_numel for p in todo)
-        return orig_gather(self, params, forward, quantize)
-
-    def release(self: Any, param: Any, free_data: bool = True) -> None:
-        if param.ds_status == ppc.ZeroParamStatus.AVAILABLE and not param.ds_active_sub_modules:
-            counts["releases"] += 1
-        return orig_release(self, param, free_data)
-
-    cls.fetch_sub_module = fetch
-    setattr(cls, gather_name, gather)
-    setattr(cls, release_name, release)
-    try:
-        yield counts
-    finally:
-        cls.fetch_sub_module = orig_fetch
-        setattr(cls, gather_name, orig_gather)
-        setattr(cls, release_name, orig_release)
 
 
 class DeepSpeedBackend(Backend):
