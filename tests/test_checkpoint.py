@@ -154,6 +154,17 @@ def test_resume_restores_model_optimizer_schedule_ema_and_rngs(tmp_path):
     assert ea and all(torch.equal(ea[k], eb[k]) for k in ea)
 
 
+def test_resume_without_ema_state_restarts_the_ema_from_the_loaded_weights(tmp_path, capsys):
+    a = _backend()  # train.ema off: the checkpoint holds no EMA state
+    _train(a, range(2))
+    CheckpointManager(tmp_path / "ck", a).save(2, {"step": 2})
+    b = _backend("train.ema=true", "train.ema_decay=0.5")
+    CheckpointManager(tmp_path / "ck", b).resume("auto")
+    assert "has no EMA state; EMA restarts from the weights" in capsys.readouterr().out
+    ema, weights = b.ema_state_dict(), a.full_trainable_state_dict()
+    assert ema.keys() == weights.keys() and all(torch.equal(ema[k], weights[k]) for k in ema)
+
+
 def test_8bit_single_process_resume(tmp_path):
     a = _backend("train.optimizer='adamw8bit'")
     _train(a, range(2))

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from framer_dist.config import Config
-from framer_dist.parallel.ema import EMA
+from framer_dist.parallel.ema import EMA, Source
 from framer_dist.parallel.optim import resolve_grad_accum
 from framer_dist.safe_load import FORMAT_VERSION, load_torch
 
@@ -137,7 +137,24 @@ class Backend:
 
     def ema_state_dict(self) -> dict[str, Tensor]:
         """Full EMA tensors on rank 0 ({} elsewhere, or when train.ema is off). Collective."""
-        return {}
+        return {} if self.ema is None else self._full_ema(self.ema.state_dict())
+
+    # -- the EMA, the same on every backend ----------------------------------------------------
+    def _make_ema(self, source: Source) -> None:
+        """train.ema: average what ``source()`` yields (the trainable tensors as this backend
+        owns them; see :class:`EMA`)."""
+        if self.cfg.train.ema:
+            self.ema = EMA(source, self.cfg.train.ema_decay)
+
+    def _restart_ema(self, path: Path) -> None:
+        """A checkpoint without EMA state (written with train.ema off): start from the weights."""
+        if self.is_main:
+            print(f"[framer_dist] WARNING: {path} has no EMA state; EMA restarts from the weights")
+        self.ema.reset()
+
+    def _full_ema(self, sd: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The EMA's ``state_dict()`` as full CPU tensors on rank 0 ({} elsewhere). Collective."""
+        raise NotImplementedError
 
     # -- shared save helpers -------------------------------------------------------------------
     def _write_meta(self, path: Path, client_state: dict[str, Any], extra: dict[str, Any]) -> None:
@@ -168,8 +185,8 @@ class Backend:
     # -- shared optimizer step -----------------------------------------------------------------
     def _clip_and_step(self) -> float:
         """Clip the global grad norm (train.grad_clip, 0 = off), step optimizer and schedule, zero
-        the grads, update the EMA. Needs ``params``, ``optimizer``, ``scheduler`` and
-        ``_named_trainable`` from the subclass. Returns the pre-clip global norm."""
+        the grads, update the EMA. Needs ``params``, ``optimizer`` and ``scheduler`` from the
+        subclass. Returns the pre-clip global norm."""
         clip = self.cfg.train.grad_clip
         # GPUs: one multi-tensor norm instead of a kernel per parameter (hundreds per step);
         # CPU: the per-parameter arithmetic, the same on every backend for the parity tests
@@ -181,7 +198,7 @@ class Backend:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
-            self.ema.update(self._named_trainable())
+            self.ema.update()
         self.optimizer_step += 1
         return float(norm)
 

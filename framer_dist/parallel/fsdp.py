@@ -27,7 +27,6 @@ from torch.distributed.tensor import DTensor
 from framer_dist.config import Config, ConfigError
 from framer_dist.parallel.base import Backend
 from framer_dist.parallel.blocks import transformer_blocks
-from framer_dist.parallel.ema import EMA
 from framer_dist.parallel.names import strip_wrapper_prefixes, trainable_names
 from framer_dist.parallel.optim import build_optimizer, lr_lambda, optimizer_kwargs
 from framer_dist.parallel.process_group import init_process_group, local_rank_from_env, resolve_device
@@ -80,8 +79,7 @@ class FSDP2Backend(Backend):
             self.optimizer = build_optimizer(cfg, self.params)
             sched_target = self.optimizer
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(sched_target, lr_lambda(cfg))
-        if cfg.train.ema:
-            self.ema = EMA(self._named_trainable(), cfg.train.ema_decay)
+        self._make_ema(self._named_trainable)
         self._micro = 0
         return self
 
@@ -141,8 +139,6 @@ class FSDP2Backend(Backend):
         state = self._state()  # templates with the current sharding: DCP reshards into them
         if self.ema is not None and not _has_key(path / DCP_DIR, "ema"):
             state.pop("ema")
-            if self.is_main:
-                print(f"[framer_dist] WARNING: {path} has no EMA state; EMA restarts from the weights")
         dcp_load(state, path / DCP_DIR)
         set_model_state_dict(self.model, state["model"], options=StateDictOptions(strict=False))
         if "optim8" in state:
@@ -156,8 +152,8 @@ class FSDP2Backend(Backend):
         if self.ema is not None:
             if "ema" in state:
                 self.ema.load_state_dict(state["ema"])
-            else:
-                self.ema = EMA(self._named_trainable(), self.cfg.train.ema_decay)
+            else:  # after the weights were loaded: the EMA restarts from them
+                self._restart_ema(path)
         extra = load_torch(path / "fsdp_extra.pt")
         self.scheduler.load_state_dict(extra["scheduler"])
         for g, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
@@ -180,8 +176,8 @@ class FSDP2Backend(Backend):
     def full_state_dict(self) -> dict[str, Tensor]:
         return self._full(get_model_state_dict(self.model))
 
-    def ema_state_dict(self) -> dict[str, Tensor]:
-        return {} if self.ema is None else self._full(self.ema.state_dict())
+    def _full_ema(self, sd: dict[str, Tensor]) -> dict[str, Tensor]:
+        return self._full(sd)
 
 
 def _has_key(dcp_dir: Path, prefix: str) -> bool:

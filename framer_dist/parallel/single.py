@@ -10,7 +10,6 @@ from torch import Tensor, nn
 
 from framer_dist.config import Config
 from framer_dist.parallel.base import Backend
-from framer_dist.parallel.ema import EMA
 from framer_dist.parallel.names import trainable_names
 from framer_dist.parallel.optim import build_optimizer, lr_lambda
 from framer_dist.safe_load import load_torch
@@ -31,8 +30,7 @@ class SingleBackend(Backend):
         self.names = trainable_names(model, self.params)
         self.optimizer = build_optimizer(cfg, self.params)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
-        if cfg.train.ema:
-            self.ema = EMA(self._named_trainable(), cfg.train.ema_decay)
+        self._make_ema(self._named_trainable)
 
     def _named_trainable(self):
         return ((self.names[id(p)], p) for p in self.params)
@@ -75,8 +73,7 @@ class SingleBackend(Backend):
         self.scheduler.load_state_dict(state["scheduler"])
         if self.ema is not None:
             if state["ema"] is None:
-                print(f"[framer_dist] WARNING: {path} has no EMA state; EMA restarts from the weights")
-                self.ema = EMA(self._named_trainable(), self.cfg.train.ema_decay)
+                self._restart_ema(path)
             else:
                 self.ema.load_state_dict(state["ema"])
         self.optimizer_step = state["optimizer_step"]
@@ -88,8 +85,8 @@ class SingleBackend(Backend):
     def full_state_dict(self) -> dict[str, Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
-    def ema_state_dict(self) -> dict[str, Tensor]:
-        return {} if self.ema is None else {k: v.cpu().clone() for k, v in self.ema.shadow.items()}
+    def _full_ema(self, sd: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {k: v.cpu().clone() for k, v in sd.items()}
 
 
 def cast_frozen_layers(model: nn.Module, dtype: torch.dtype) -> int:

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from framer_dist.config import Config
 from framer_dist.parallel.base import Backend
 from framer_dist.parallel.deepspeed.config import build_ds_config
+from framer_dist.parallel.deepspeed.ema import ZeroEMALayout
 from framer_dist.parallel.deepspeed.units import guard_leaf_inputs, persist_modules
 from framer_dist.parallel.names import strip_wrapper_prefixes, trainable_names
 from framer_dist.parallel.optim import build_optimizer, lr_lambda
@@ -93,8 +94,8 @@ class DeepSpeedBackend(Backend):
             head = getattr(model, "readout_head_modules", ())
             if cfg.parallel.zero3_persist_head and head:
                 self.zero3_persistent_numel = persist_modules(engine, head)
-        if cfg.train.ema:
-            self.ema = _DSEma(self, cfg.train.ema_decay)  # type: ignore[assignment]
+        self._ema_layout = ZeroEMALayout(engine.module, trainable, self.stage, rank, world)
+        self._make_ema(self._ema_layout.source)
         return self
 
     # -- training ------------------------------------------------------------------------------
@@ -139,7 +140,7 @@ class DeepSpeedBackend(Backend):
         self.engine.save_checkpoint(str(path), tag=TAG, client_state={"optimizer_step": self.optimizer_step},
                                     save_latest=False, exclude_frozen_parameters=True)
         if self.ema is not None:
-            self.ema.save(path)
+            self._ema_layout.save(self.ema, path)
         self._write_meta(path, client_state, {"optimizer": self.cfg.train.optimizer,
                                               "zero_stage": self.stage})
 
@@ -172,8 +173,8 @@ class DeepSpeedBackend(Backend):
             # schedule's first LR
             for g, lr in zip(sched.optimizer.param_groups, sched.get_last_lr()):
                 g["lr"] = lr
-        if self.ema is not None:
-            self.ema.load(path, meta)
+        if self.ema is not None and not self._ema_layout.load(self.ema, path, meta["world_size"]):
+            self._restart_ema(path)
         return self._read_client_state(path)
 
     def _load_universal(self, path: Path, meta: dict[str, Any]) -> dict[str, Any]:
@@ -299,89 +300,6 @@ class DeepSpeedBackend(Backend):
                 out[strip_wrapper_prefixes(n)] = b.detach().cpu().clone()
         return out if self.is_main else {}
 
-    def ema_state_dict(self) -> dict[str, Tensor]:
-        return {} if self.ema is None else self.ema.full()
+    def _full_ema(self, sd: dict[str, Tensor]) -> dict[str, Tensor]:
+        return self._ema_layout.full(sd)
 
-
-class _DSEma:
-    """EMA of the trainable parameters under DeepSpeed.
-
-    ZeRO-3: each rank averages its own fp32 master partition (safe_get_local_fp32_param), saved
-    per rank; a world-size change re-slices the concatenated partitions (ZeRO-3 splits every
-    flattened parameter into equal, end-padded chunks in rank order). ZeRO-0/1/2: the module
-    weights are full on every rank after the step; they are averaged in fp32 (in bf16 runs the
-    source is the bf16 copy of the weights) and rank 0 saves them.
-    """
-
-    def __init__(self, be: "DeepSpeedBackend", decay: float) -> None:
-        self.be, self.decay = be, decay
-        names = set(be.trainable_names)
-        self.params = [(n, p) for n, p in be.engine.module.named_parameters() if n in names]
-        self.z3 = be.stage == 3
-        self.shadow = {n: self._source(p).detach().float().clone() for n, p in self.params}
-
-    def _source(self, p: nn.Parameter) -> Tensor:
-        if self.z3:
-            from deepspeed.utils import safe_get_local_fp32_param
-
-            return safe_get_local_fp32_param(p).reshape(-1)
-        return p.data
-
-    @torch.no_grad()
-    def update(self) -> None:
-        for n, p in self.params:
-            self.shadow[n].lerp_(self._source(p).float(), 1.0 - self.decay)
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return dict(self.shadow)
-
-    def save(self, path: Path) -> None:
-        if self.z3:
-            torch.save({n: t.cpu() for n, t in self.shadow.items()}, path / f"ema_rank{self.be.rank:05d}.pt")
-        elif self.be.is_main:
-            torch.save({n: t.cpu() for n, t in self.shadow.items()}, path / "ema_full.pt")
-
-    @torch.no_grad()
-    def load(self, path: Path, meta: dict[str, Any]) -> None:
-        old_world = meta["world_size"]
-        if not (path / "ema_full.pt").is_file() and not (path / "ema_rank00000.pt").is_file():
-            if self.be.is_main:
-                print(f"[framer_dist] WARNING: {path} has no EMA state; EMA restarts from the weights")
-            self.shadow = {n: self._source(p).detach().float().clone() for n, p in self.params}
-            return
-        if (path / "ema_full.pt").is_file():
-            full = load_torch(path / "ema_full.pt")
-        elif old_world == self.be.world_size and self.z3:
-            own = load_torch(path / f"ema_rank{self.be.rank:05d}.pt")
-            for n, t in self.shadow.items():
-                t.copy_(own[n])
-            return
-        else:
-            parts = [load_torch(path / f"ema_rank{r:05d}.pt")
-                     for r in range(old_world)]
-            full = {n: torch.cat([pt[n] for pt in parts]) for n in parts[0]}
-        for n, p in self.params:
-            flat = full[n].reshape(-1)
-            if self.z3:
-                numel = int(p.ds_numel)
-                part = self.shadow[n].numel()
-                flat = torch.nn.functional.pad(flat[:numel], (0, part * self.be.world_size - numel))
-                self.shadow[n].copy_(flat[self.be.rank * part:(self.be.rank + 1) * part])
-            else:
-                self.shadow[n].copy_(flat[:p.numel()].view_as(self.shadow[n]))
-
-    def full(self) -> dict[str, Tensor]:
-        """Full EMA tensors on rank 0 (collective under ZeRO-3)."""
-        import torch.distributed as dist
-
-        out: dict[str, Tensor] = {}
-        for n, p in self.params:
-            t = self.shadow[n]
-            if self.z3 and self.be.world_size > 1:
-                parts = [torch.empty_like(t) for _ in range(self.be.world_size)]
-                dist.all_gather(parts, t.contiguous())
-                t = torch.cat(parts)
-            if self.be.is_main:
-                shape = p.ds_shape if self.z3 else p.shape
-                out[strip_wrapper_prefixes(n)] = t[: int(torch.Size(shape).numel())].reshape(shape).cpu().clone()
-        return out
