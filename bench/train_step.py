@@ -218,7 +218,7 @@ def run_combo(a: argparse.Namespace, mode: str, backend_key: str, device_type: s
     res: dict[str, Any] = {"mode": mode, "backend": backend_key, "precision": precision,
                            "batch": a.batch, "resolution": a.resolution, "text_tokens": text_tokens,
                            "activation_checkpointing": a.ac,
-                           "checkpointed_blocks": len(ac_indices(cfg, model.num_blocks)),
+                           "checkpointed_blocks": len(ac_indices(cfg.parallel, model.num_blocks)),
                            "compile": a.compile, "block": a.block, "skip": a.skip if a.block > 1 else 0,
                            "trainable_params": sum(p.numel() for p in params),
                            "total_params": sum(p.numel() for p in model.parameters())}

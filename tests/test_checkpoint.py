@@ -145,7 +145,7 @@ def test_resume_restores_model_optimizer_schedule_ema_and_rngs(tmp_path):
     again = (torch.rand(3), np.random.rand(3), random.random(), torch.rand(3, generator=gen_b))
     assert torch.equal(draws[0], again[0]) and np.array_equal(draws[1], again[1])
     assert draws[2] == again[2] and torch.equal(draws[3], again[3])
-    assert b.lr == pytest.approx(lr_lambda(b.cfg)(3) * 0.01)
+    assert b.lr == pytest.approx(lr_lambda(b.cfg.train)(3) * 0.01)
     rest_b = _train(b, range(3, 6))
     assert rest_a == rest_b
     for k, v in a.full_trainable_state_dict().items():
@@ -205,27 +205,27 @@ def test_preemption_flag_from_a_real_signal():
 
 
 def test_global_batch_helper_and_ac_indices():
-    cfg = load_config(None, ["train.global_batch_size=16", "data.batch_size=2"])
-    assert resolve_grad_accum(cfg, 1) == 8 and resolve_grad_accum(cfg, 4) == 2
+    train = load_config(None, ["train.global_batch_size=16"]).train
+    assert resolve_grad_accum(train, 2, 1) == 8 and resolve_grad_accum(train, 2, 4) == 2
     with pytest.raises(ConfigError, match="train.global_batch_size.*not divisible"):
-        resolve_grad_accum(cfg, 3)
-    assert resolve_grad_accum(load_config(None, ["train.grad_accum=3"]), 5) == 3
+        resolve_grad_accum(train, 2, 3)
+    assert resolve_grad_accum(load_config(None, ["train.grad_accum=3"]).train, 2, 5) == 3
     cfg = load_config(None, ["parallel.activation_checkpointing='every_k'", "parallel.ac_every_k=2"])
-    assert ac_indices(cfg, 5) == [0, 2, 4]
+    assert ac_indices(cfg.parallel, 5) == [0, 2, 4]
     cfg = load_config(None, ["parallel.activation_checkpointing='blocks'", "parallel.ac_blocks=[0, -1]"])
-    assert ac_indices(cfg, 4) == [0, 3]
+    assert ac_indices(cfg.parallel, 4) == [0, 3]
     cfg = load_config(None, ["parallel.activation_checkpointing='blocks'", "parallel.ac_blocks=[9]"])
     with pytest.raises(ConfigError, match="ac_blocks"):
-        ac_indices(cfg, 4)
+        ac_indices(cfg.parallel, 4)
 
 
 def test_lr_schedules():
     cfg = load_config(None, ["train.lr_schedule='warmup_cosine'", "train.warmup_steps=2",
                              "train.steps=12", "train.min_lr_ratio=0.1"])
-    f = lr_lambda(cfg)
+    f = lr_lambda(cfg.train)
     assert f(0) == 0.5 and f(1) == 1.0 and f(2) == pytest.approx(1.0)
     assert f(12) == pytest.approx(0.1) and f(7) == pytest.approx(0.55)
-    assert lr_lambda(load_config(None, []))(100) == 1.0
+    assert lr_lambda(load_config(None, []).train)(100) == 1.0
 
 
 def test_distributed_backend_without_launcher_env_is_a_clear_error(monkeypatch):
@@ -265,7 +265,11 @@ def test_deepspeed_package_neither_shadows_the_library_nor_loads_the_fetch_count
 
 
 def test_ds_config_injection_and_disagreements(tmp_path):
-    from framer_dist.parallel.deepspeed.config import build_ds_config
+    from framer_dist.parallel.base import BackendConfig
+    from framer_dist.parallel.deepspeed.config import build_ds_config as build
+
+    def build_ds_config(cfg, grad_accum, world_size):
+        return build(BackendConfig.from_config(cfg), grad_accum, world_size)
 
     def cfg_with(ds: dict, *over: str):
         p = tmp_path / "ds.json"

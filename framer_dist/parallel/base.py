@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +14,29 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from framer_dist.config import Config
+from framer_dist.config import Config, ParallelConfig, TrainConfig
 from framer_dist.parallel.ema import EMA, Source
 from framer_dist.parallel.optim import resolve_grad_accum
 from framer_dist.safe_load import FORMAT_VERSION, load_torch
 
 CLIENT_STATE_FILE = "client_state.pt"
 META_FILE = "backend_meta.json"
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    """What a backend reads of the run's configuration, taken from it in one place
+    (:meth:`from_config`, by ``setup_backend`` and ``check_backend``)."""
+
+    train: TrainConfig        # optimizer, LR schedule, precision, clipping, EMA, device, mode
+    parallel: ParallelConfig  # DeepSpeed JSON, FSDP2 resharding, ZeRO-3 persistent head
+    micro_batch: int          # data.batch_size: with the world size, the micro-batches per step
+    family: str               # model.family, recorded in the checkpoint metadata
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "BackendConfig":
+        return cls(train=cfg.train, parallel=cfg.parallel, micro_batch=cfg.data.batch_size,
+                   family=cfg.model.family)
 
 
 def meta_mismatch(meta: dict[str, Any], path: str | Path, backend: str, optimizer: str,
@@ -56,7 +73,7 @@ class Backend:
 
     name = "base"
 
-    def __init__(self, cfg: Config, model: nn.Module, rank: int, world_size: int,
+    def __init__(self, cfg: BackendConfig, model: nn.Module, rank: int, world_size: int,
                  local_rank: int, device: torch.device) -> None:
         self.cfg = cfg
         self.model = model
@@ -65,7 +82,7 @@ class Backend:
         self.local_rank = local_rank
         self.device = device
         self.is_main = rank == 0
-        self.grad_accum = resolve_grad_accum(cfg, world_size)
+        self.grad_accum = resolve_grad_accum(cfg.train, cfg.micro_batch, world_size)
         self.compute_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         self.ema: EMA | None = None
         self.optimizer_step = 0  # optimizer steps taken (restored by load)
@@ -161,7 +178,7 @@ class Backend:
         """Rank 0 writes the client state and a small JSON describing the layout."""
         if self.is_main:
             torch.save(client_state, path / CLIENT_STATE_FILE)
-            meta = {"format": FORMAT_VERSION, "family": self.cfg.model.family,
+            meta = {"format": FORMAT_VERSION, "family": self.cfg.family,
                     "backend": self.name, "world_size": self.world_size,
                     "mode": self.cfg.train.mode, **extra}
             (path / META_FILE).write_text(json.dumps(meta, indent=1))
@@ -177,7 +194,7 @@ class Backend:
         """The checkpoint's layout must fit this run: same backend, same optimizer state kind."""
         meta = self.read_meta(path)
         problem = meta_mismatch(meta, path, self.name, self.cfg.train.optimizer, self.cfg.train.mode,
-                                self.cfg.model.family)
+                                self.cfg.family)
         if problem:
             raise RuntimeError(problem)
         return meta

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from framer_dist.config import Config, ConfigError
+from framer_dist.config import ConfigError, ParallelConfig
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
@@ -17,9 +17,8 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return []
 
 
-def ac_indices(cfg: Config, num_blocks: int) -> list[int]:
+def ac_indices(p: ParallelConfig, num_blocks: int) -> list[int]:
     """Which blocks recompute activations in backward, from parallel.activation_checkpointing."""
-    p = cfg.parallel
     if p.activation_checkpointing == "none":
         return []
     if p.activation_checkpointing == "all":
@@ -33,11 +32,11 @@ def ac_indices(cfg: Config, num_blocks: int) -> list[int]:
     return sorted({i % num_blocks for i in p.ac_blocks})
 
 
-def apply_activation_checkpointing(cfg: Config, model: nn.Module) -> list[int]:
+def apply_activation_checkpointing(p: ParallelConfig, model: nn.Module) -> list[int]:
     """Ask the model to checkpoint the chosen blocks (its own non-reentrant route, which keeps
     module names unchanged, unlike torch's checkpoint_wrapper)."""
     blocks = transformer_blocks(model)
-    idx = ac_indices(cfg, getattr(model, "num_blocks", len(blocks)))
+    idx = ac_indices(p, getattr(model, "num_blocks", len(blocks)))
     if idx:
         if not hasattr(model, "set_activation_checkpointing"):
             raise ConfigError("config key 'parallel.activation_checkpointing': the model has no "

@@ -24,8 +24,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from framer_dist.config import Config, ConfigError
-from framer_dist.parallel.base import Backend
+from framer_dist.config import ConfigError
+from framer_dist.parallel.base import Backend, BackendConfig
 from framer_dist.parallel.blocks import transformer_blocks
 from framer_dist.parallel.names import strip_wrapper_prefixes, trainable_names
 from framer_dist.parallel.optim import build_optimizer, lr_lambda, optimizer_kwargs
@@ -39,11 +39,11 @@ class FSDP2Backend(Backend):
     name = "fsdp2"
 
     @classmethod
-    def create(cls, cfg: Config, model: nn.Module, params: list[nn.Parameter]) -> "FSDP2Backend":
+    def create(cls, cfg: BackendConfig, model: nn.Module, params: list[nn.Parameter]) -> "FSDP2Backend":
         # checked before joining the process group; fully_shard replaces the parameter
         # objects, so the trainable ones are remembered by name
         trainable = list(trainable_names(model, params).values())
-        device = resolve_device(cfg, local_rank_from_env())
+        device = resolve_device(cfg.train, local_rank_from_env())
         rank, world, local_rank = init_process_group("fsdp2", device.type)
         self = cls(cfg, model, rank, world, local_rank, device)
         self.trainable_names = trainable
@@ -73,12 +73,12 @@ class FSDP2Backend(Backend):
             from framer_dist.parallel.bnb_shards import ShardedAdamW8bit
 
             self.optimizer = ShardedAdamW8bit(list(zip(self.trainable_names, self.params)),
-                                              **optimizer_kwargs(cfg))
+                                              **optimizer_kwargs(cfg.train))
             sched_target = self.optimizer.opt
         else:
-            self.optimizer = build_optimizer(cfg, self.params)
+            self.optimizer = build_optimizer(cfg.train, self.params)
             sched_target = self.optimizer
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(sched_target, lr_lambda(cfg))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(sched_target, lr_lambda(cfg.train))
         self._make_ema(self._named_trainable)
         self._micro = 0
         return self

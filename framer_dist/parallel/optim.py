@@ -9,20 +9,19 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from framer_dist.config import Config, ConfigError
+from framer_dist.config import ConfigError, TrainConfig
 
 
-def optimizer_kwargs(cfg: Config) -> dict[str, Any]:
-    t = cfg.train
+def optimizer_kwargs(t: TrainConfig) -> dict[str, Any]:
     return {"lr": t.lr, "betas": tuple(t.betas), "eps": t.adam_eps, "weight_decay": t.weight_decay}
 
 
-def build_optimizer(cfg: Config, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+def build_optimizer(t: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     """train.optimizer: 'adamw' (torch) or 'adamw8bit' (bitsandbytes, blockwise 8-bit state)."""
     if not params:
         raise ValueError("no trainable parameters were passed to the backend (check train.mode)")
-    kw = optimizer_kwargs(cfg)
-    if cfg.train.optimizer == "adamw8bit":
+    kw = optimizer_kwargs(t)
+    if t.optimizer == "adamw8bit":
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(params, **kw)
@@ -35,9 +34,8 @@ def build_optimizer(cfg: Config, params: list[nn.Parameter]) -> torch.optim.Opti
     return torch.optim.AdamW(params, foreach=False, **kw)
 
 
-def lr_lambda(cfg: Config) -> Callable[[int], float]:
+def lr_lambda(t: TrainConfig) -> Callable[[int], float]:
     """Multiplier of train.lr after `step` optimizer steps (LambdaLR convention)."""
-    t = cfg.train
     warm, total, floor = t.warmup_steps, t.steps, t.min_lr_ratio
 
     def f(step: int) -> float:
@@ -51,13 +49,13 @@ def lr_lambda(cfg: Config) -> Callable[[int], float]:
     return f
 
 
-def resolve_grad_accum(cfg: Config, world_size: int) -> int:
-    """Micro-batches per optimizer step. With train.global_batch_size > 0 the global batch is kept
-    constant across world sizes: grad_accum = global / (micro * world), which must divide evenly."""
-    gbs = cfg.train.global_batch_size
+def resolve_grad_accum(t: TrainConfig, micro: int, world_size: int) -> int:
+    """Micro-batches per optimizer step for micro-batches of ``micro`` (data.batch_size) samples.
+    With train.global_batch_size > 0 the global batch is kept constant across world sizes:
+    grad_accum = global / (micro * world), which must divide evenly."""
+    gbs = t.global_batch_size
     if gbs <= 0:
-        return cfg.train.grad_accum
-    micro = cfg.data.batch_size
+        return t.grad_accum
     per_step = micro * world_size
     if gbs % per_step:
         raise ConfigError(

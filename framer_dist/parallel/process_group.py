@@ -10,12 +10,12 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from framer_dist.config import Config, ConfigError
+from framer_dist.config import ConfigError, TrainConfig
 
 
-def resolve_device(cfg: Config, local_rank: int) -> torch.device:
+def resolve_device(t: TrainConfig, local_rank: int) -> torch.device:
     """train.device: 'auto' -> cuda:<local_rank> if CUDA is there, else cpu."""
-    want = cfg.train.device
+    want = t.device
     if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise ConfigError("config key 'train.device': 'cuda' requested but CUDA is not available")

@@ -8,8 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from framer_dist.config import Config
-from framer_dist.parallel.base import Backend
+from framer_dist.parallel.base import Backend, BackendConfig
 from framer_dist.parallel.names import trainable_names
 from framer_dist.parallel.optim import build_optimizer, lr_lambda
 from framer_dist.safe_load import load_torch
@@ -20,7 +19,7 @@ STATE_FILE = "single_state.pt"
 class SingleBackend(Backend):
     name = "none"
 
-    def __init__(self, cfg: Config, model: nn.Module, params: list[nn.Parameter],
+    def __init__(self, cfg: BackendConfig, model: nn.Module, params: list[nn.Parameter],
                  device: torch.device) -> None:
         super().__init__(cfg, model.to(device), rank=0, world_size=1, local_rank=0, device=device)
         self.frozen_bf16_numel = 0
@@ -28,8 +27,8 @@ class SingleBackend(Backend):
             self.frozen_bf16_numel = cast_frozen_layers(model, torch.bfloat16)
         self.params = list(params)
         self.names = trainable_names(model, self.params)
-        self.optimizer = build_optimizer(cfg, self.params)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        self.optimizer = build_optimizer(cfg.train, self.params)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.train))
         self._make_ema(self._named_trainable)
 
     def _named_trainable(self):

@@ -19,8 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from framer_dist.config import Config
-from framer_dist.parallel.base import Backend
+from framer_dist.parallel.base import Backend, BackendConfig
 from framer_dist.parallel.deepspeed.config import build_ds_config
 from framer_dist.parallel.deepspeed.ema import ZeroEMALayout
 from framer_dist.parallel.deepspeed.units import guard_leaf_inputs, persist_modules
@@ -63,11 +62,11 @@ class DeepSpeedBackend(Backend):
     name = "deepspeed"
 
     @classmethod
-    def create(cls, cfg: Config, model: nn.Module, params: list[nn.Parameter]) -> "DeepSpeedBackend":
+    def create(cls, cfg: BackendConfig, model: nn.Module, params: list[nn.Parameter]) -> "DeepSpeedBackend":
         # checked before joining the process group; ZeRO-3 partitions the parameter
         # objects, so the trainable ones are remembered by name
         trainable = list(trainable_names(model, params).values())
-        device = resolve_device(cfg, local_rank_from_env())
+        device = resolve_device(cfg.train, local_rank_from_env())
         rank, world, local_rank = init_process_group("deepspeed", device.type)
         if device.type == "cpu":
             _skip_cpu_shm_op()
@@ -80,10 +79,10 @@ class DeepSpeedBackend(Backend):
         self.ds_config = build_ds_config(cfg, self.grad_accum, world)
         self.stage = int(self.ds_config["zero_optimization"].get("stage", 0))
         self.trainable_names = trainable
-        optimizer = build_optimizer(cfg, params)
+        optimizer = build_optimizer(cfg.train, params)
         engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=params, optimizer=optimizer, config=self.ds_config,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.train)))
         self.engine = engine
         self.model = engine
         self._micro = 0

@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from framer_dist.config import Config, ConfigError
+from framer_dist.config import ConfigError
+from framer_dist.parallel.base import BackendConfig
 
 
 def load_ds_json(path: str) -> dict[str, Any]:
@@ -24,7 +25,7 @@ def load_ds_json(path: str) -> dict[str, Any]:
         raise ConfigError(f"config key 'parallel.ds_config': {p} is not valid JSON: {e}") from None
 
 
-def build_ds_config(cfg: Config, grad_accum: int, world_size: int) -> dict[str, Any]:
+def build_ds_config(cfg: BackendConfig, grad_accum: int, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config: the JSON's ZeRO settings plus our precision/batch/clip values."""
     src = cfg.parallel.ds_config
     ds = load_ds_json(src)
@@ -42,7 +43,7 @@ def build_ds_config(cfg: Config, grad_accum: int, world_size: int) -> dict[str, 
             f"{cfg.train.precision!r}; set bf16.enabled to \"auto\" (recommended) or make them agree")
     bf16["enabled"] = want_bf16
     ds["bf16"] = bf16
-    ours = {"train_micro_batch_size_per_gpu": (cfg.data.batch_size, "data.batch_size"),
+    ours = {"train_micro_batch_size_per_gpu": (cfg.micro_batch, "data.batch_size"),
             "gradient_accumulation_steps": (grad_accum, "train.grad_accum/global_batch_size"),
             "gradient_clipping": (cfg.train.grad_clip, "train.grad_clip")}
     for key, (value, our_key) in ours.items():
@@ -50,7 +51,7 @@ def build_ds_config(cfg: Config, grad_accum: int, world_size: int) -> dict[str, 
             raise ConfigError(f"{src} sets {key}={ds[key]} but our config key '{our_key}' gives "
                               f"{value}; set it to \"auto\" or remove it from the JSON")
         ds[key] = value
-    tbs = cfg.data.batch_size * grad_accum * world_size
+    tbs = cfg.micro_batch * grad_accum * world_size
     if ds.get("train_batch_size", "auto") not in ("auto", tbs):
         raise ConfigError(f"{src} sets train_batch_size={ds['train_batch_size']}, but micro batch x "
                           f"accumulation x world = {tbs}; set it to \"auto\"")
