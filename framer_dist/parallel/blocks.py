@@ -1,5 +1,6 @@
-"""The model's repeated blocks as the backends use them: FSDP2 units, activation-checkpointing
-and compile targets (the family exposes them as ``transformer_blocks`` or ``blocks``)."""
+"""The model's repeated blocks as the backends use them: FSDP2 units, ZeRO-3 fetch units,
+activation-checkpointing and compile targets (the family exposes them as ``transformer_blocks``
+or ``blocks``)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,13 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
         if isinstance(blocks, (nn.ModuleList, list, tuple)) and len(blocks) > 0:
             return list(blocks)
     return []
+
+
+def block_classes(model: nn.Module) -> list[str]:
+    """The blocks' classes as ``module.QualifiedName`` (DeepSpeed matches ``leaf_module`` classes
+    by that or the bare name), each once, in model order: the ZeRO-3 fetch units."""
+    return list(dict.fromkeys(f"{type(b).__module__}.{type(b).__qualname__}"
+                              for b in transformer_blocks(model)))
 
 
 def ac_indices(p: ParallelConfig, num_blocks: int) -> list[int]:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from framer_dist.parallel.base import Backend, BackendConfig
+from framer_dist.parallel.blocks import block_classes
 from framer_dist.parallel.deepspeed.config import build_ds_config
 from framer_dist.parallel.deepspeed.ema import ZeroEMALayout
 from framer_dist.parallel.deepspeed.units import guard_leaf_inputs, persist_modules
@@ -76,7 +77,7 @@ class DeepSpeedBackend(Backend):
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                    auto_mpi_discovery=False)
         self = cls(cfg, model, rank, world, local_rank, device)
-        self.ds_config = build_ds_config(cfg, self.grad_accum, world)
+        self.ds_config = build_ds_config(cfg, self.grad_accum, world, block_classes(model))
         self.stage = int(self.ds_config["zero_optimization"].get("stage", 0))
         self.trainable_names = trainable
         optimizer = build_optimizer(cfg.train, params)

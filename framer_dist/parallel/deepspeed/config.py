@@ -3,13 +3,15 @@
 Our config is the single source of truth for precision, micro-batch, accumulation and clipping:
 they are injected into the DeepSpeed JSON, and a JSON that says otherwise is an error. The
 optimizer and LR schedule are ours too (client objects), so a JSON that has them is refused.
+ZeRO-3's fetch units (``zero_optimization.leaf_module``) are the model family's blocks unless the
+JSON names its own.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from framer_dist.config import ConfigError
 from framer_dist.parallel.base import BackendConfig
@@ -25,8 +27,12 @@ def load_ds_json(path: str) -> dict[str, Any]:
         raise ConfigError(f"config key 'parallel.ds_config': {p} is not valid JSON: {e}") from None
 
 
-def build_ds_config(cfg: BackendConfig, grad_accum: int, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config: the JSON's ZeRO settings plus our precision/batch/clip values."""
+def build_ds_config(cfg: BackendConfig, grad_accum: int, world_size: int,
+                    leaf_classes: Sequence[str] = ()) -> dict[str, Any]:
+    """The DeepSpeed config: the JSON's ZeRO settings plus our precision/batch/clip values.
+    Under ZeRO-3, ``leaf_classes`` (the model's block classes, ``blocks.block_classes``) become
+    ``zero_optimization.leaf_module.classes`` when the JSON has no ``leaf_module`` entry; one the
+    JSON has (``{"classes": []}`` turns leaves off) is kept as it is."""
     src = cfg.parallel.ds_config
     ds = load_ds_json(src)
     for sec, ours in (("optimizer", "train.optimizer / train.lr"), ("scheduler", "train.lr_schedule")):
@@ -59,6 +65,10 @@ def build_ds_config(cfg: BackendConfig, grad_accum: int, world_size: int) -> dic
     zero = ds.setdefault("zero_optimization", {})
     if zero.get("stage", 0) not in (0, 1, 2, 3):
         raise ConfigError(f"{src}: zero_optimization.stage must be 0-3, got {zero.get('stage')}")
+    if zero.get("stage", 0) == 3 and "leaf_module" not in zero and leaf_classes:
+        # every block one fetch unit (one coalesced all-gather, one set of hooks), the unit
+        # FSDP2 shards too; the family's blocks, so no JSON names a model's classes
+        zero["leaf_module"] = {"classes": list(leaf_classes)}
     if zero.get("offload_optimizer", {}).get("device", "none") != "none":
         # Our client optimizer steps on the CPU shards; DeepSpeed would otherwise insist on its
         # JIT-compiled DeepSpeedCPUAdam.

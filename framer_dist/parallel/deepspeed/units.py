@@ -1,9 +1,9 @@
 """ZeRO-3 fetch units (docs/distributed.md, "ZeRO-3 fetch units").
 
-DeepSpeed's own ``zero_optimization.leaf_module`` (classes, names or name suffixes;
-``ds_configs/zero3.json`` names ``DiT4SRBlock``) makes each transformer block one fetch unit (one
-coalesced all-gather, one set of hooks) instead of one per Linear/norm. Two things this module
-adds so that works and pays off:
+DeepSpeed's own ``zero_optimization.leaf_module`` (classes, names or name suffixes; by default
+the classes of the model's blocks, see ``config.build_ds_config``) makes each block one fetch
+unit (one coalesced all-gather, one set of hooks) instead of one per Linear/norm. Two things this
+module adds so that works and pays off:
 
 * DeepSpeed reduces a leaf's gradients from a *full backward hook* on the leaf. When none of the
   leaf's inputs requires grad (the first block in control and LoRA modes: its inputs come from
