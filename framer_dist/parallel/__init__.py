@@ -1,6 +1,8 @@
 """Data-parallel backends: `none` (one process), `deepspeed` (ZeRO-2/3), `fsdp2`.
 
 All backend-specific code lives in this package; the trainer codes against :class:`Backend`.
+This module builds a backend from the config (:func:`setup_backend`) and runs its pre-flight
+checks (:func:`check_backend`); the modules by job are listed in docs/distributed.md.
 """
 
 from __future__ import annotations
