@@ -8,7 +8,7 @@ import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import torch
 import torch.distributed as dist
@@ -16,7 +16,9 @@ from torch import Tensor, nn
 
 from framer_dist.config import Config, ParallelConfig, TrainConfig
 from framer_dist.parallel.ema import EMA, Source
+from framer_dist.parallel.names import trainable_names
 from framer_dist.parallel.optim import resolve_grad_accum
+from framer_dist.parallel.process_group import join_process_group
 from framer_dist.safe_load import FORMAT_VERSION, load_torch
 
 CLIENT_STATE_FILE = "client_state.pt"
@@ -86,6 +88,17 @@ class Backend:
         self.compute_dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         self.ema: EMA | None = None
         self.optimizer_step = 0  # optimizer steps taken (restored by load)
+
+    @classmethod
+    def _join(cls, cfg: BackendConfig, model: nn.Module, params: list[nn.Parameter]) -> Self:
+        """A distributed backend's start: the trainable set is remembered by name (sharding
+        replaces or partitions the parameter objects; checked before joining), then this rank
+        joins the launcher's process group on its device."""
+        trainable = list(trainable_names(model, params).values())
+        device, rank, world, local_rank = join_process_group(cls.name, cfg.train)
+        self = cls(cfg, model, rank, world, local_rank, device)
+        self.trainable_names = trainable
+        return self
 
     # -- collectives ---------------------------------------------------------------------------
     @property

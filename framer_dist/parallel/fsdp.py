@@ -27,9 +27,8 @@ from torch.distributed.tensor import DTensor
 from framer_dist.config import ConfigError
 from framer_dist.parallel.base import Backend, BackendConfig
 from framer_dist.parallel.blocks import transformer_blocks
-from framer_dist.parallel.names import strip_wrapper_prefixes, trainable_names
+from framer_dist.parallel.names import strip_wrapper_prefixes
 from framer_dist.parallel.optim import build_optimizer, lr_lambda, optimizer_kwargs
-from framer_dist.parallel.process_group import init_process_group, local_rank_from_env, resolve_device
 from framer_dist.safe_load import dcp_load, load_torch, read_dcp_metadata
 
 DCP_DIR = "dcp"
@@ -40,13 +39,8 @@ class FSDP2Backend(Backend):
 
     @classmethod
     def create(cls, cfg: BackendConfig, model: nn.Module, params: list[nn.Parameter]) -> "FSDP2Backend":
-        # checked before joining the process group; fully_shard replaces the parameter
-        # objects, so the trainable ones are remembered by name
-        trainable = list(trainable_names(model, params).values())
-        device = resolve_device(cfg.train, local_rank_from_env())
-        rank, world, local_rank = init_process_group("fsdp2", device.type)
-        self = cls(cfg, model, rank, world, local_rank, device)
-        self.trainable_names = trainable
+        self = cls._join(cfg, model, params)
+        device, world = self.device, self.world_size
         blocks = transformer_blocks(model)
         if not blocks:
             raise ConfigError("parallel.backend='fsdp2' shards per transformer block, but the model "

@@ -71,3 +71,10 @@ def init_process_group(backend_name: str, device_type: str) -> tuple[int, int, i
     pg_backend = "nccl" if device_type == "cuda" else "gloo"
     dist.init_process_group(pg_backend, timeout=timedelta(minutes=30))
     return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def join_process_group(backend_name: str, t: TrainConfig) -> tuple[torch.device, int, int, int]:
+    """A distributed backend's start: this process's device (train.device on the launcher's
+    local rank), then (rank, world size, local rank) from :func:`init_process_group`."""
+    device = resolve_device(t, local_rank_from_env())
+    return (device, *init_process_group(backend_name, device.type))

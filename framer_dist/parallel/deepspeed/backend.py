@@ -24,9 +24,8 @@ from framer_dist.parallel.blocks import block_classes
 from framer_dist.parallel.deepspeed.config import build_ds_config
 from framer_dist.parallel.deepspeed.ema import ZeroEMALayout
 from framer_dist.parallel.deepspeed.units import guard_leaf_inputs, persist_modules
-from framer_dist.parallel.names import strip_wrapper_prefixes, trainable_names
+from framer_dist.parallel.names import strip_wrapper_prefixes
 from framer_dist.parallel.optim import build_optimizer, lr_lambda
-from framer_dist.parallel.process_group import init_process_group, local_rank_from_env, resolve_device
 from framer_dist.safe_load import load_torch, safe_torch_loads
 
 TAG = "ds"                # DeepSpeed tag directory inside our checkpoint directory
@@ -64,22 +63,16 @@ class DeepSpeedBackend(Backend):
 
     @classmethod
     def create(cls, cfg: BackendConfig, model: nn.Module, params: list[nn.Parameter]) -> "DeepSpeedBackend":
-        # checked before joining the process group; ZeRO-3 partitions the parameter
-        # objects, so the trainable ones are remembered by name
-        trainable = list(trainable_names(model, params).values())
-        device = resolve_device(cfg.train, local_rank_from_env())
-        rank, world, local_rank = init_process_group("deepspeed", device.type)
-        if device.type == "cpu":
+        self = cls._join(cfg, model, params)
+        if self.device.type == "cpu":
             _skip_cpu_shm_op()
         quiet_deprecated_collectives()
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+        deepspeed.init_distributed(dist_backend="nccl" if self.device.type == "cuda" else "gloo",
                                    auto_mpi_discovery=False)
-        self = cls(cfg, model, rank, world, local_rank, device)
-        self.ds_config = build_ds_config(cfg, self.grad_accum, world, block_classes(model))
+        self.ds_config = build_ds_config(cfg, self.grad_accum, self.world_size, block_classes(model))
         self.stage = int(self.ds_config["zero_optimization"].get("stage", 0))
-        self.trainable_names = trainable
         optimizer = build_optimizer(cfg.train, params)
         engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=params, optimizer=optimizer, config=self.ds_config,
@@ -94,7 +87,8 @@ class DeepSpeedBackend(Backend):
             head = getattr(model, "readout_head_modules", ())
             if cfg.parallel.zero3_persist_head and head:
                 self.zero3_persistent_numel = persist_modules(engine, head)
-        self._ema_layout = ZeroEMALayout(engine.module, trainable, self.stage, rank, world)
+        self._ema_layout = ZeroEMALayout(engine.module, self.trainable_names, self.stage,
+                                         self.rank, self.world_size)
         self._make_ema(self._ema_layout.source)
         return self
 
