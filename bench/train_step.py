@@ -41,7 +41,8 @@ from framer_dist.models import StepContext, get_family  # noqa: E402
 from framer_dist.models.dit4sr import apply_training_mode, build_model  # noqa: E402
 from framer_dist.models.dit4sr.config import section  # noqa: E402
 from framer_dist.models.dit4sr.flops import geometry_from_model, train_flops_per_sample  # noqa: E402
-from framer_dist.parallel import ac_indices, setup_backend  # noqa: E402
+from framer_dist.parallel import setup_backend  # noqa: E402
+from framer_dist.parallel.blocks import ac_indices  # noqa: E402
 
 # Step phases timed on the GPU timeline (CUDA events): model forward + both losses, backward,
 # optimizer step (with clipping)
@@ -188,7 +189,7 @@ def run_combo(a: argparse.Namespace, mode: str, backend_key: str, device_type: s
 
     fetches = None
     if getattr(backend, "stage", None) == 3:  # DeepSpeed ZeRO-3: what one step fetches
-        from framer_dist.parallel.ds import zero3_fetch_counter
+        from framer_dist.parallel.deepspeed.instrument import zero3_fetch_counter
         fetches = {}
         for kind, c in (("baseline", base_cfg), ("framer", cfg)):
             for _ in range(2):  # after a change of step kind ZeRO-3 drops its trace, then re-records it
@@ -219,7 +220,7 @@ def run_combo(a: argparse.Namespace, mode: str, backend_key: str, device_type: s
     res: dict[str, Any] = {"mode": mode, "backend": backend_key, "precision": precision,
                            "batch": a.batch, "resolution": a.resolution, "text_tokens": text_tokens,
                            "activation_checkpointing": a.ac,
-                           "checkpointed_blocks": len(ac_indices(cfg, model.num_blocks)),
+                           "checkpointed_blocks": len(ac_indices(cfg.parallel, model.num_blocks)),
                            "compile": a.compile, "block": a.block, "skip": a.skip if a.block > 1 else 0,
                            "trainable_params": sum(p.numel() for p in params),
                            "total_params": sum(p.numel() for p in model.parameters())}

@@ -32,7 +32,7 @@ import torch
 
 from framer_dist.atomic import write_text_atomic
 from framer_dist.log import get_logger
-from framer_dist.parallel.common import CLIENT_STATE_FILE, Backend
+from framer_dist.parallel.base import CLIENT_STATE_FILE, Backend
 from framer_dist.safe_load import CheckpointLoadError, load_torch
 
 MARKER = "COMPLETE"
@@ -135,7 +135,7 @@ def find_checkpoint(root: str | Path, spec: str) -> Path | None:
 
 def _not_a_checkpoint(p: Path) -> str:
     """What the existing path ``p``, which is no valid checkpoint, is (for the --resume error)."""
-    from framer_dist.parallel.common import META_FILE
+    from framer_dist.parallel.base import META_FILE
 
     newest = "--resume auto takes the newest complete one"
     if not p.is_dir():

@@ -88,7 +88,7 @@ def _check_resume_state(cfg: Config) -> None:
         resume_from = find_checkpoint(root, r)
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from None
-    from framer_dist.parallel.common import META_FILE, Backend, meta_mismatch
+    from framer_dist.parallel.base import META_FILE, Backend, meta_mismatch
     meta_file = resume_from / META_FILE if resume_from is not None else None
     if meta_file is not None and meta_file.exists():  # none: Backend.load reports it
         try:

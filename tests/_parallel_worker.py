@@ -30,12 +30,14 @@ GLOBAL_BATCH = 4
 
 
 def ds_json(out: Path, stage: int, leaf: list[str] | None = None) -> str:
+    """ZeRO-3 leaf classes: ``leaf`` in DeepSpeed's own leaf-module setting ([] = none, every
+    submodule fetched by itself), or None: no setting, the backend makes the model's blocks leaves."""
     # every rank writes the same content atomically: no rank can read a missing/partial file
     zero = {"stage": stage, "stage3_param_persistence_threshold": 0,
             "reduce_bucket_size": 1 << 20, "allgather_bucket_size": 1 << 20}
-    if leaf:  # DeepSpeed's own ZeRO-3 leaf-module setting: these classes become fetch units
+    if stage == 3 and leaf is not None:
         zero["leaf_module"] = {"classes": leaf}
-    name = f"ds_zero{stage}{'_leaf' if leaf else ''}"
+    name = f"ds_zero{stage}{'_leaf' if stage == 3 and leaf is None else ''}"
     p = out / f"{name}.json"
     tmp = out / f".{name}.{os.environ['RANK']}.json"
     tmp.write_text(json.dumps({"zero_optimization": zero}))
@@ -54,7 +56,7 @@ def run_phase(out: Path, ph: dict) -> None:
           "train.grad_clip=1.0", f"train.ema={str(ph.get('ema', False)).lower()}", "train.ema_decay=0.5",
           f"checkpoint.preempt_signal='{ph.get('signal', 'SIGUSR1')}'"]
     if ph["backend"] == "deepspeed":
-        ov.append(f"parallel.ds_config='{ph.get('ds_config') or ds_json(out, ph.get('stage', 3), ph.get('leaf'))}'")
+        ov.append(f"parallel.ds_config='{ph.get('ds_config') or ds_json(out, ph.get('stage', 3), ph.get('leaf', []))}'")
     cfg = load_config(None, ov)
     model, params = make_model(0, ph.get("mode", "control"))
     be = setup_backend(cfg, model, params)
@@ -77,7 +79,7 @@ def run_phase(out: Path, ph: dict) -> None:
                 torch.save(sd, pdir / "loaded.pt")
     losses: dict[int, float] = {}
     if ph.get("count_fetches"):  # ZeRO-3: what the parameter coordinator does in each step
-        from framer_dist.parallel.ds import zero3_fetch_counter
+        from framer_dist.parallel.deepspeed.instrument import zero3_fetch_counter
         info["zero3_leaves"] = be.zero3_leaves
         info["fetches"] = []
     for step in range(start, ph["steps"]):

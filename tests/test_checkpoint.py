@@ -20,8 +20,9 @@ from _tiny_parallel import batch, make_model  # noqa: E402
 from framer_dist.checkpoint import (MARKER, CheckpointManager, capture_rng, derived_seed,  # noqa: E402
                                     list_valid_checkpoints, restore_rng, seed_rng)
 from framer_dist.config import ConfigError, load_config  # noqa: E402
-from framer_dist.parallel import resolve_grad_accum, setup_backend  # noqa: E402
-from framer_dist.parallel.common import ac_indices, lr_lambda  # noqa: E402
+from framer_dist.parallel import setup_backend  # noqa: E402
+from framer_dist.parallel.blocks import ac_indices  # noqa: E402
+from framer_dist.parallel.optim import lr_lambda, resolve_grad_accum  # noqa: E402
 from framer_dist.preempt import PreemptionHandler  # noqa: E402
 
 
@@ -144,13 +145,24 @@ def test_resume_restores_model_optimizer_schedule_ema_and_rngs(tmp_path):
     again = (torch.rand(3), np.random.rand(3), random.random(), torch.rand(3, generator=gen_b))
     assert torch.equal(draws[0], again[0]) and np.array_equal(draws[1], again[1])
     assert draws[2] == again[2] and torch.equal(draws[3], again[3])
-    assert b.lr == pytest.approx(lr_lambda(b.cfg)(3) * 0.01)
+    assert b.lr == pytest.approx(lr_lambda(b.cfg.train)(3) * 0.01)
     rest_b = _train(b, range(3, 6))
     assert rest_a == rest_b
     for k, v in a.full_trainable_state_dict().items():
         assert torch.equal(v, b.full_trainable_state_dict()[k])
     ea, eb = a.ema_state_dict(), b.ema_state_dict()
     assert ea and all(torch.equal(ea[k], eb[k]) for k in ea)
+
+
+def test_resume_without_ema_state_restarts_the_ema_from_the_loaded_weights(tmp_path, capsys):
+    a = _backend()  # train.ema off: the checkpoint holds no EMA state
+    _train(a, range(2))
+    CheckpointManager(tmp_path / "ck", a).save(2, {"step": 2})
+    b = _backend("train.ema=true", "train.ema_decay=0.5")
+    CheckpointManager(tmp_path / "ck", b).resume("auto")
+    assert "has no EMA state; EMA restarts from the weights" in capsys.readouterr().out
+    ema, weights = b.ema_state_dict(), a.full_trainable_state_dict()
+    assert ema.keys() == weights.keys() and all(torch.equal(ema[k], weights[k]) for k in ema)
 
 
 def test_8bit_single_process_resume(tmp_path):
@@ -193,27 +205,27 @@ def test_preemption_flag_from_a_real_signal():
 
 
 def test_global_batch_helper_and_ac_indices():
-    cfg = load_config(None, ["train.global_batch_size=16", "data.batch_size=2"])
-    assert resolve_grad_accum(cfg, 1) == 8 and resolve_grad_accum(cfg, 4) == 2
+    train = load_config(None, ["train.global_batch_size=16"]).train
+    assert resolve_grad_accum(train, 2, 1) == 8 and resolve_grad_accum(train, 2, 4) == 2
     with pytest.raises(ConfigError, match="train.global_batch_size.*not divisible"):
-        resolve_grad_accum(cfg, 3)
-    assert resolve_grad_accum(load_config(None, ["train.grad_accum=3"]), 5) == 3
+        resolve_grad_accum(train, 2, 3)
+    assert resolve_grad_accum(load_config(None, ["train.grad_accum=3"]).train, 2, 5) == 3
     cfg = load_config(None, ["parallel.activation_checkpointing='every_k'", "parallel.ac_every_k=2"])
-    assert ac_indices(cfg, 5) == [0, 2, 4]
+    assert ac_indices(cfg.parallel, 5) == [0, 2, 4]
     cfg = load_config(None, ["parallel.activation_checkpointing='blocks'", "parallel.ac_blocks=[0, -1]"])
-    assert ac_indices(cfg, 4) == [0, 3]
+    assert ac_indices(cfg.parallel, 4) == [0, 3]
     cfg = load_config(None, ["parallel.activation_checkpointing='blocks'", "parallel.ac_blocks=[9]"])
     with pytest.raises(ConfigError, match="ac_blocks"):
-        ac_indices(cfg, 4)
+        ac_indices(cfg.parallel, 4)
 
 
 def test_lr_schedules():
     cfg = load_config(None, ["train.lr_schedule='warmup_cosine'", "train.warmup_steps=2",
                              "train.steps=12", "train.min_lr_ratio=0.1"])
-    f = lr_lambda(cfg)
+    f = lr_lambda(cfg.train)
     assert f(0) == 0.5 and f(1) == 1.0 and f(2) == pytest.approx(1.0)
     assert f(12) == pytest.approx(0.1) and f(7) == pytest.approx(0.55)
-    assert lr_lambda(load_config(None, []))(100) == 1.0
+    assert lr_lambda(load_config(None, []).train)(100) == 1.0
 
 
 def test_distributed_backend_without_launcher_env_is_a_clear_error(monkeypatch):
@@ -237,8 +249,27 @@ def test_distributed_backend_without_launcher_env_is_a_clear_error(monkeypatch):
         check_backend(load_config(None, []), 2)
 
 
+def test_deepspeed_package_neither_shadows_the_library_nor_loads_the_fetch_counter():
+    """framer_dist.parallel.deepspeed imports the real `deepspeed`, and the runtime (trainer and
+    backend) never imports the benchmark/test fetch counter, which patches DeepSpeed's classes."""
+    import subprocess
+
+    code = ("import sys, framer_dist.train, framer_dist.parallel.deepspeed.backend as b, deepspeed; "
+            "print(deepspeed.__file__); "
+            "print('framer_dist.parallel.deepspeed.instrument' in sys.modules)")
+    repo = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], cwd=repo / "framer_dist", capture_output=True,
+                         text=True, env=dict(os.environ, PYTHONPATH=str(repo)), check=True).stdout.split()
+    assert "framer_dist" not in out[-2] and out[-2].endswith(os.path.join("deepspeed", "__init__.py"))
+    assert out[-1] == "False"
+
+
 def test_ds_config_injection_and_disagreements(tmp_path):
-    from framer_dist.parallel.ds import build_ds_config
+    from framer_dist.parallel.base import BackendConfig
+    from framer_dist.parallel.deepspeed.config import build_ds_config as build
+
+    def build_ds_config(cfg, grad_accum, world_size):
+        return build(BackendConfig.from_config(cfg), grad_accum, world_size)
 
     def cfg_with(ds: dict, *over: str):
         p = tmp_path / "ds.json"

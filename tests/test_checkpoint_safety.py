@@ -25,7 +25,7 @@ import torch
 from framer_dist.checkpoint import CheckpointManager
 from framer_dist.config import load_config
 from framer_dist.parallel import setup_backend
-from framer_dist.parallel.common import META_FILE, Backend, meta_mismatch
+from framer_dist.parallel.base import META_FILE, Backend, meta_mismatch
 from framer_dist.safe_load import (FORMAT_VERSION, CheckpointLoadError, load_torch,
                                    read_dcp_metadata)
 
@@ -104,9 +104,8 @@ def _run(args: list[str], world: int, distributed: bool, log: Path) -> None:
 def _backend_args(backend: str, tmp: Path) -> list[str]:
     if backend == "deepspeed":
         ds = tmp / "zero3.json"  # tiny params really partitioned: threshold 0; blocks as leaves
-        ds.write_text(json.dumps({"zero_optimization": {
-            "stage": 3, "stage3_param_persistence_threshold": 0,
-            "leaf_module": {"classes": ["DiT4SRBlock"]}}}))
+        ds.write_text(json.dumps({"zero_optimization": {  # no leaf_module: the blocks are leaves
+            "stage": 3, "stage3_param_persistence_threshold": 0}}))
         return ["--ds", str(ds)]
     return ["--backend", backend]
 

@@ -54,6 +54,37 @@ def test_family_keys_are_checked_against_the_family():
     assert get_family("dit4sr").modes == ("control", "lora", "full")
 
 
+def test_zero3_leaf_classes_are_the_family_blocks(tmp_path):
+    """ZeRO-3 fetch units come from the model being wrapped, not from the shipped JSON: the toy's
+    and DiT4SR's blocks, each matched by DeepSpeed's own leaf-module rule; a JSON that names its
+    own leaf_module keeps it; ZeRO-2 gets none."""
+    from deepspeed.runtime.zero.leaf_module_config import DeepSpeedZeroLeafModuleConfig
+    from deepspeed.utils.z3_leaf_module import apply_zero_leaf_module_config
+
+    from framer_dist.models.dit4sr import build_model
+    from framer_dist.parallel.base import BackendConfig
+    from framer_dist.parallel.blocks import block_classes
+    from framer_dist.parallel.deepspeed.config import build_ds_config
+
+    def built(model, json_path: Path, *over: str) -> dict:
+        cfg = load_config(None, [*over, "parallel.backend='deepspeed'", f"parallel.ds_config='{json_path}'"])
+        return build_ds_config(BackendConfig.from_config(cfg), 1, 1, block_classes(model))["zero_optimization"]
+
+    toy = get_family("_toy_family:FAMILY").build(load_config(None, TOY))
+    dit = build_model(load_config(None, []).model)  # the tiny preset
+    for model, blocks, want in ((toy, toy.blocks, "_toy_family.ToyBlock"),
+                                (dit, dit.transformer_blocks, "framer_dist.models.dit4sr.block.DiT4SRBlock")):
+        for shipped in ("zero3", "zero3_offload"):
+            zero = built(model, REPO / "ds_configs" / f"{shipped}.json", *(TOY if model is toy else ()))
+            assert zero["leaf_module"] == {"classes": [want]}
+        leaves = apply_zero_leaf_module_config(model, DeepSpeedZeroLeafModuleConfig(**zero["leaf_module"]))
+        assert leaves == list(blocks)  # DeepSpeed matches exactly the blocks
+    own = tmp_path / "own.json"
+    own.write_text(json.dumps({"zero_optimization": {"stage": 3, "leaf_module": {"classes": []}}}))
+    assert built(toy, own, *TOY)["leaf_module"] == {"classes": []}
+    assert "leaf_module" not in built(toy, REPO / "ds_configs" / "zero2.json", *TOY)
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_a_family_from_outside_the_package_trains_on_none_and_fsdp2(tmp_path):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from framer_dist.config import ModelConfig, load_config
 from framer_dist.models.dit4sr import apply_training_mode, build_model, is_control_key
-from framer_dist.parallel.common import ac_indices
+from framer_dist.parallel.blocks import ac_indices
 
 
 def _inputs(b: int = 2, h: int = 6, w: int = 10, seed: int = 0):
@@ -200,7 +200,7 @@ def test_activation_checkpointing_gives_identical_features_and_grads(tiny):
                                         ("blocks", ["parallel.ac_blocks=[1, -1]"])])
 def test_capture_exactly_once_per_block_per_step(tiny, mode, extra):
     cfg = load_config(None, [f"parallel.activation_checkpointing='{mode}'", *extra])
-    idx = ac_indices(cfg, tiny.num_blocks)
+    idx = ac_indices(cfg.parallel, tiny.num_blocks)
     tiny.set_activation_checkpointing(idx)
     try:
         for step in range(2):

@@ -35,10 +35,11 @@ def _launches(backend: str, out: Path) -> dict:
     ]
     if backend == "deepspeed":
         l1[0]["count_fetches"] = True
-        # the same run with every block one ZeRO-3 fetch unit (DeepSpeed's leaf_module setting);
-        # control mode: block 0's inputs come from the frozen embedding and need no grad
+        # the same run with every block one ZeRO-3 fetch unit (DeepSpeed's leaf_module setting,
+        # which the JSON leaves to the backend: the model's block classes); the other phases name
+        # no leaves. Control mode: block 0's inputs come from the frozen embedding, need no grad
         l1.insert(1, {**fp32, "name": "LF", "steps": STEPS, "ckpt": "ckLF", "every": 3,
-                      "leaf": ["TinyBlock"], "count_fetches": True})
+                      "leaf": None, "count_fetches": True})
         l1.append({**fp32, "name": "Z2", "stage": 2, "steps": 3, "ckpt": "ckZ2", "every": 2})
         for cfg_name in SHIPPED:  # the shipped JSONs as they are, in bf16
             l1.append({**fp32, "name": f"ship_{cfg_name}", "precision": "bf16", "steps": 2,

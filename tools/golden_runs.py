@@ -55,7 +55,9 @@ def _command(tree: Path, backend: str, mode: str, out: Path) -> list[str]:
            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), train]
     if backend == "fsdp2":
         return [*run, "--backend", "fsdp2", *args]
-    ds = out.parent / f"{out.name}_zero3.json"  # the shipped leaf blocks; tiny params partitioned
+    # blocks as leaves, named: commits before the leaf classes came from the model read them from
+    # the JSON (later ones keep a JSON's own entry, the same leaves); tiny params partitioned
+    ds = out.parent / f"{out.name}_zero3.json"
     ds.write_text(json.dumps({"zero_optimization": {
         "stage": 3, "stage3_param_persistence_threshold": 0,
         "leaf_module": {"classes": ["DiT4SRBlock"]}}}))

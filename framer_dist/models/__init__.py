@@ -11,6 +11,7 @@ The module a family builds is what the backend wraps. Besides ``forward`` it exp
 ``framer_dist.parallel`` (duck-typed, no import of the family):
 
 * ``blocks`` or ``transformer_blocks``: the repeated blocks, in order - FSDP2's shard units,
+  ZeRO-3's fetch units (their classes become DeepSpeed ``leaf_module`` classes),
   activation-checkpointing and compile units, and one FRAMER layer each (``num_blocks`` of them);
 * ``set_activation_checkpointing(indices)``: recompute those blocks in backward, still
   returning each block's FRAMER feature exactly once;

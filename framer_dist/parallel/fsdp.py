@@ -24,11 +24,11 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from framer_dist.config import Config, ConfigError
-from framer_dist.parallel.common import (EMA, Backend, init_process_group, local_rank_from_env,
-                                         lr_lambda, resolve_device, strip_wrapper_prefixes,
-                                         trainable_names, transformer_blocks)
-from framer_dist.parallel.optim import build_optimizer, optimizer_kwargs
+from framer_dist.config import ConfigError
+from framer_dist.parallel.base import Backend, BackendConfig
+from framer_dist.parallel.blocks import transformer_blocks
+from framer_dist.parallel.names import strip_wrapper_prefixes
+from framer_dist.parallel.optim import build_optimizer, lr_lambda, optimizer_kwargs
 from framer_dist.safe_load import dcp_load, load_torch, read_dcp_metadata
 
 DCP_DIR = "dcp"
@@ -38,14 +38,9 @@ class FSDP2Backend(Backend):
     name = "fsdp2"
 
     @classmethod
-    def create(cls, cfg: Config, model: nn.Module, params: list[nn.Parameter]) -> "FSDP2Backend":
-        # checked before joining the process group; fully_shard replaces the parameter
-        # objects, so the trainable ones are remembered by name
-        trainable = list(trainable_names(model, params).values())
-        device = resolve_device(cfg, local_rank_from_env())
-        rank, world, local_rank = init_process_group("fsdp2", device.type)
-        self = cls(cfg, model, rank, world, local_rank, device)
-        self.trainable_names = trainable
+    def create(cls, cfg: BackendConfig, model: nn.Module, params: list[nn.Parameter]) -> "FSDP2Backend":
+        self = cls._join(cfg, model, params)
+        device, world = self.device, self.world_size
         blocks = transformer_blocks(model)
         if not blocks:
             raise ConfigError("parallel.backend='fsdp2' shards per transformer block, but the model "
@@ -72,14 +67,13 @@ class FSDP2Backend(Backend):
             from framer_dist.parallel.bnb_shards import ShardedAdamW8bit
 
             self.optimizer = ShardedAdamW8bit(list(zip(self.trainable_names, self.params)),
-                                              **optimizer_kwargs(cfg))
+                                              **optimizer_kwargs(cfg.train))
             sched_target = self.optimizer.opt
         else:
-            self.optimizer = build_optimizer(cfg, self.params)
+            self.optimizer = build_optimizer(cfg.train, self.params)
             sched_target = self.optimizer
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(sched_target, lr_lambda(cfg))
-        if cfg.train.ema:
-            self.ema = EMA(self._named_trainable(), cfg.train.ema_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(sched_target, lr_lambda(cfg.train))
+        self._make_ema(self._named_trainable)
         self._micro = 0
         return self
 
@@ -139,8 +133,6 @@ class FSDP2Backend(Backend):
         state = self._state()  # templates with the current sharding: DCP reshards into them
         if self.ema is not None and not _has_key(path / DCP_DIR, "ema"):
             state.pop("ema")
-            if self.is_main:
-                print(f"[framer_dist] WARNING: {path} has no EMA state; EMA restarts from the weights")
         dcp_load(state, path / DCP_DIR)
         set_model_state_dict(self.model, state["model"], options=StateDictOptions(strict=False))
         if "optim8" in state:
@@ -154,8 +146,8 @@ class FSDP2Backend(Backend):
         if self.ema is not None:
             if "ema" in state:
                 self.ema.load_state_dict(state["ema"])
-            else:
-                self.ema = EMA(self._named_trainable(), self.cfg.train.ema_decay)
+            else:  # after the weights were loaded: the EMA restarts from them
+                self._restart_ema(path)
         extra = load_torch(path / "fsdp_extra.pt")
         self.scheduler.load_state_dict(extra["scheduler"])
         for g, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
@@ -178,8 +170,8 @@ class FSDP2Backend(Backend):
     def full_state_dict(self) -> dict[str, Tensor]:
         return self._full(get_model_state_dict(self.model))
 
-    def ema_state_dict(self) -> dict[str, Tensor]:
-        return {} if self.ema is None else self._full(self.ema.state_dict())
+    def _full_ema(self, sd: dict[str, Tensor]) -> dict[str, Tensor]:
+        return self._full(sd)
 
 
 def _has_key(dcp_dir: Path, prefix: str) -> bool:

@@ -1,26 +1,27 @@
-"""Optimizer construction shared by the backends (AdamW or bitsandbytes 8-bit AdamW)."""
+"""How one optimizer step is made, the same for every backend: the optimizer (AdamW or
+bitsandbytes 8-bit AdamW), the LR schedule, and the micro-batches accumulated per step."""
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from framer_dist.config import Config
+from framer_dist.config import ConfigError, TrainConfig
 
 
-def optimizer_kwargs(cfg: Config) -> dict[str, Any]:
-    t = cfg.train
+def optimizer_kwargs(t: TrainConfig) -> dict[str, Any]:
     return {"lr": t.lr, "betas": tuple(t.betas), "eps": t.adam_eps, "weight_decay": t.weight_decay}
 
 
-def build_optimizer(cfg: Config, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+def build_optimizer(t: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     """train.optimizer: 'adamw' (torch) or 'adamw8bit' (bitsandbytes, blockwise 8-bit state)."""
     if not params:
         raise ValueError("no trainable parameters were passed to the backend (check train.mode)")
-    kw = optimizer_kwargs(cfg)
-    if cfg.train.optimizer == "adamw8bit":
+    kw = optimizer_kwargs(t)
+    if t.optimizer == "adamw8bit":
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(params, **kw)
@@ -31,3 +32,34 @@ def build_optimizer(cfg: Config, params: list[nn.Parameter]) -> torch.optim.Opti
     # CPU: foreach=False, the same per-parameter arithmetic on every backend, so the fp32 parity
     # tests compare like with like.
     return torch.optim.AdamW(params, foreach=False, **kw)
+
+
+def lr_lambda(t: TrainConfig) -> Callable[[int], float]:
+    """Multiplier of train.lr after `step` optimizer steps (LambdaLR convention)."""
+    warm, total, floor = t.warmup_steps, t.steps, t.min_lr_ratio
+
+    def f(step: int) -> float:
+        if warm > 0 and step < warm:
+            return (step + 1) / warm
+        if t.lr_schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def resolve_grad_accum(t: TrainConfig, micro: int, world_size: int) -> int:
+    """Micro-batches per optimizer step for micro-batches of ``micro`` (data.batch_size) samples.
+    With train.global_batch_size > 0 the global batch is kept constant across world sizes:
+    grad_accum = global / (micro * world), which must divide evenly."""
+    gbs = t.global_batch_size
+    if gbs <= 0:
+        return t.grad_accum
+    per_step = micro * world_size
+    if gbs % per_step:
+        raise ConfigError(
+            f"config key 'train.global_batch_size': {gbs} is not divisible by data.batch_size "
+            f"({micro}) x world size ({world_size}) = {per_step}; pick a global batch that is a "
+            f"multiple of {per_step} or change data.batch_size")
+    return gbs // per_step

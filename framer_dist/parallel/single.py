@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from framer_dist.config import Config
-from framer_dist.parallel.common import EMA, Backend, cast_frozen_layers, lr_lambda, trainable_names
-from framer_dist.parallel.optim import build_optimizer
+from framer_dist.parallel.base import Backend, BackendConfig
+from framer_dist.parallel.names import trainable_names
+from framer_dist.parallel.optim import build_optimizer, lr_lambda
 from framer_dist.safe_load import load_torch
 
 STATE_FILE = "single_state.pt"
@@ -19,7 +19,7 @@ STATE_FILE = "single_state.pt"
 class SingleBackend(Backend):
     name = "none"
 
-    def __init__(self, cfg: Config, model: nn.Module, params: list[nn.Parameter],
+    def __init__(self, cfg: BackendConfig, model: nn.Module, params: list[nn.Parameter],
                  device: torch.device) -> None:
         super().__init__(cfg, model.to(device), rank=0, world_size=1, local_rank=0, device=device)
         self.frozen_bf16_numel = 0
@@ -27,10 +27,9 @@ class SingleBackend(Backend):
             self.frozen_bf16_numel = cast_frozen_layers(model, torch.bfloat16)
         self.params = list(params)
         self.names = trainable_names(model, self.params)
-        self.optimizer = build_optimizer(cfg, self.params)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
-        if cfg.train.ema:
-            self.ema = EMA(self._named_trainable(), cfg.train.ema_decay)
+        self.optimizer = build_optimizer(cfg.train, self.params)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.train))
+        self._make_ema(self._named_trainable)
 
     def _named_trainable(self):
         return ((self.names[id(p)], p) for p in self.params)
@@ -73,8 +72,7 @@ class SingleBackend(Backend):
         self.scheduler.load_state_dict(state["scheduler"])
         if self.ema is not None:
             if state["ema"] is None:
-                print(f"[framer_dist] WARNING: {path} has no EMA state; EMA restarts from the weights")
-                self.ema = EMA(self._named_trainable(), self.cfg.train.ema_decay)
+                self._restart_ema(path)
             else:
                 self.ema.load_state_dict(state["ema"])
         self.optimizer_step = state["optimizer_step"]
@@ -86,5 +84,21 @@ class SingleBackend(Backend):
     def full_state_dict(self) -> dict[str, Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
-    def ema_state_dict(self) -> dict[str, Tensor]:
-        return {} if self.ema is None else {k: v.cpu().clone() for k, v in self.ema.shadow.items()}
+    def _full_ema(self, sd: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {k: v.cpu().clone() for k, v in sd.items()}
+
+
+def cast_frozen_layers(model: nn.Module, dtype: torch.dtype) -> int:
+    """Cast the weights of every Linear and Conv layer none of whose own parameters train to
+    ``dtype``; returns how many parameter elements were cast. Under autocast to ``dtype`` these
+    layers cast their weights at every use (frozen weights are not in autocast's cast cache), so
+    holding them in ``dtype`` gives the same bits with less memory and no casts. Norms and every
+    other frozen parameter keep their dtype (autocast runs norms in fp32, where a rounded weight
+    would change results)."""
+    cast = 0
+    for m in model.modules():
+        own = list(m.parameters(recurse=False))
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and own and not any(p.requires_grad for p in own):
+            m.to(dtype)
+            cast += sum(p.numel() for p in own)
+    return cast
