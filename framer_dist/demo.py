@@ -69,7 +69,7 @@ def upscale_photo(cfg: Config, model: torch.nn.Module, photo: Path, out_png: Pat
     import numpy as np
     from PIL import Image
 
-    from framer_dist.data import decode_latents, encode_pixels, load_vae, prompt_shapes
+    from framer_dist.data import decode_latents, load_vae, prompt_shapes
     from framer_dist.infer.sampler import euler_sample, flow_sigmas, model_denoiser
 
     r, s = cfg.data.resolution, cfg.data.scale
@@ -79,8 +79,8 @@ def upscale_photo(cfg: Config, model: torch.nn.Module, photo: Path, out_png: Pat
     lr_img = img.crop((left, top, left + side, top + side)).resize((r // s, r // s), Image.BICUBIC)
     lr_up = lr_img.resize((r, r), Image.BICUBIC)
     x = torch.from_numpy(np.array(lr_up)).permute(2, 0, 1)[None].float() / 127.5 - 1
-    vae = load_vae(cfg.data)
-    lr_lat = encode_pixels(vae, x)
+    vae = load_vae(cfg.data, cfg.model.family)
+    lr_lat = vae.encode(x)
     t, d, p = prompt_shapes(cfg)
     denoise = model_denoiser(model, torch.zeros(1, t, d), torch.zeros(1, p))
     noise = torch.randn(lr_lat.shape, generator=torch.Generator().manual_seed(0))
@@ -91,7 +91,7 @@ def upscale_photo(cfg: Config, model: torch.nn.Module, photo: Path, out_png: Pat
     model.train(was)
     from framer_dist.infer.colorfix import adain_color_fix
     # the authors' AdaIN colour fix against the bicubic input, as the inference pipeline does
-    sr = adain_color_fix((decode_latents(cfg.data, lat) + 1) / 2, (x + 1) / 2)[0] * 2 - 1
+    sr = adain_color_fix((decode_latents(cfg.data, lat, cfg.model.family) + 1) / 2, (x + 1) / 2)[0] * 2 - 1
     panel = torch.cat([x[0], sr], dim=2)  # bicubic | super-resolved, side by side
     arr = ((panel.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
     out_png.parent.mkdir(parents=True, exist_ok=True)
@@ -107,6 +107,7 @@ def layer_hierarchy_plot(cfg: Config, model: torch.nn.Module, photos: list[Path]
     from framer_dist import analysis
     from framer_dist.infer.io import read_image
     from framer_dist.infer.loading import load_vae as load_codec
+    from framer_dist.models import get_family
     from framer_dist.models.dit4sr import apply_training_mode, build_model
 
     torch.manual_seed(cfg.train.seed)  # the trainer's initialisation, untrained
@@ -116,7 +117,8 @@ def layer_hierarchy_plot(cfg: Config, model: torch.nn.Module, photos: list[Path]
     model.eval()
     images = [read_image(p) for p in photos[:3]]
     result = analysis.analyze([("init", init.eval()), ("trained", model)], images,
-                              load_codec(cfg.data.vae or None), cfg.framer,
+                              load_codec(cfg.data.vae or None, codec=get_family(cfg.model.family).latents),
+                              cfg.framer,
                               scale=cfg.data.scale, max_size=cfg.data.resolution, seed=cfg.train.seed)
     model.train(was)
     return analysis.write_outputs(result, out_dir)

@@ -1,6 +1,7 @@
 """A second model family defined outside framer_dist/models/ (``model.family =
 "_toy_family:FAMILY"``): a plain conv net on the 16-channel latents with three blocks and an x0
-readout, to prove the seam. Its blocks are FSDP2 units and checkpointing units like DiT4SR's."""
+readout, to prove the seam. Its blocks are FSDP2 units and checkpointing units like DiT4SR's. Its
+latents are the DiT4SR family's (SD3's 16-channel codec): a family may share another's parts."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from framer_dist.models import ModelFamily, StepContext, StepOutput
+from framer_dist.models import ModelFamily, StepContext, StepOutput, get_family
 
-CHANNELS = 16  # the data pipeline's latents
+CHANNELS = 16  # the latent codec's channels
 
 
 class ToyBlock(nn.Module):
@@ -68,4 +69,5 @@ def step(model, batch, ctx: StepContext) -> StepOutput:
 FAMILY = ModelFamily(
     name="toy", presets=("toy",), modes=("all",), build=lambda cfg: ToyNet(),
     trainable=lambda model, cfg: [p for p in model.parameters() if p.requires_grad],
-    step=step, base_loss_name="mse", text_dims=lambda cfg: (8, 8))
+    step=step, base_loss_name="mse", text_dims=lambda cfg: (8, 8),
+    latents=get_family("dit4sr").latents)

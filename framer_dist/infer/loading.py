@@ -26,6 +26,8 @@ from typing import Any, Callable
 
 import torch
 
+from framer_dist.models import DEFAULT_FAMILY, LatentCodec, get_family
+
 from .io import InferenceError
 
 CONTROL_FILE = "dit4sr_control.safetensors"
@@ -139,9 +141,11 @@ def load_transformer(checkpoint: str | Path, *, kind: str = "auto", base: str | 
 
 
 class VaeCodec:
-    """Pixels in [0, 1] <-> SD3-scaled latents with a diffusers ``AutoencoderKL``."""
+    """Pixels in [0, 1] <-> a family's latents with a diffusers ``AutoencoderKL`` and the family's
+    codec (``ModelFamily.latents``; None = the default family's, for a VAE of no recorded family)."""
 
-    def __init__(self, vae, tiling: bool = False):
+    def __init__(self, vae, tiling: bool = False, codec: LatentCodec | None = None):
+        self.codec = codec if codec is not None else get_family(DEFAULT_FAMILY).part("latents")
         self.vae = vae.eval().requires_grad_(False)
         if tiling:  # diffusers' tiled encode/decode (tiles of the VAE's sample_size) for huge images
             self.vae.enable_tiling()
@@ -159,22 +163,19 @@ class VaeCodec:
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Pixels in [0, 1] -> SD3-normalised latents (the data module's encoding, as in training)."""
-        from framer_dist.data import encode_pixels
-
-        return encode_pixels(self.vae, x * 2 - 1).float()
+        """Pixels in [0, 1] -> the family's latents (its codec, as in training)."""
+        return self.codec.encode(self.vae, x * 2 - 1, None).float()
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        from framer_dist.data.vae import decode_pixels
-
-        return (decode_pixels(self.vae, z).float() + 1) / 2
+        return (self.codec.decode(self.vae, z).float() + 1) / 2
 
 
 def load_vae(path: str | Path | None, device: Any = None, dtype: torch.dtype | None = None,
-             tiling: bool = False) -> VaeCodec:
-    """A local diffusers VAE folder (or a pipeline root with ``vae/``); ``None``/'' = the project's
-    tiny random VAE (``framer_dist.data.tiny_vae()``, what training uses with ``data.vae = ''``)."""
+             tiling: bool = False, codec: LatentCodec | None = None) -> VaeCodec:
+    """A local diffusers VAE folder (or a pipeline root with ``vae/``); ``None``/'' = the family's
+    tiny random VAE (``codec.tiny_vae()``, what training uses with ``data.vae = ''``). ``codec``:
+    the family's latent codec (None = the default family's)."""
     if path:
         from diffusers import AutoencoderKL
 
@@ -184,10 +185,9 @@ def load_vae(path: str | Path | None, device: Any = None, dtype: torch.dtype | N
             raise InferenceError(f"VAE folder not found or without config.json: {p}")
         vae = AutoencoderKL.from_pretrained(folder, torch_dtype=dtype)
     else:
-        from framer_dist.data import tiny_vae
-
-        vae = tiny_vae()
-    return VaeCodec(_to(vae, device, dtype), tiling=tiling)
+        codec = codec if codec is not None else get_family(DEFAULT_FAMILY).part("latents")
+        vae = codec.tiny_vae()
+    return VaeCodec(_to(vae, device, dtype), tiling=tiling, codec=codec)
 
 
 def _to(module, device: Any, dtype: torch.dtype | None):

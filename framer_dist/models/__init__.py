@@ -27,9 +27,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from torch import Tensor, nn
 
 from framer_dist.config import Config, ConfigError
+
+from .inference import InferenceSpec, ModelShape, Prompt
+from .latents import LatentCodec
+
+# model.family's default, and the family of checkpoints and exports that record none (they were
+# written when it was the only one)
+DEFAULT_FAMILY = "dit4sr"
 
 
 class ModelLoadError(ValueError):
@@ -87,6 +95,23 @@ class ModelFamily:
     # (T5-style sequence width D, pooled width P) of the prompt embeddings the data pipeline feeds
     # (synthetic and null prompts, cache checks); T is data.prompt_len
     text_dims: Callable[[Config], tuple[int, int]] = lambda cfg: (0, 0)
+    # its VAE latents: the data pipeline, prepare_data, framer-sr and the analysis encode with it
+    latents: LatentCodec | None = None
+    # (local model folder, device, dtype, tokens) -> an encoder: prompts -> Prompt, the widths of
+    # text_dims. tokens: the length of its longest text stream (dit4sr: T5), None = its default.
+    # tools/encode_prompts.py and framer-sr run it; ModelFolderError names what is missing
+    text_encoder: Callable[[str | Path, str, torch.dtype, int | None],
+                           Callable[[list[str]], Prompt]] | None = None
+    inference: InferenceSpec | None = None  # framer-sr and the layer-hierarchy analysis
+
+    def part(self, name: str) -> Any:
+        """The optional part ``name`` (latents, text_encoder, inference), or a ConfigError
+        saying that this family has none."""
+        value = getattr(self, name)
+        if value is None:
+            raise ConfigError(f"model family {self.name!r} provides no {name} (ModelFamily.{name}); "
+                              "this tool needs it")
+        return value
 
 
 _REGISTRY: dict[str, ModelFamily] = {}
@@ -99,6 +124,12 @@ def register_family(family: ModelFamily) -> ModelFamily:
 
 def _builtin() -> None:
     from framer_dist.models.dit4sr.family import FAMILY  # noqa: F401  (registers itself)
+
+
+def families() -> list[ModelFamily]:
+    """The registered families (the built-in ones and any registered since), by name."""
+    _builtin()
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
 
 
 def get_family(name: str) -> ModelFamily:
@@ -138,5 +169,6 @@ def check_family_keys(cfg: Config) -> ModelFamily:
     return fam
 
 
-__all__ = ["ModelFamily", "ModelLoadError", "StepContext", "StepOutput", "check_family_keys", "get_family",
+__all__ = ["DEFAULT_FAMILY", "InferenceSpec", "LatentCodec", "ModelFamily", "ModelLoadError", "ModelShape",
+           "Prompt", "StepContext", "StepOutput", "check_family_keys", "families", "get_family",
            "register_family"]

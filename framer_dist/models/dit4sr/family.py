@@ -15,6 +15,7 @@ from framer_dist import flow
 from framer_dist.config import Config, ConfigError
 from framer_dist.models import ModelFamily, StepContext, StepOutput, register_family
 
+from .latents import CODEC
 from .presets import PRESETS
 
 # diffusers and peft load only when a model is built: config checks need only the names here
@@ -133,7 +134,7 @@ def validate(model: nn.Module, batch: dict[str, Any], cfg: Config, autocast: Any
     panels = [lr, sr, batch["hr_latent"][:n]]
     if "hr" in batch:  # pixels are there: decode the latents for a picture a human can judge
         from framer_dist.data import decode_latents
-        panels = [batch["lr"][:n], decode_latents(cfg.data, sr), batch["hr"][:n]]
+        panels = [batch["lr"][:n], decode_latents(cfg.data, sr, cfg.model.family), batch["hr"][:n]]
     else:
         panels = [p[:, :3] for p in panels]  # a latent preview: the first three channels
     img = torch.cat([torch.cat(list(p.float().cpu()), dim=1) for p in panels], dim=2)  # [3,H*n,W*3]
@@ -167,4 +168,4 @@ def text_dims(cfg: Config) -> tuple[int, int]:
 FAMILY = register_family(ModelFamily(
     name="dit4sr", presets=tuple(PRESETS), modes=MODES, build=build,
     trainable=trainable, step=step, base_loss_name="noise", export_kinds=EXPORTS, export=export,
-    flops=flops, validate=validate, check=check, text_dims=text_dims))
+    flops=flops, validate=validate, check=check, text_dims=text_dims, latents=CODEC))
