@@ -256,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from framer_dist.infer.loading import load_transformer, load_vae
-    from framer_dist.infer.prompts import HashedPromptEncoder, sd3_text_encoder
+    from framer_dist.infer.prompts import HashedPromptEncoder, text_encoder
+    from framer_dist.models import DEFAULT_FAMILY, get_family
 
     args = build_parser().parse_args(argv)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
@@ -298,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
             m0 = models[0][1].config
             enc = (HashedPromptEncoder(m0.joint_attention_dim, m0.pooled_projection_dim)
                    if args.text_encoders == "hashed" else
-                   sd3_text_encoder(args.text_encoders or args.base or "", device=device, dtype=dtype))
+                   text_encoder(get_family(DEFAULT_FAMILY), args.text_encoders or args.base or "",
+                                device=device, dtype=dtype))
             prompt = enc([args.prompt])
         result = analyze(models, images, vae, cfg, timesteps, prompt, args.scale, args.max_size,
                          args.seed, lr_images)

@@ -14,11 +14,13 @@ from pathlib import Path
 
 import torch
 
+from framer_dist.models import DEFAULT_FAMILY, get_family
+
 from .io import InferenceError, list_images, read_image, to_tensor, to_uint8, write_image
 from .loading import KINDS, WEIGHTS, load_transformer, load_vae
 from .pipeline import InferenceOptions, SRPipeline
 from .prompts import (NEGATIVE_PROMPT, POSITIVE_SUFFIX, CachedEmbeddings, HashedPromptEncoder,
-                      caption_for, read_captions, sd3_text_encoder)
+                      caption_for, read_captions, text_encoder)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -98,7 +100,7 @@ def _text_encoder(args, model, device, dtype):
     if src == "hashed":
         cfg = model.config
         return HashedPromptEncoder(cfg.joint_attention_dim, cfg.pooled_projection_dim)
-    return sd3_text_encoder(src, device=device, dtype=dtype)
+    return text_encoder(get_family(DEFAULT_FAMILY), src, device=device, dtype=dtype)
 
 
 def run(args: argparse.Namespace) -> list[Path]:

@@ -157,6 +157,16 @@ def check(cfg: Config) -> None:
                           f"trains {cfg.train.mode!r}")
 
 
+def text_encoder(folder: str | Path, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, tokens: int | None = None) -> Callable:
+    """SD3's CLIP-L + CLIP-G + T5 from a local SD3/SD3.5 folder (``text.py``); ``tokens``: T5
+    tokens (None = 77)."""
+    from .text import SD3TextEncoders
+
+    return SD3TextEncoders(folder, device=str(device), dtype=dtype,
+                           t5_len=77 if tokens is None else tokens)
+
+
 def text_dims(cfg: Config) -> tuple[int, int]:
     """The preset's joint-attention (T5/CLIP sequence) and pooled widths."""
     from .presets import preset_geometry
@@ -168,4 +178,5 @@ def text_dims(cfg: Config) -> tuple[int, int]:
 FAMILY = register_family(ModelFamily(
     name="dit4sr", presets=tuple(PRESETS), modes=MODES, build=build,
     trainable=trainable, step=step, base_loss_name="noise", export_kinds=EXPORTS, export=export,
-    flops=flops, validate=validate, check=check, text_dims=text_dims, latents=CODEC))
+    flops=flops, validate=validate, check=check, text_dims=text_dims, latents=CODEC,
+    text_encoder=text_encoder))
