@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from framer_dist.infer.loading import load_transformer, load_vae
+    from framer_dist.infer.loading import load_model, load_vae
     from framer_dist.infer.prompts import HashedPromptEncoder, text_encoder
     from framer_dist.models import DEFAULT_FAMILY, get_family
 
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             if missing:
                 raise InferenceError(f"no LR image in {args.lr} for: {', '.join(missing[:5])}")
             lr_images = [read_image(lr_by_stem[f.stem]) for f in files]
-        models = [(label, load_transformer(
+        models = [(label, load_model(
                       path, kind=args.kind, base=args.base, device=device, dtype=dtype,
                       weights=args.weights,
                       report=lambda line, label=label: print(f"analyze_hierarchy: {label}: {line}",

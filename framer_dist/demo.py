@@ -65,12 +65,14 @@ def upscale_photo(cfg: Config, model: torch.nn.Module, photo: Path, out_png: Pat
     """Super-resolve one bundled photo x``data.scale`` with the trained model.
 
     The photo's centre crop is made the LR input (``resolution / scale`` pixels), bicubic-upsampled
-    and VAE-encoded as in training; FlowMatch Euler sampling with the empty-prompt embedding, AdaIN colour fix."""
+    and VAE-encoded as in training; the family's sampler (dit4sr: FlowMatch Euler, the run's sigma
+    shift) with the empty-prompt embedding, no CFG, no tiling; AdaIN colour fix."""
     import numpy as np
     from PIL import Image
 
     from framer_dist.data import decode_latents, load_vae, prompt_shapes
-    from framer_dist.infer.sampler import euler_sample, flow_sigmas, model_denoiser
+    from framer_dist.infer.pipeline import InferenceOptions
+    from framer_dist.models import get_family
 
     r, s = cfg.data.resolution, cfg.data.scale
     img = Image.open(photo).convert("RGB")
@@ -82,12 +84,13 @@ def upscale_photo(cfg: Config, model: torch.nn.Module, photo: Path, out_png: Pat
     vae = load_vae(cfg.data, cfg.model.family)
     lr_lat = vae.encode(x)
     t, d, p = prompt_shapes(cfg)
-    denoise = model_denoiser(model, torch.zeros(1, t, d), torch.zeros(1, p))
-    noise = torch.randn(lr_lat.shape, generator=torch.Generator().manual_seed(0))
+    side = max(lr_lat.shape[-2:])  # one tile: the whole latent
+    opts = InferenceOptions(steps=steps, guidance=1.0, shift=cfg.flow.shift, tile=side, overlap=0)
     was = model.training
     model.eval()
-    lat = euler_sample(lambda z, sig: denoise(z, lr_lat, sig), noise,
-                       flow_sigmas(steps, cfg.flow.shift))
+    lat = get_family(cfg.model.family).part("inference").sample(
+        model, lr_lat, (torch.zeros(1, t, d), torch.zeros(1, p)), None, opts, seed=0, dtype=None,
+        progress=None)
     model.train(was)
     from framer_dist.infer.colorfix import adain_color_fix
     # the authors' AdaIN colour fix against the bicubic input, as the inference pipeline does

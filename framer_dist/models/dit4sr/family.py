@@ -13,8 +13,10 @@ from torch import Tensor, nn
 
 from framer_dist import flow
 from framer_dist.config import Config, ConfigError
-from framer_dist.models import ModelFamily, StepContext, StepOutput, register_family
+from framer_dist.models import (InferenceSpec, ModelFamily, ModelShape, StepContext, StepOutput,
+                                register_family)
 
+from .checkpoints import KINDS, detect_kind, load_checkpoint
 from .latents import CODEC
 from .presets import PRESETS
 
@@ -119,7 +121,7 @@ def export(cfg: Config, kinds: list[str], state: dict[str, Tensor], root: Path) 
 def validate(model: nn.Module, batch: dict[str, Any], cfg: Config, autocast: Any) -> Any:
     """Super-resolve the first images of ``batch`` (10 Euler steps) and return LR | SR | HR as an
     HWC uint8 picture (every rank runs the sampler: under ZeRO-3/FSDP2 the forward is collective)."""
-    from framer_dist.infer.sampler import euler_sample, flow_sigmas, model_denoiser
+    from .sampler import euler_sample, flow_sigmas, model_denoiser
 
     n = min(2, batch["lr_latent"].shape[0])
     lr = batch["lr_latent"][:n]
@@ -175,8 +177,25 @@ def text_dims(cfg: Config) -> tuple[int, int]:
     return int(geo["joint_attention_dim"]), int(geo["pooled_projection_dim"])
 
 
+def shape(model: nn.Module) -> ModelShape:
+    """16 latent channels, the patch size, the joint-attention and pooled text widths."""
+    c = model.config
+    return ModelShape(int(c.in_channels), int(c.patch_size),
+                      (int(c.joint_attention_dim), int(c.pooled_projection_dim)))
+
+
+def sample(model: nn.Module, *args: Any, **kwargs: Any) -> Tensor:
+    """FlowMatch Euler with CFG on the text and latent tiles (``sampler.sample``)."""
+    from .sampler import sample as run
+
+    return run(model, *args, **kwargs)
+
+
+INFERENCE = InferenceSpec(kinds=KINDS, detect=detect_kind, load=load_checkpoint, shape=shape,
+                          sample=sample)
+
 FAMILY = register_family(ModelFamily(
     name="dit4sr", presets=tuple(PRESETS), modes=MODES, build=build,
     trainable=trainable, step=step, base_loss_name="noise", export_kinds=EXPORTS, export=export,
     flops=flops, validate=validate, check=check, text_dims=text_dims, latents=CODEC,
-    text_encoder=text_encoder))
+    text_encoder=text_encoder, inference=INFERENCE))
