@@ -19,6 +19,7 @@ from framer_dist.models import (InferenceSpec, ModelFamily, ModelShape, StepCont
 from .checkpoints import KINDS, detect_kind, load_checkpoint
 from .latents import CODEC
 from .presets import PRESETS
+from .readout import readout
 
 # diffusers and peft load only when a model is built: config checks need only the names here
 
@@ -192,7 +193,7 @@ def sample(model: nn.Module, *args: Any, **kwargs: Any) -> Tensor:
 
 
 INFERENCE = InferenceSpec(kinds=KINDS, detect=detect_kind, load=load_checkpoint, shape=shape,
-                          sample=sample)
+                          sample=sample, readout=readout)
 
 FAMILY = register_family(ModelFamily(
     name="dit4sr", presets=tuple(PRESETS), modes=MODES, build=build,
