@@ -1,4 +1,5 @@
-"""`make demo`: train the tiny DiT4SR backbone with FRAMER on CPU on the bundled photographs.
+"""`make demo`: train a tiny backbone (the default family's, DiT4SR) with FRAMER on CPU on the
+bundled photographs.
 
     python -m framer_dist.demo --out runs/demo [--steps 40]
 
@@ -22,6 +23,7 @@ import torch
 
 from framer_dist.config import Config, load_config
 from framer_dist.data.images import IMAGE_EXTS
+from framer_dist.models import get_family
 
 PACKAGE = Path(__file__).resolve().parent
 PHOTOS = PACKAGE / "assets" / "photos"  # package data: shipped with the package
@@ -72,7 +74,6 @@ def upscale_photo(cfg: Config, model: torch.nn.Module, photo: Path, out_png: Pat
 
     from framer_dist.data import decode_latents, load_vae, prompt_shapes
     from framer_dist.infer.pipeline import InferenceOptions
-    from framer_dist.models import get_family
 
     r, s = cfg.data.resolution, cfg.data.scale
     img = Image.open(photo).convert("RGB")
@@ -110,19 +111,18 @@ def layer_hierarchy_plot(cfg: Config, model: torch.nn.Module, photos: list[Path]
     from framer_dist import analysis
     from framer_dist.infer.io import read_image
     from framer_dist.infer.loading import load_vae as load_codec
-    from framer_dist.models import get_family
-    from framer_dist.models.dit4sr import apply_training_mode, build_model
 
+    family = get_family(cfg.model.family)
     torch.manual_seed(cfg.train.seed)  # the trainer's initialisation, untrained
-    init = build_model(cfg.model)
-    apply_training_mode(init, cfg.train.mode, cfg.lora)
+    init = family.build(cfg)
+    family.trainable(init, cfg)
     was = model.training
     model.eval()
     images = [read_image(p) for p in photos[:3]]
     result = analysis.analyze([("init", init.eval()), ("trained", model)], images,
-                              load_codec(cfg.data.vae or None, codec=get_family(cfg.model.family).latents),
-                              cfg.framer,
-                              scale=cfg.data.scale, max_size=cfg.data.resolution, seed=cfg.train.seed)
+                              load_codec(cfg.data.vae or None, codec=family.part("latents")),
+                              cfg.framer, scale=cfg.data.scale, max_size=cfg.data.resolution,
+                              seed=cfg.train.seed, family=family)
     model.train(was)
     return analysis.write_outputs(result, out_dir)
 
@@ -150,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             p = out / sub
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     photos = _photos()
-    print(f"[demo] training the tiny DiT4SR + FRAMER on {len(photos)} photos from {PHOTOS} "
-          f"for {cfg.train.steps} steps on CPU", flush=True)
+    print(f"[demo] training the {cfg.model.preset} {cfg.model.family} backbone + FRAMER on "
+          f"{len(photos)} photos from {PHOTOS} for {cfg.train.steps} steps on CPU", flush=True)
 
     from framer_dist.preflight import check_paths
     from framer_dist.train import train
@@ -165,8 +165,9 @@ def main(argv: list[str] | None = None) -> int:
                        steps=args.sample_steps)
     plots = layer_hierarchy_plot(cfg, model, photos, out / "analysis")
 
+    base = get_family(cfg.model.family).base_loss_name  # dit4sr: the noise loss
     print(f"[demo] done: {result.steps_done} steps in {t_train:.0f} s, final loss "
-          f"{last.get('loss/total', float('nan')):.4f} (noise {last.get('loss/noise', float('nan')):.4f}, "
+          f"{last.get('loss/total', float('nan')):.4f} ({base} {last.get(f'loss/{base}', float('nan')):.4f}, "
           f"framer {last.get('loss/framer', float('nan')):.4f})")
     print(f"[demo] checkpoint:       {result.checkpoint}")
     for kind, p in result.exports.items():
