@@ -4,8 +4,9 @@ A family is a :class:`ModelFamily` registered by name (``model.family``); ``dit4
 LR-conditioned SD3/SD3.5 MMDiT, ``models/dit4sr/``) is the default. ``model.family`` may also be a
 ``module:attribute`` import string naming a ModelFamily defined outside the package (every
 torchrun / DeepSpeed / SLURM worker imports it the same way). The trainer, the backends and the
-FRAMER objective only meet a family through this protocol; docs/interfaces.md, "Model families",
-says how to add one.
+FRAMER objective only meet a family through this protocol; so do the data tools (its latent codec,
+``latents.py``, and text encoder), framer-sr and the layer-hierarchy analysis (its
+``InferenceSpec``, ``inference.py``). docs/interfaces.md, "Model families", says how to add one.
 
 The module a family builds is what the backend wraps. Besides ``forward`` it exposes, for
 ``framer_dist.parallel`` (duck-typed, no import of the family):
