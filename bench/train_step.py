@@ -1,11 +1,13 @@
-"""Training-step benchmark: FRAMER step vs. DiT4SR baseline step, img/s, MFU, peak memory.
+"""Training-step benchmark: FRAMER step vs. the model family's baseline step, img/s, MFU, peak memory.
 
 One process, synthetic latents and prompt embeddings at the model's real shapes (no data
 pipeline). For each (mode, backend) combination the same model, optimizer and batch run
 baseline steps (framer.enabled=false: no readout, no FRAMER loss) and FRAMER steps alternately
 (ABBA order, after warm-up), so both see the same clocks, allocator state and thermal state; the
 figures are medians. Peak memory is read per step type (CUDA only: reset_peak_memory_stats before
-each step). MFU uses framer_dist/models/dit4sr/flops.py (documented there): useful model FLOPs / step time / peak.
+each step). MFU uses the family's FLOP count (ModelFamily.flops; dit4sr: framer_dist/models/dit4sr/flops.py,
+documented there): useful model FLOPs / step time / peak. The model is built as train.py builds it
+(on the CPU; the backend moves it).
 
 Examples:
     python bench/train_step.py --preset tiny --batch 2 --resolution 64 --steps 4    # CPU smoke
@@ -37,10 +39,7 @@ from framer_dist.config import Config, load_config  # noqa: E402
 from framer_dist.flops import peak_flops  # noqa: E402
 from framer_dist.framer import select_layers  # noqa: E402
 from framer_dist.micro_batch import micro_batch_loss  # noqa: E402
-from framer_dist.models import StepContext, get_family  # noqa: E402
-from framer_dist.models.dit4sr import apply_training_mode, build_model  # noqa: E402
-from framer_dist.models.dit4sr.config import section  # noqa: E402
-from framer_dist.models.dit4sr.flops import geometry_from_model, train_flops_per_sample  # noqa: E402
+from framer_dist.models import DEFAULT_FAMILY, StepContext, get_family  # noqa: E402
 from framer_dist.parallel import setup_backend  # noqa: E402
 from framer_dist.parallel.blocks import ac_indices  # noqa: E402
 
@@ -53,6 +52,7 @@ BACKENDS = {"none": ("none", ""), "zero3": ("deepspeed", "ds_configs/zero3.json"
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", default=DEFAULT_FAMILY, help="model family (model.family)")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--modes", default="control", help="comma list of control,lora,full")
     p.add_argument("--backends", default="none", help=f"comma list of {','.join(BACKENDS)}")
@@ -86,7 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def make_config(a: argparse.Namespace, mode: str, backend: str, device: str) -> Config:
     name, ds_json = BACKENDS[backend]
     precision = a.precision or ("bf16" if device == "cuda" else "fp32")
-    ov = [f"model.preset=\"{a.preset}\"", f"train.mode=\"{mode}\"", f"parallel.backend=\"{name}\"",
+    ov = [f"model.family=\"{a.family}\"", f"model.preset=\"{a.preset}\"", f"train.mode=\"{mode}\"",
+          f"parallel.backend=\"{name}\"",
           f"train.precision=\"{precision}\"", f"data.batch_size={a.batch}",
           f"data.resolution={a.resolution}", f"parallel.activation_checkpointing=\"{a.ac}\"",
           f"parallel.compile={'true' if a.compile else 'false'}", f"train.device=\"{device}\"",
@@ -100,14 +101,17 @@ def make_config(a: argparse.Namespace, mode: str, backend: str, device: str) -> 
     return load_config(None, ov + list(a.overrides))
 
 
-def synthetic_batch(model: Any, batch: int, resolution: int, text_tokens: int,
+def synthetic_batch(cfg: Config, batch: int, resolution: int, text_tokens: int,
                     device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random latents and prompt embeddings of the family's shapes (its latent channels and text
+    widths)."""
+    family = get_family(cfg.model.family)
     g = torch.Generator().manual_seed(seed)
-    c = model.config
+    c = family.part("latents").channels
+    d, p = family.text_dims(cfg)
     hw = resolution // 8
-    shapes = {"hr_latent": (batch, c.in_channels, hw, hw), "lr_latent": (batch, c.in_channels, hw, hw),
-              "prompt_embeds": (batch, text_tokens, c.joint_attention_dim),
-              "pooled": (batch, c.pooled_projection_dim)}
+    shapes = {"hr_latent": (batch, c, hw, hw), "lr_latent": (batch, c, hw, hw),
+              "prompt_embeds": (batch, text_tokens, d), "pooled": (batch, p)}
     return {k: torch.randn(s, generator=g).to(device) for k, s in shapes.items()}
 
 
@@ -119,19 +123,19 @@ def _sync(device: torch.device) -> None:
 def run_combo(a: argparse.Namespace, mode: str, backend_key: str, device_type: str) -> dict[str, Any]:
     cfg = make_config(a, mode, backend_key, device_type)
     base_cfg = dataclasses.replace(cfg, framer=dataclasses.replace(cfg.framer, enabled=False))
+    family = get_family(cfg.model.family)
     torch.manual_seed(0)
-    model = build_model(cfg.model, lr_injection_scale=section(cfg).lr_injection_scale,
-                        device="cuda" if device_type == "cuda" else None)
-    params = apply_training_mode(model, mode, section(cfg).lora)
+    model = family.build(cfg)
+    params = family.trainable(model, cfg)
     students, teacher = select_layers(model.num_blocks, cfg.framer)
-    geometry = geometry_from_model(model)
+    # per-sample FLOPs of each step kind, counted on the plain model (before the backend shards it)
+    flops_of = {"baseline": family.flops(model, base_cfg), "framer": family.flops(model, cfg)}
     text_tokens = a.text_tokens or (154 if a.preset != "tiny" else 8)
     backend = setup_backend(cfg, model, params)
     device = backend.device
-    batch = synthetic_batch(model, a.batch, a.resolution, text_tokens, device)
+    batch = synthetic_batch(cfg, a.batch, a.resolution, text_tokens, device)
     gen = torch.Generator().manual_seed(0)
     positions = list(range(a.batch))  # sigma and noise are drawn from these inside the step
-    family = get_family("dit4sr")
 
     def one_step(c: Config) -> tuple[float, float | None, dict[str, float]]:
         cuda = device.type == "cuda"
@@ -216,7 +220,6 @@ def run_combo(a: argparse.Namespace, mode: str, backend_key: str, device_type: s
 
     precision = cfg.train.precision
     peak = peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", precision)
-    lora_rank = section(cfg).lora.rank if mode == "lora" else 0
     res: dict[str, Any] = {"mode": mode, "backend": backend_key, "precision": precision,
                            "batch": a.batch, "resolution": a.resolution, "text_tokens": text_tokens,
                            "activation_checkpointing": a.ac,
@@ -231,11 +234,10 @@ def run_combo(a: argparse.Namespace, mode: str, backend_key: str, device_type: s
                         "persistent_head_numel": backend.zero3_persistent_numel}
     for kind in ("baseline", "framer"):
         med = statistics.median(times[kind])
-        flops = train_flops_per_sample(geometry, (a.resolution // 8,) * 2, text_tokens, mode,
-                                       readout=kind == "framer", lora_rank=lora_rank)["total"]
+        flops = flops_of[kind](batch) if flops_of[kind] is not None else None  # None: not counted
         res[kind] = {"step_s_median": med, "step_s_all": times[kind], "img_per_s": a.batch / med,
-                     "model_tflop_per_step": flops * a.batch / 1e12,
-                     "mfu": (flops * a.batch / med / peak) if peak else None,
+                     "model_tflop_per_step": flops * a.batch / 1e12 if flops is not None else None,
+                     "mfu": (flops * a.batch / med / peak) if peak and flops is not None else None,
                      "peak_mem_gib": max(mems[kind]) if mems[kind] else None,
                      "phase_ms_median": {p: statistics.median(v) for p, v in phase_ms[kind].items() if v}}
     b, f = res["baseline"], res["framer"]

@@ -1,8 +1,9 @@
 """The layer-hierarchy study of the FRAMER paper (supplement Fig. 7 and Fig. 9).
 
 For each checkpoint and each chosen timestep ``t`` (default 300 and 700; ``sigma = t / 1000``), the
-HR images are noised (``x_t = (1 - sigma) x0 + sigma eps``, the same ``eps`` for every
-checkpoint), the model runs once with the per-layer readout, and for every block ``i`` we report,
+model family's readout (``InferenceSpec.readout``; dit4sr: the HR latents noised to
+``x_t = (1 - sigma) x0 + sigma eps``, the same ``eps`` for every checkpoint, one forward with the
+per-layer readout) gives every block's FRAMER feature, and for every block ``i`` we report,
 averaged over the images:
 
 - ``cos_lf``, ``cos_hf``: cosine similarity of block i's LF / HF band vector to the final layer's
@@ -13,7 +14,7 @@ averaged over the images:
 The band maths is *not* re-implemented here: every number comes from
 ``framer_dist.framer.framer_objective`` (its per-layer metrics), run with the ``framer`` section of
 the config (feature kind, mask, radius, FAW denominator, ...), every block as a student and the
-final block as the teacher. Outputs: ``hierarchy.json``, ``layer_similarity.png`` (Fig. 7: LF blue,
+final block (or the teacher the readout gives) as the teacher. Outputs: ``hierarchy.json``, ``layer_similarity.png`` (Fig. 7: LF blue,
 HF red; the first checkpoint solid, the next dashed) and ``faw_fam_weights.png`` (Fig. 9).
 """
 
@@ -34,43 +35,27 @@ from torch import Tensor
 from framer_dist.config import ConfigError, FramerConfig, load_config
 from framer_dist.framer import framer_objective, select_layers
 from framer_dist.infer.io import InferenceError, list_images, read_image, to_tensor
+from framer_dist.models import DEFAULT_FAMILY, ModelFamily, get_family
 
 METRICS = ("cos_lf", "cos_hf", "w_lf", "w_hf", "a_lf", "a_hf")
 
 
-def layer_band_metrics(features: Tensor, cfg: FramerConfig, teacher_index: int = -1) -> dict[str, Tensor]:
+def layer_band_metrics(features: Tensor, cfg: FramerConfig, teacher_index: int = -1,
+                       teacher: Tensor | None = None) -> dict[str, Tensor]:
     """Per-layer ``cos/w/a`` for LF and HF of ``features`` ``[L, B, C, H, W]`` vs one of its layers.
 
-    Every layer is a student; the teacher is ``features[teacher_index]``. In-batch negatives are
-    switched off (they change only the loss, not these metrics, and would need B >= 2).
+    Every layer is a student; the teacher is ``features[teacher_index]``, or ``teacher`` when
+    given (a family whose teacher is not one of its layers). In-batch negatives are switched off
+    (they change only the loss, not these metrics, and would need B >= 2).
     """
     n = features.shape[0]
     c = dataclasses.replace(cfg, in_batch_negatives=False, nonfinite="error",
                             random_negatives=cfg.random_negatives and n >= 2)
     if not c.random_negatives and "intra" in (c.lf_loss, c.hf_loss):
         c = dataclasses.replace(c, lf_loss="inter", hf_loss="inter")  # a one-key IntraCL only warns
-    res = framer_objective(features, features[teacher_index], c, torch.Generator().manual_seed(0))
+    res = framer_objective(features, features[teacher_index] if teacher is None else teacher, c,
+                           torch.Generator().manual_seed(0))
     return {k: res.metrics[k].detach().float().cpu() for k in METRICS}
-
-
-@torch.no_grad()
-def layer_features(model, x0: Tensor, lr_latent: Tensor, sigma: float, noise: Tensor,
-                   prompt_embeds: Tensor, pooled: Tensor, feature: str) -> Tensor:
-    """Every block's feature ``F^(i)`` (docs/specs/framer.md section 1) at noise level ``sigma``."""
-    dt = next(model.parameters()).dtype
-    dev = next(model.parameters()).device
-    x_t = ((1 - sigma) * x0 + sigma * noise).to(dev)
-    b = x0.shape[0]
-    out = model(hidden_states=x_t.to(dt), lr_latent=lr_latent.to(dev, dt),
-                # fp32 as in training and framer-sr (bf16 would round 301 to 302)
-                timestep=torch.full((b,), sigma * 1000.0, device=dev, dtype=torch.float32),
-                encoder_hidden_states=prompt_embeds.expand(b, -1, -1).to(dev, dt),
-                pooled_projections=pooled.expand(b, -1).to(dev, dt),
-                readout="hidden" if feature == "hidden" else "velocity")
-    f = out.features.float()
-    if feature == "x0":
-        f = x_t.float()[None] - sigma * f
-    return f
 
 
 def _prepare_image(img: np.ndarray, multiple: int, max_size: int) -> Tensor:
@@ -85,7 +70,7 @@ def _prepare_image(img: np.ndarray, multiple: int, max_size: int) -> Tensor:
 
 
 def degrade_bicubic(hr: Tensor, scale: int) -> Tensor:
-    """The analysis LR: bicubic x1/scale then back to the HR size (DiT4SR's condition layout)."""
+    """The analysis LR: bicubic x1/scale then back to the HR size (the SR condition layout)."""
     h, w = hr.shape[-2:]
     lr = F.interpolate(hr, size=(max(1, h // scale), max(1, w // scale)), mode="bicubic",
                        align_corners=False, antialias=True)
@@ -95,8 +80,15 @@ def degrade_bicubic(hr: Tensor, scale: int) -> Tensor:
 def analyze(models: Sequence[tuple[str, Any]], images: Sequence[np.ndarray], vae, cfg: FramerConfig,
             timesteps: Sequence[int] = (300, 700), prompt: tuple[Tensor, Tensor] | None = None,
             scale: int = 4, max_size: int = 512, seed: int = 0,
-            lr_images: Sequence[np.ndarray] | None = None) -> dict[str, Any]:
-    """Per-layer band metrics for every (model, timestep), averaged over ``images``."""
+            lr_images: Sequence[np.ndarray] | None = None,
+            family: str | ModelFamily | None = None) -> dict[str, Any]:
+    """Per-layer band metrics for every (model, timestep), averaged over ``images``. ``family``:
+    the models' family (None = the default family, for models of no recorded family)."""
+    fam = family if isinstance(family, ModelFamily) else get_family(family or DEFAULT_FAMILY)
+    spec = fam.part("inference")
+    if spec.readout is None:
+        raise InferenceError(f"model family {fam.name!r} has no per-layer readout to analyse "
+                             "(InferenceSpec.readout)")
     if not images:
         raise InferenceError("no images to analyse")
     for t in timesteps:
@@ -107,10 +99,10 @@ def analyze(models: Sequence[tuple[str, Any]], images: Sequence[np.ndarray], vae
         "cutoff": cfg.cutoff, "faw_denominator": cfg.faw_denominator, "num_images": len(images),
         "models": {}}
     for label, model in models:
-        cfg_model = model.config
-        multiple = vae.factor * int(cfg_model.patch_size)
-        e, p = prompt if prompt is not None else (
-            torch.zeros(1, 1, cfg_model.joint_attention_dim), torch.zeros(1, cfg_model.pooled_projection_dim))
+        shape = spec.shape(model)
+        multiple = vae.factor * shape.multiple
+        d, pd = shape.text_dims
+        e, p = prompt if prompt is not None else (torch.zeros(1, 1, d), torch.zeros(1, pd))
         _, teacher = select_layers(model.num_blocks, dataclasses.replace(cfg, students="all"))
         sums: dict[str, dict[str, Tensor]] = {}
         for k, img in enumerate(images):
@@ -124,15 +116,18 @@ def analyze(models: Sequence[tuple[str, Any]], images: Sequence[np.ndarray], vae
             for t in timesteps:
                 g = torch.Generator().manual_seed(seed * 1_000_003 + k * 1009 + t)  # same for every model
                 noise = torch.randn(x0.shape, generator=g)
-                feats = layer_features(model, x0, lr_lat, t / 1000.0, noise, e, p, cfg.feature)
-                m = layer_band_metrics(feats, cfg, teacher)
+                feats, given = spec.readout(model, x0, lr_lat, t / 1000.0, noise, (e, p), cfg.feature)
+                m = layer_band_metrics(feats, cfg, teacher, teacher=given)
+                layers, own_teacher = feats.shape[0], given is None
                 acc = sums.setdefault(f"t{t}", {})
                 for key, v in m.items():
                     acc[key] = acc.get(key, 0) + v
         result["models"][label] = {
             tk: {key: (v / len(images)).tolist() for key, v in acc.items()} for tk, acc in sums.items()}
-        result["models"][label]["num_blocks"] = int(model.num_blocks)
-        result["models"][label]["teacher_layer"] = int(teacher)
+        # the layers analysed (every block, for dit4sr); the teacher's index, or None when the
+        # readout gives a teacher of its own
+        result["models"][label]["num_blocks"] = int(layers)
+        result["models"][label]["teacher_layer"] = int(teacher) if own_teacher else None
     return result
 
 
@@ -230,8 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "weights (Fig. 9) for one or more checkpoints, as PNG + JSON.")
     p.add_argument("--checkpoint", action="append", required=True, metavar="[LABEL=]PATH",
                    help="repeat: the first is drawn solid (e.g. baseline=...), the next dashed (FRAMER=...)")
-    p.add_argument("--kind", default="auto", help="checkpoint kind for all (auto/full/control/lora)")
-    p.add_argument("--base", default=None, help="base SD3 folder under control/LoRA checkpoints")
+    p.add_argument("--kind", default="auto",
+                   help="checkpoint kind for all (auto or one of the family's; dit4sr: full/control/lora)")
+    p.add_argument("--family", default=None,
+                   help="model family of the checkpoints; default: what their exports record "
+                        "(export/family.json), else the default family")
+    p.add_argument("--base", default=None,
+                   help="pretrained diffusers folder under adapter checkpoints (dit4sr: SD3 under "
+                        "control/LoRA)")
     p.add_argument("--weights", default=None, choices=("ema", "main"),
                    help="a trainer export with an EMA export (export/ema/): 'ema' or 'main'; "
                         "default: EMA when present (as framer-sr)")
@@ -244,8 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timesteps", default="300,700", help="comma list, sigma = t / 1000")
     p.add_argument("--config", default=None, help="run config TOML: its [framer] section sets the bands")
     p.add_argument("--override", action="append", default=[], help="dotted config override, e.g. framer.radius=0.1")
-    p.add_argument("--vae", default=None, help="diffusers VAE folder ('' = the tiny random VAE)")
-    p.add_argument("--text-encoders", default=None, help="SD3 folder for --prompt ('hashed' for tiny models)")
+    p.add_argument("--vae", default=None, help="diffusers VAE folder ('' = the family's tiny random VAE)")
+    p.add_argument("--text-encoders", default=None,
+                   help="folder of the family's text encoders for --prompt ('hashed' for tiny models)")
     p.add_argument("--prompt", default=None, help="caption for every image (default: empty embeddings)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
@@ -255,8 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from framer_dist.infer.loading import load_transformer, load_vae
-    from framer_dist.infer.prompts import HashedPromptEncoder, sd3_text_encoder
+    from framer_dist.infer.loading import checkpoint_family, load_model, load_vae
+    from framer_dist.infer.prompts import HashedPromptEncoder, text_encoder
 
     args = build_parser().parse_args(argv)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
@@ -286,22 +288,28 @@ def main(argv: list[str] | None = None) -> int:
             if missing:
                 raise InferenceError(f"no LR image in {args.lr} for: {', '.join(missing[:5])}")
             lr_images = [read_image(lr_by_stem[f.stem]) for f in files]
-        models = [(label, load_transformer(
+        fams = {label: checkpoint_family(path, args.family) for label, path in specs}
+        family = fams[specs[0][0]]
+        if any(f.name != family.name for f in fams.values()):  # one VAE and one text encoder
+            raise InferenceError("the checkpoints are of different model families ("
+                                 + ", ".join(f"{k}: {f.name}" for k, f in fams.items())
+                                 + "); analyse each family in its own run")
+        models = [(label, load_model(
                       path, kind=args.kind, base=args.base, device=device, dtype=dtype,
-                      weights=args.weights,
+                      weights=args.weights, family=family,
                       report=lambda line, label=label: print(f"analyze_hierarchy: {label}: {line}",
                                                              file=sys.stderr)))
                   for label, path in specs]
-        vae = load_vae(args.vae if args.vae is not None else (args.base or ""), device=device, dtype=dtype)
+        vae = load_vae(args.vae if args.vae is not None else (args.base or ""), device=device, dtype=dtype,
+                       codec=family.part("latents"))
         prompt = None
         if args.prompt is not None:
-            m0 = models[0][1].config
-            enc = (HashedPromptEncoder(m0.joint_attention_dim, m0.pooled_projection_dim)
+            enc = (HashedPromptEncoder(*family.inference.shape(models[0][1]).text_dims)
                    if args.text_encoders == "hashed" else
-                   sd3_text_encoder(args.text_encoders or args.base or "", device=device, dtype=dtype))
+                   text_encoder(family, args.text_encoders or args.base or "", device=device, dtype=dtype))
             prompt = enc([args.prompt])
         result = analyze(models, images, vae, cfg, timesteps, prompt, args.scale, args.max_size,
-                         args.seed, lr_images)
+                         args.seed, lr_images, family=family)
         result["images"] = [f.name for f in files]
         result["checkpoints"] = dict(specs)
         paths = write_outputs(result, args.out)

@@ -205,8 +205,8 @@ def _family_defaults(name: str) -> Any:
 
 def _moved(key: str) -> str | None:
     """Where a key of an older config format lives now (a family took it into its section)."""
-    from framer_dist.models import registered_families
-    for fam in registered_families():
+    from framer_dist.models import families
+    for fam in families():
         for old, new in fam.moved_keys:
             if key == old or key.startswith(old + "."):
                 return new + key[len(old):]
@@ -380,8 +380,8 @@ def _build(sources: list[dict[str, Any]]) -> Config:
                 raise ConfigError(f"config key '{name}' is a section; expected a table, got {table!r}")
             _apply(cfg.family_section, table, prefix=f"{name}.")
             continue
-        from framer_dist.models import registered_families
-        if name in {f.name for f in registered_families()}:
+        from framer_dist.models import families
+        if name in {f.name for f in families()}:
             raise ConfigError(f"config section '{name}' holds keys of the {name} family, but "
                               f"model.family is {cfg.model.family!r}; remove it or set model.family")
         known = sorted(core) + ([fam.name] if fam.config is not None else [])

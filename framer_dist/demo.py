@@ -1,4 +1,5 @@
-"""`make demo`: train the tiny DiT4SR backbone with FRAMER on CPU on the bundled photographs.
+"""`make demo`: train a tiny backbone (the default family's, DiT4SR) with FRAMER on CPU on the
+bundled photographs.
 
     python -m framer_dist.demo --out runs/demo [--steps 40]
 
@@ -22,6 +23,7 @@ import torch
 
 from framer_dist.config import Config, load_config
 from framer_dist.data.images import IMAGE_EXTS
+from framer_dist.models import get_family
 
 PACKAGE = Path(__file__).resolve().parent
 PHOTOS = PACKAGE / "assets" / "photos"  # package data: shipped with the package
@@ -65,13 +67,13 @@ def upscale_photo(cfg: Config, model: torch.nn.Module, photo: Path, out_png: Pat
     """Super-resolve one bundled photo x``data.scale`` with the trained model.
 
     The photo's centre crop is made the LR input (``resolution / scale`` pixels), bicubic-upsampled
-    and VAE-encoded as in training; FlowMatch Euler sampling with the empty-prompt embedding, AdaIN colour fix."""
+    and VAE-encoded as in training; the family's sampler (dit4sr: FlowMatch Euler, the run's sigma
+    shift) with the empty-prompt embedding, no CFG, no tiling; AdaIN colour fix."""
     import numpy as np
     from PIL import Image
 
-    from framer_dist.data import decode_latents, encode_pixels, load_vae, prompt_shapes
-    from framer_dist.infer.sampler import euler_sample, flow_sigmas, model_denoiser
-    from framer_dist.models.dit4sr.config import section
+    from framer_dist.data import decode_latents, load_vae, prompt_shapes
+    from framer_dist.infer.pipeline import InferenceOptions
 
     r, s = cfg.data.resolution, cfg.data.scale
     img = Image.open(photo).convert("RGB")
@@ -80,19 +82,20 @@ def upscale_photo(cfg: Config, model: torch.nn.Module, photo: Path, out_png: Pat
     lr_img = img.crop((left, top, left + side, top + side)).resize((r // s, r // s), Image.BICUBIC)
     lr_up = lr_img.resize((r, r), Image.BICUBIC)
     x = torch.from_numpy(np.array(lr_up)).permute(2, 0, 1)[None].float() / 127.5 - 1
-    vae = load_vae(cfg.data)
-    lr_lat = encode_pixels(vae, x)
+    vae = load_vae(cfg.data, cfg.model.family)
+    lr_lat = vae.encode(x)
     t, d, p = prompt_shapes(cfg)
-    denoise = model_denoiser(model, torch.zeros(1, t, d), torch.zeros(1, p))
-    noise = torch.randn(lr_lat.shape, generator=torch.Generator().manual_seed(0))
+    side = max(lr_lat.shape[-2:])  # one tile: the whole latent
+    opts = InferenceOptions(steps=steps, guidance=1.0, tile=side, overlap=0)
     was = model.training
     model.eval()
-    lat = euler_sample(lambda z, sig: denoise(z, lr_lat, sig), noise,
-                       flow_sigmas(steps, section(cfg).flow.shift))
+    lat = get_family(cfg.model.family).part("inference").sample(
+        model, lr_lat, (torch.zeros(1, t, d), torch.zeros(1, p)), None, opts, seed=0, dtype=None,
+        progress=None)
     model.train(was)
     from framer_dist.infer.colorfix import adain_color_fix
     # the authors' AdaIN colour fix against the bicubic input, as the inference pipeline does
-    sr = adain_color_fix((decode_latents(cfg.data, lat) + 1) / 2, (x + 1) / 2)[0] * 2 - 1
+    sr = adain_color_fix((decode_latents(cfg.data, lat, cfg.model.family) + 1) / 2, (x + 1) / 2)[0] * 2 - 1
     panel = torch.cat([x[0], sr], dim=2)  # bicubic | super-resolved, side by side
     arr = ((panel.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
     out_png.parent.mkdir(parents=True, exist_ok=True)
@@ -108,18 +111,18 @@ def layer_hierarchy_plot(cfg: Config, model: torch.nn.Module, photos: list[Path]
     from framer_dist import analysis
     from framer_dist.infer.io import read_image
     from framer_dist.infer.loading import load_vae as load_codec
-    from framer_dist.models.dit4sr import apply_training_mode, build_model
-    from framer_dist.models.dit4sr.config import section
 
+    family = get_family(cfg.model.family)
     torch.manual_seed(cfg.train.seed)  # the trainer's initialisation, untrained
-    init = build_model(cfg.model, lr_injection_scale=section(cfg).lr_injection_scale)
-    apply_training_mode(init, cfg.train.mode, section(cfg).lora)
+    init = family.build(cfg)
+    family.trainable(init, cfg)
     was = model.training
     model.eval()
     images = [read_image(p) for p in photos[:3]]
     result = analysis.analyze([("init", init.eval()), ("trained", model)], images,
-                              load_codec(cfg.data.vae or None), cfg.framer,
-                              scale=cfg.data.scale, max_size=cfg.data.resolution, seed=cfg.train.seed)
+                              load_codec(cfg.data.vae or None, codec=family.part("latents")),
+                              cfg.framer, scale=cfg.data.scale, max_size=cfg.data.resolution,
+                              seed=cfg.train.seed, family=family)
     model.train(was)
     return analysis.write_outputs(result, out_dir)
 
@@ -147,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             p = out / sub
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     photos = _photos()
-    print(f"[demo] training the tiny DiT4SR + FRAMER on {len(photos)} photos from {PHOTOS} "
-          f"for {cfg.train.steps} steps on CPU", flush=True)
+    print(f"[demo] training the {cfg.model.preset} {cfg.model.family} backbone + FRAMER on "
+          f"{len(photos)} photos from {PHOTOS} for {cfg.train.steps} steps on CPU", flush=True)
 
     from framer_dist.preflight import check_paths
     from framer_dist.train import train
@@ -162,8 +165,9 @@ def main(argv: list[str] | None = None) -> int:
                        steps=args.sample_steps)
     plots = layer_hierarchy_plot(cfg, model, photos, out / "analysis")
 
+    base = get_family(cfg.model.family).base_loss_name  # dit4sr: the noise loss
     print(f"[demo] done: {result.steps_done} steps in {t_train:.0f} s, final loss "
-          f"{last.get('loss/total', float('nan')):.4f} (noise {last.get('loss/noise', float('nan')):.4f}, "
+          f"{last.get('loss/total', float('nan')):.4f} ({base} {last.get(f'loss/{base}', float('nan')):.4f}, "
           f"framer {last.get('loss/framer', float('nan')):.4f})")
     print(f"[demo] checkpoint:       {result.checkpoint}")
     for kind, p in result.exports.items():

@@ -1,12 +1,17 @@
 """The end-of-run exports (``checkpoint.export``): gathered by the backend, written by the
-model family."""
+model family, with the family recorded beside them (``family.json``) for framer-sr and the
+analysis."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+from framer_dist.atomic import write_text_atomic
 from framer_dist.config import Config
+
+FAMILY_FILE = "family.json"  # {"family": model.family} in <out_dir>/export
 
 
 def export(family: Any, cfg: Config, backend: Any, out_dir: Path) -> dict[str, Path]:
@@ -27,5 +32,26 @@ def export(family: Any, cfg: Config, backend: Any, out_dir: Path) -> dict[str, P
         if ema:
             ema_out = family.export(cfg, kinds, {**full, **ema}, out_dir / "export" / "ema")
             out.update({f"ema_{k}": v for k, v in ema_out.items()})
+        (out_dir / "export").mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out_dir / "export" / FAMILY_FILE,
+                          json.dumps({"family": cfg.model.family}) + "\n")
     backend.barrier()
     return out
+
+
+def read_family(path: str | Path) -> str | None:
+    """The family recorded for an export at ``path`` (a file or folder in a trainer's ``export/``:
+    ``family.json`` in it or up to three folders above), or None (exports written before families
+    were recorded, or copied out of ``export/``: the caller takes the default family)."""
+    p = Path(path).expanduser().resolve()
+    for d in ([p] if p.is_dir() else []) + list(p.parents)[:3]:
+        f = d / FAMILY_FILE
+        if f.is_file():
+            try:
+                name = json.loads(f.read_text())["family"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{f}: not a family record ({e!r})") from None
+            if not isinstance(name, str):
+                raise ValueError(f"{f}: 'family' is not a string: {name!r}")
+            return name
+    return None

@@ -234,7 +234,7 @@ class Stepper:
             self.thr.data_end()
             if "hr_latent" not in batch:  # pixels: degrade/encode online with the VAE
                 from framer_dist.data import encode_batch, load_vae
-                self.vae = self.vae or load_vae(cfg.data, device=be.device)
+                self.vae = self.vae or load_vae(cfg.data, cfg.model.family, device=be.device)
                 batch = encode_batch(self.vae, batch)
             positions = sample_positions(batch, samples_seen, micro, be.rank, be.world_size,
                                          batch["hr_latent"].shape[0])

@@ -1,6 +1,9 @@
 """A second model family defined outside framer_dist/models/ (``model.family =
 "_toy_family:FAMILY"``): a plain conv net on the 16-channel latents with three blocks and an x0
-readout, to prove the seam. Its blocks are FSDP2 units and checkpointing units like DiT4SR's."""
+readout, to prove the seam. Its blocks are FSDP2 units and checkpointing units like DiT4SR's. Its
+latents are the DiT4SR family's (SD3's 16-channel codec): a family may share another's parts. Its
+inference is one step (the last block's x0) with a family flag, ``--toy-gain``, and one default
+(``steps = 1``); its analysis readout gives a teacher of its own (the LR latent)."""
 
 from __future__ import annotations
 
@@ -9,9 +12,12 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from framer_dist.models import ModelFamily, StepContext, StepOutput
+from pathlib import Path
 
-CHANNELS = 16  # the data pipeline's latents
+from framer_dist.models import (InferenceSpec, ModelFamily, ModelLoadError, ModelShape, StepContext,
+                                StepOutput, get_family)
+
+CHANNELS = 16  # the latent codec's channels
 
 
 class ToyBlock(nn.Module):
@@ -65,7 +71,44 @@ def step(model, batch, ctx: StepContext) -> StepOutput:
     return StepOutput(loss, feats.float() if ctx.cfg.framer.enabled else None)
 
 
+WEIGHTS = "toy.safetensors"
+SAMPLED: list = []  # the options each sample() call got (tests read them)
+
+
+def detect(path: Path, skip) -> tuple[str, Path]:
+    f = path if path.is_file() else path / WEIGHTS
+    if f.name != WEIGHTS or not f.is_file():
+        raise ModelLoadError(f"{path} holds no {WEIGHTS}")
+    return "full", f
+
+
+def load(kind: str, path: Path, base) -> ToyNet:
+    from safetensors.torch import load_file
+
+    net = ToyNet()
+    net.load_state_dict(load_file(str(path)))
+    return net
+
+
+def sample(model, lr_latent, cond, uncond, opts, *, seed, dtype, progress):
+    SAMPLED.append(opts)
+    z = model(lr_latent)[-1] * opts.family_options["toy_gain"]
+    if progress is not None:
+        progress(0)
+    return z
+
+
+def readout(model, x0, lr_latent, sigma, noise, cond, feature):
+    return model(lr_latent), lr_latent
+
+
+INFERENCE = InferenceSpec(
+    kinds=("full",), detect=detect, load=load, shape=lambda model: ModelShape(CHANNELS, 1, (8, 8)),
+    sample=sample, readout=readout, defaults={"steps": 1},
+    arguments=((("--toy-gain",), {"type": float, "default": 1.0, "help": "output scale"}),))
+
 FAMILY = ModelFamily(
     name="toy", presets=("toy",), modes=("all",), build=lambda cfg: ToyNet(),
     trainable=lambda model, cfg: [p for p in model.parameters() if p.requires_grad],
-    step=step, base_loss_name="mse", text_dims=lambda cfg: (8, 8))
+    step=step, base_loss_name="mse", text_dims=lambda cfg: (8, 8),
+    latents=get_family("dit4sr").latents, inference=INFERENCE)

@@ -98,7 +98,7 @@ def test_layer_features_feed_fp32_timesteps_to_a_bf16_model():
     # as in training (flow.timesteps) and framer-sr: sigma * 1000 in fp32, not rounded to bf16
     from types import SimpleNamespace
 
-    from framer_dist.analysis import layer_features
+    from framer_dist.models.dit4sr.readout import layer_features
 
     class Stub(torch.nn.Module):
         def __init__(self):

@@ -74,7 +74,7 @@ def test_messy_folder_loads_reports_and_encodes(tmp_path):
     i16 = next(b["hr_raw"][b["ids"].index("deep16")] for b in batches if "deep16" in b["ids"])
     assert 0 < i16.float().mean() < 250
     # a batch goes through the online degradation + tiny VAE encoding the trainer uses
-    out = encode_batch(load_vae(cfg.data), batches[0])
+    out = encode_batch(load_vae(cfg.data, cfg.model.family), batches[0])
     assert out["hr_latent"].shape == (4, 16, 4, 4) and out["lr_latent"].shape == (4, 16, 4, 4)
     assert out["hr"].shape == out["lr"].shape == (4, 3, 32, 32)
     assert out["lr"].min() >= -1 and out["lr"].max() <= 1

@@ -7,7 +7,7 @@ import torch
 
 from framer_dist.infer.colorfix import (adain_color_fix, channel_mean_std, color_fix,
                                         wavelet_color_fix, wavelet_decompose)
-from framer_dist.infer.sampler import euler_sample, flow_sigmas, guided_denoiser
+from framer_dist.models.dit4sr.sampler import euler_sample, flow_sigmas, guided_denoiser
 from framer_dist.infer.tiling import (gaussian_weight, num_tiles, seam_score, tile_borders,
                                       tile_starts, tiled_denoiser)
 
@@ -58,7 +58,7 @@ def test_cfg_guides_text_only_and_feeds_lr_to_both_branches():
     v = guided_denoiser(model, cond, uncond, guidance=8.0)(z, lr, sigma)
     assert model.calls[0][0] == 4                       # one batched call, 2B
     torch.testing.assert_close(model.calls[0][1], torch.cat([lr, lr]))
-    from framer_dist.infer.sampler import model_denoiser
+    from framer_dist.models.dit4sr.sampler import model_denoiser
     v_c = model_denoiser(model, *cond)(z, lr, sigma)
     v_u = model_denoiser(model, *uncond)(z, lr, sigma)
     torch.testing.assert_close(v, v_u + 8.0 * (v_c - v_u))
@@ -192,7 +192,7 @@ def test_model_gets_fp32_timesteps_whatever_the_compute_dtype():
     # SD3's pipeline (and training, flow.timesteps) feed the transformer float32 timesteps =
     # sigma * 1000; a bf16 cast would round them to multiples of 4 above 512 (857.7 -> 856),
     # a conditioning the model never saw in training.
-    from framer_dist.infer.sampler import model_denoiser
+    from framer_dist.models.dit4sr.sampler import model_denoiser
 
     seen = []
 

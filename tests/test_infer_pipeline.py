@@ -10,11 +10,12 @@ from PIL import Image
 from framer_dist.config import ModelConfig
 from framer_dist.infer.cli import main
 from framer_dist.infer.io import InferenceError
-from framer_dist.infer.loading import VaeCodec, detect_kind
+from framer_dist.infer.loading import VaeCodec
 from framer_dist.infer.pipeline import InferenceOptions, SRPipeline
 from framer_dist.infer.prompts import HashedPromptEncoder, read_captions, with_suffix
 from framer_dist.infer.tiling import seam_score, tile_borders
 from framer_dist.models.dit4sr import build_model, save_control, save_model
+from framer_dist.models.dit4sr.checkpoints import detect_kind
 
 SEAM_THRESHOLD = 1.3   # docs/inference.md: border/median gradient ratio of the sampled latent
 
@@ -247,7 +248,7 @@ def test_lora_run_export_folder_loads_its_control_layers_too(parts, tmp_path):
     export/dit4sr_control.safetensors + export/lora/pytorch_lora_weights.safetensors; loading
     export/ (as docs/inference.md shows) or export/lora must apply both, as the trainer's model."""
     from framer_dist.models.dit4sr.config import LoraConfig
-    from framer_dist.infer.loading import load_transformer
+    from framer_dist.infer.loading import load_model
     from framer_dist.models.dit4sr import apply_training_mode, load_pretrained, save_lora
 
     model, _, _ = parts
@@ -269,7 +270,7 @@ def test_lora_run_export_folder_loads_its_control_layers_too(parts, tmp_path):
     with torch.no_grad():
         want = trained.eval()(**x).sample
         for ckpt in (export, export / "lora"):
-            got = load_transformer(ckpt, base=full)(**x).sample
+            got = load_model(ckpt, base=full)(**x).sample
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -280,7 +281,7 @@ def test_trainer_export_with_ema_loads_ema_by_default_says_so_and_main_on_reques
     the last step's, and framer-sr prints one line naming what it loads."""
     import copy
 
-    from framer_dist.infer.loading import load_transformer, resolve_checkpoint
+    from framer_dist.infer.loading import load_model, resolve_checkpoint
 
     model, vae, _ = parts
     ema = copy.deepcopy(model)
@@ -298,20 +299,20 @@ def test_trainer_export_with_ema_loads_ema_by_default_says_so_and_main_on_reques
         return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
     lines: list[str] = []
-    got = load_transformer(export, report=lines.append)
+    got = load_model(export, report=lines.append)
     assert same(got, ema) and not same(got, model)
     assert len(lines) == 1 and str(export / "ema" / "transformer") in lines[0] and "EMA" in lines[0]
-    assert same(load_transformer(export, weights="ema"), ema)
-    assert same(load_transformer(export, weights="main"), model)
+    assert same(load_model(export, weights="ema"), ema)
+    assert same(load_model(export, weights="main"), model)
     # the control-layer exports follow the same choice
     assert resolve_checkpoint(ctrl)[:2] == ("control", ctrl / "ema" / "dit4sr_control.safetensors")
     assert resolve_checkpoint(ctrl, weights="main")[:2] == ("control",
                                                             ctrl / "dit4sr_control.safetensors")
     # a choice that does not exist is an error, not a silent fallback
     with pytest.raises(InferenceError, match="no EMA export"):
-        load_transformer(export / "transformer", weights="ema")
+        load_model(export / "transformer", weights="ema")
     with pytest.raises(InferenceError, match="inside an EMA export"):
-        load_transformer(export / "ema" / "transformer", weights="main")
+        load_model(export / "ema" / "transformer", weights="main")
 
     vae.save_pretrained(tmp_path / "vae")
     _write_png(tmp_path / "in" / "a.png", 8, 8, 0)

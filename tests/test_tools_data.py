@@ -137,7 +137,7 @@ def test_encode_prompts_tool_shapes_resume_and_lookup(tmp_path, sd3_dir, capsys)
     from framer_dist.config import load_config
     from framer_dist.data import build_dataloader
     from framer_dist.data.prompts import PromptStore, done_ids
-    from framer_dist.data.text_encode import SD3TextEncoders
+    from framer_dist.models.dit4sr.text import SD3TextEncoders
 
     enc_tool = _tool("encode_prompts")
     caps = tmp_path / "caps.jsonl"

@@ -25,6 +25,7 @@ import torch.multiprocessing as mp
 from framer_dist.data.captioning import ModelFolderError
 from framer_dist.data.prepare import prepare_pairs
 from framer_dist.data.sources import DataSourceError
+from framer_dist.models import DEFAULT_FAMILY
 
 
 def _run(worker: int, a: argparse.Namespace, num_workers: int, device: str) -> None:
@@ -34,7 +35,7 @@ def _run(worker: int, a: argparse.Namespace, num_workers: int, device: str) -> N
                            seed=a.seed, vae_path=a.vae, shard_size=a.shard_size,
                            batch_size=a.batch_size, worker=worker, num_workers=num_workers,
                            device=device, dtype=a.dtype, min_size=a.min_size, usm=not a.no_usm,
-                           limit_shards=a.limit_shards)
+                           limit_shards=a.limit_shards, family=a.family)
     print(f"worker {worker}/{num_workers}: {report.summary()}")
 
 
@@ -46,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", required=True, help="HR image folder or tar shard pattern")
     ap.add_argument("--out", required=True, help="output folder of pairs-NNNNN.safetensors")
-    ap.add_argument("--vae", default="", help="diffusers VAE folder (or SD3 folder); '' = tiny random")
+    ap.add_argument("--vae", default="", help="diffusers VAE folder (or a pipeline folder with vae/); "
+                    "'' = the family's tiny random VAE")
+    ap.add_argument("--family", default=DEFAULT_FAMILY,
+                    help="model family whose latents to cache (its VAE normalisation; model.family)")
     ap.add_argument("--resolution", type=int, default=512)
     ap.add_argument("--scale", type=int, default=4)
     ap.add_argument("--passes", type=int, default=1, help="degradations per image")
@@ -73,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             mp.spawn(_spawned, args=(a, rank * a.processes, world * a.processes), nprocs=a.processes)
         else:
             _run(rank, a, world, device)
+    # ValueError includes ConfigError: an unknown --family
     except (ModelFolderError, DataSourceError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

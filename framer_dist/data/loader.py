@@ -6,8 +6,8 @@ Batches by source (B = ``data.batch_size``, R = ``data.resolution``, latents at 
   ``seed`` int64 ``[B]``, plus the common keys. The trainer moves the batch to its device and calls
   :func:`framer_dist.data.encode_batch`, which degrades there (GPU) and adds ``hr``/``lr`` pixels
   in [-1, 1] and ``hr_latent``/``lr_latent``.
-- ``cached``: ``hr_latent``, ``lr_latent`` ``[B, 16, R/8, R/8]`` from prepare_data's shards.
-- ``synthetic``: seeded random latents of the same shapes.
+- ``cached``: ``hr_latent``, ``lr_latent`` ``[B, C, R/8, R/8]`` from prepare_data's shards.
+- ``synthetic``: seeded random latents of the same shapes (C: the model family's latent channels).
 
 Common keys: ``prompt_embeds [B, T, D]`` and ``pooled [B, P]`` (float32), ``index`` int64 ``[B]``
 (global stream positions, see :mod:`.stream`), ``ids`` (list of item ids). The loader is infinite
@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..config import Config, DataConfig
+from ..models import get_family
 from .images import DataReport, ImageSkipped, read_crop, where
 from .prompts import PromptStore, random_prompt, use_null_prompt
 from .sources import CachedSource, DataSourceError, FolderSource, TarSource
@@ -32,15 +33,12 @@ from .stream import item_at, micro_batch_positions, mix, sample_seed
 
 log = logging.getLogger("framer_dist.data")
 
-LATENT_CHANNELS = 16
 LATENT_FACTOR = 8
 MAX_REPLACEMENTS = 64
 
 
 def prompt_shapes(cfg: Config) -> tuple[int, int, int]:
     """(T, D, P) of prompt embeddings: ``data.prompt_len`` and the model family's text widths."""
-    from ..models import get_family
-
     return (cfg.data.prompt_len, *get_family(cfg.model.family).text_dims(cfg))
 
 
@@ -67,6 +65,9 @@ class SampleStream(IterableDataset):
         self.rank, self.world, self.start = rank, world_size, start_sample
         self.source, self.prompts = source, prompts
         self.shapes = prompt_shapes(cfg)
+        # synthetic latents have the family's channel count (its latent codec)
+        self.channels = (get_family(cfg.model.family).part("latents").channels
+                         if self.d.source == "synthetic" else 0)
         if prompts is not None:
             (t, dd), (p,) = prompts.shapes
             if (dd, p) != self.shapes[1:]:
@@ -125,9 +126,9 @@ class SampleStream(IterableDataset):
             hr, lr = [], []
             for g, s in zip(positions, seeds):
                 gen = torch.Generator().manual_seed(mix(s, 0x1A7))
-                h = torch.randn(LATENT_CHANNELS, lat, lat, generator=gen)
+                h = torch.randn(self.channels, lat, lat, generator=gen)
                 hr.append(h)
-                lr.append(h + 0.5 * torch.randn(LATENT_CHANNELS, lat, lat, generator=gen))
+                lr.append(h + 0.5 * torch.randn(self.channels, lat, lat, generator=gen))
                 ids.append(f"synthetic/{g}")
             out["hr_latent"], out["lr_latent"] = torch.stack(hr), torch.stack(lr)
         elif self.d.source == "cached":

@@ -20,12 +20,13 @@ import torch
 
 from ..atomic import save_safetensors_atomic, write_text_atomic
 from ..config import DataConfig
+from ..models import DEFAULT_FAMILY
 from .captioning import open_images
 from .degrade import degrade, params_from_config
 from .images import DataReport, ImageSkipped, read_crop, where
 from .stream import mix
 from .text_encode import DTYPES
-from .vae import encode_pixels, load_vae
+from .vae import load_vae
 
 log = logging.getLogger("framer_dist.data")
 
@@ -46,8 +47,9 @@ def prepare_pairs(images: str, out_dir: str | Path, *, resolution: int = 512, sc
                   passes: int = 1, seed: int = 0, vae_path: str = "", shard_size: int = 64,
                   batch_size: int = 8, worker: int = 0, num_workers: int = 1, device: str = "cpu",
                   dtype: str = "bf16", min_size: int = 64, usm: bool = True,
-                  limit_shards: int | None = None) -> DataReport:
-    """Write this worker's missing shards; returns what was skipped/converted."""
+                  limit_shards: int | None = None, family: str = DEFAULT_FAMILY) -> DataReport:
+    """Write this worker's missing shards (latents of ``family``'s codec); returns what was
+    skipped/converted."""
     if resolution % (scale * 8):
         raise ValueError(f"--resolution {resolution} must be a multiple of scale x 8 = {scale * 8}")
     if dtype not in DTYPES:
@@ -55,9 +57,12 @@ def prepare_pairs(images: str, out_dir: str | Path, *, resolution: int = 512, sc
     src = open_images(images)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _manifest(out, dict(images=str(images), n_images=len(src), resolution=resolution, scale=scale,
-                        passes=passes, seed=seed, vae=vae_path, shard_size=shard_size, usm=usm,
-                        min_size=min_size))
+    params = dict(images=str(images), n_images=len(src), resolution=resolution, scale=scale,
+                  passes=passes, seed=seed, vae=vae_path, shard_size=shard_size, usm=usm,
+                  min_size=min_size)
+    if family != DEFAULT_FAMILY:  # absent = the default, as in manifests written before families
+        params["family"] = family
+    _manifest(out, params)
     units = [(i, p) for p in range(passes) for i in range(len(src))]
     n_shards = -(-len(units) // shard_size)
     mine = [k for k in range(n_shards) if k % num_workers == worker
@@ -67,7 +72,7 @@ def prepare_pairs(images: str, out_dir: str | Path, *, resolution: int = 512, sc
     report = DataReport()
     if not mine:
         return report
-    vae = load_vae(DataConfig(vae=vae_path), device=device)
+    vae = load_vae(DataConfig(vae=vae_path), family, device=device)
     params = params_from_config(scale, usm)
     dt = DTYPES[dtype]
     for k in mine:
@@ -92,8 +97,9 @@ def prepare_pairs(images: str, out_dir: str | Path, *, resolution: int = 512, sc
             hr = torch.stack(crops[b:b + batch_size]).to(device).float() / 255.0
             # a shard's short last batch runs eagerly: no CUDA graph (and pool) per odd size
             o = degrade(hr, seeds[b:b + batch_size], params, graph=None if len(hr) == batch_size else False)
-            hr_l.append(encode_pixels(vae, o["hr"] * 2 - 1).to(dt).cpu())
-            lr_l.append(encode_pixels(vae, o["lr_up"] * 2 - 1).to(dt).cpu())
+            keys = torch.tensor(seeds[b:b + batch_size], dtype=torch.long)
+            hr_l.append(vae.encode(o["hr"] * 2 - 1, keys).to(dt).cpu())
+            lr_l.append(vae.encode(o["lr_up"] * 2 - 1, keys).to(dt).cpu())
         path = out / f"pairs-{k:05d}.safetensors"
         if ids:
             save_safetensors_atomic({"hr_latent": torch.cat(hr_l), "lr_latent": torch.cat(lr_l)},

@@ -1,7 +1,7 @@
-"""VAE helpers: online degradation + SD3 latent encoding of a batch, decoding, a tiny test VAE.
+"""VAE helpers: online degradation + latent encoding of a batch, decoding.
 
-SD3/SD3.5 latents are ``(vae.encode(x).mode() - shift_factor) * scaling_factor`` with the factors
-from the VAE's config (1.5305 and 0.0609 for SD3's VAE); images are in [-1, 1].
+How pixels become latents is the model family's (``ModelFamily.latents``, e.g. SD3's shift and
+scale for dit4sr); this module loads the VAE and applies the family's codec. Images are in [-1, 1].
 """
 
 from __future__ import annotations
@@ -15,33 +15,39 @@ from torch import Tensor
 from ..config import DataConfig
 from .degrade import params_from_config, degrade
 
-_CACHE: dict[tuple[str, str], Any] = {}
+_CACHE: dict[tuple[str, str, str], Any] = {}
 
 
-def tiny_vae(seed: int = 0, latent_channels: int = 16, blocks: int = 4):
-    """A random ``AutoencoderKL`` with the SD3 latent layout (16 channels, /8 for 4 blocks) and
-    SD3's scaling/shift factors; deterministic for a given seed. For tests and the CPU demo."""
-    from diffusers import AutoencoderKL
+class LatentVae:
+    """A frozen diffusers VAE with its family's latent codec: ``encode`` pixels in [-1, 1] ->
+    latents, ``decode`` back."""
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        chans = tuple([8, 8, 16, 16][:blocks]) if blocks <= 4 else tuple([16] * blocks)
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=latent_channels,
-            down_block_types=("DownEncoderBlock2D",) * blocks,
-            up_block_types=("UpDecoderBlock2D",) * blocks,
-            block_out_channels=chans, layers_per_block=1, norm_num_groups=4,
-            scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
-            use_post_quant_conv=False)
-    return vae.eval().requires_grad_(False)
+    def __init__(self, vae: Any, codec: Any) -> None:
+        self.vae, self.codec = vae, codec
+
+    def encode(self, x: Tensor, keys: Tensor | None = None) -> Tensor:
+        return self.codec.encode(self.vae, x, keys)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        return self.codec.decode(self.vae, latents)
 
 
-def load_vae(d: DataConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+def latent_codec(family: str):
+    """``model.family``'s latent codec (a ConfigError when the family has none)."""
+    from ..models import get_family
+
+    return get_family(family).part("latents")
+
+
+def load_vae(d: DataConfig, family: str, device: torch.device | str = "cpu",
+             dtype: torch.dtype = torch.float32) -> LatentVae:
     """The VAE named by ``data.vae`` (a diffusers folder, or its parent with a ``vae/`` subfolder),
-    or the tiny random one when empty; cached per (path, device), frozen, in eval mode."""
-    key = (d.vae, str(device))
+    or the family's tiny random one when empty, with ``family``'s codec; cached per (path,
+    device, family), frozen, in eval mode."""
+    key = (d.vae, str(device), family)
     if key in _CACHE:
         return _CACHE[key]
+    codec = latent_codec(family)
     if d.vae:
         from diffusers import AutoencoderKL
 
@@ -52,38 +58,16 @@ def load_vae(d: DataConfig, device: torch.device | str = "cpu", dtype: torch.dty
             raise FileNotFoundError(f"config key 'data.vae': no diffusers VAE (config.json) in {d.vae}")
         vae = AutoencoderKL.from_pretrained(str(p), torch_dtype=dtype)
     else:
-        vae = tiny_vae()
+        vae = codec.tiny_vae()
         vae = vae if dtype == torch.float32 else vae.to(dtype)
     vae = vae.to(device).eval().requires_grad_(False)
-    _CACHE[key] = vae
-    return vae
+    _CACHE[key] = LatentVae(vae, codec)
+    return _CACHE[key]
 
 
-def _factors(vae) -> tuple[float, float]:
-    scale = getattr(vae.config, "scaling_factor", None) or 1.0
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return float(scale), float(shift)
-
-
-@torch.no_grad()
-def encode_pixels(vae, x: Tensor) -> Tensor:
-    """Images in [-1, 1] ``[B, 3, H, W]`` -> SD3-normalised latents (the posterior mode)."""
-    scale, shift = _factors(vae)
-    p = next(vae.parameters())
-    lat = vae.encode(x.to(p.device, p.dtype)).latent_dist.mode()
-    return (lat - shift) * scale
-
-
-@torch.no_grad()
-def decode_pixels(vae, latents: Tensor) -> Tensor:
-    scale, shift = _factors(vae)
-    p = next(vae.parameters())
-    return vae.decode(latents.to(p.device, p.dtype) / scale + shift).sample.clamp(-1, 1)
-
-
-def decode_latents(d: DataConfig, latents: Tensor) -> Tensor:
+def decode_latents(d: DataConfig, latents: Tensor, family: str) -> Tensor:
     """Latents -> images in [-1, 1] with the VAE of ``data.vae`` (on the latents' device)."""
-    return decode_pixels(load_vae(d, latents.device), latents)
+    return load_vae(d, family, latents.device).decode(latents)
 
 
 def degrade_batch(batch: dict[str, Any]) -> dict[str, Any]:
@@ -99,14 +83,16 @@ def degrade_batch(batch: dict[str, Any]) -> dict[str, Any]:
     return batch
 
 
-def encode_batch(vae, batch: dict[str, Any]) -> dict[str, Any]:
-    """Degrade (if the batch holds raw HR crops) and encode: adds ``hr_latent``/``lr_latent``."""
+def encode_batch(vae: LatentVae, batch: dict[str, Any]) -> dict[str, Any]:
+    """Degrade (if the batch holds raw HR crops) and encode: adds ``hr_latent``/``lr_latent``
+    (a sampling codec draws keyed by the samples' ``seed``)."""
     if "hr" not in batch or "lr" not in batch:
         if "hr_raw" not in batch:
             raise KeyError("encode_batch needs 'hr'/'lr' pixels or 'hr_raw' crops; got keys "
                            f"{sorted(batch)}")
         batch = degrade_batch(batch)
     batch = dict(batch)
-    batch["hr_latent"] = encode_pixels(vae, batch["hr"])
-    batch["lr_latent"] = encode_pixels(vae, batch["lr"])
+    keys = batch.get("seed")
+    batch["hr_latent"] = vae.encode(batch["hr"], keys)
+    batch["lr_latent"] = vae.encode(batch["lr"], keys)
     return batch

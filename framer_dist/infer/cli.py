@@ -3,7 +3,9 @@
     framer-sr in/ out/ --checkpoint runs/x/export/transformer --vae sd35m/ --text-encoders sd35m/
     framer-sr lr.png out/ --checkpoint ctrl.safetensors --base sd35m/ --prompt "a red car"
 
-Every option and its default is in docs/inference.md.
+The model family (its checkpoint kinds, latents, text encoder and sampler) comes from the
+export's record (``family.json``) or ``--family``. Every option and its default is in
+docs/inference.md.
 """
 
 from __future__ import annotations
@@ -14,40 +16,53 @@ from pathlib import Path
 
 import torch
 
+from framer_dist.models import ModelFamily, families
+
 from .io import InferenceError, list_images, read_image, to_tensor, to_uint8, write_image
-from .loading import KINDS, WEIGHTS, load_transformer, load_vae
+from .loading import WEIGHTS, checkpoint_family, kinds, load_model, load_vae
 from .pipeline import InferenceOptions, SRPipeline
 from .prompts import (NEGATIVE_PROMPT, POSITIVE_SUFFIX, CachedEmbeddings, HashedPromptEncoder,
-                      caption_for, read_captions, sd3_text_encoder)
+                      caption_for, read_captions, text_encoder)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# InferenceOptions field -> the flag's dest (a family's defaults apply where the flag is not given)
+OPTION_FLAGS = {"steps": "steps", "guidance": "cfg", "scale": "scale", "tile": "tile",
+                "overlap": "tile_overlap", "tile_batch": "tile_batch", "color_fix": "color_fix",
+                "process_size": "process_size", "seed": "seed", "shift": "shift",
+                "positive_suffix": "positive_suffix", "negative_prompt": "negative_prompt"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     d = InferenceOptions()
     p = argparse.ArgumentParser(prog="framer-sr",
                                 description="Super-resolve an image or a folder of images with a "
-                                            "trained FRAMER/DiT4SR checkpoint (docs/inference.md).",
+                                            "trained FRAMER checkpoint (docs/inference.md).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("input", help="an LR image or a folder of them")
     p.add_argument("output", help="output folder (one PNG per input, same stem)")
     g = p.add_argument_group("model")
     g.add_argument("--checkpoint", required=True,
-                   help="full transformer folder, control-layer file or LoRA adapter (or a folder of exports)")
-    g.add_argument("--kind", default="auto", choices=KINDS, help="checkpoint kind")
+                   help="a trainer export (its folder, or one export in it: dit4sr's full transformer "
+                        "folder, control-layer file or LoRA adapter)")
+    g.add_argument("--kind", default="auto", choices=kinds(), help="checkpoint kind")
+    g.add_argument("--family", default=None,
+                   help="model family of the checkpoint; default: the one its export records "
+                        "(export/family.json), else the default family")
     g.add_argument("--weights", default=None, choices=WEIGHTS,
                    help="with a trainer export holding an EMA export (export/ema/, train.ema): "
                         "'ema' or 'main' (the last step's weights); default: EMA when present")
     g.add_argument("--base", default=None,
-                   help="pretrained SD3/SD3.5 folder under a control/LoRA checkpoint; also the default "
-                        "source of --vae, --text-encoders and the scheduler config")
-    g.add_argument("--vae", default=None, help="diffusers VAE folder ('' = the project's tiny random VAE)")
+                   help="the pretrained diffusers folder under an adapter checkpoint (dit4sr: SD3/SD3.5 "
+                        "under a control/LoRA checkpoint); also the default source of --vae, "
+                        "--text-encoders and the scheduler config")
+    g.add_argument("--vae", default=None, help="diffusers VAE folder ('' = the family's tiny random VAE)")
     g.add_argument("--vae-tiling", action="store_true",
                    help="tiled VAE encode/decode (diffusers' enable_tiling) for very large images")
     g = p.add_argument_group("prompts")
     g.add_argument("--text-encoders", default=None,
-                   help="SD3 folder with text_encoder(_2,_3) + tokenizers; 'hashed' = a fixed random "
-                        "embedding per text (tiny test models only)")
+                   help="diffusers folder with the family's text encoder(s) + tokenizer(s) (dit4sr: "
+                        "SD3's text_encoder(_2,_3)); 'hashed' = a fixed random embedding per text "
+                        "(tiny test models only)")
     g.add_argument("--prompt-embeddings", default=None,
                    help="folder written by tools/encode_prompts.py (ids = image file names/stems; "
                         "optional negative.safetensors for the CFG branch, else the empty prompt)")
@@ -74,7 +89,37 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for fam in families():  # each family's own flags (values reach its sampler)
+        if fam.inference is not None and fam.inference.arguments:
+            g = p.add_argument_group(f"{fam.name} sampling")
+            for flags, kw in fam.inference.arguments:
+                g.add_argument(*flags, **kw)
     return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options, plus ``explicit``: the dests given on the command line (a family's defaults
+    replace the others)."""
+    args = build_parser().parse_args(argv)
+    unset = object()  # a default no flag can produce (not a str: argparse converts those)
+    probe = build_parser()
+    probe.set_defaults(**dict.fromkeys(vars(args), unset))
+    args.explicit = frozenset(k for k, v in vars(probe.parse_args(argv)).items() if v is not unset)
+    return args
+
+
+def options(args: argparse.Namespace, family: ModelFamily) -> InferenceOptions:
+    """InferenceOptions from the flags, the family's defaults for flags not given, and the
+    family's own flags (``family_options``)."""
+    explicit = getattr(args, "explicit", frozenset())
+    values = {f: getattr(args, dest) for f, dest in OPTION_FLAGS.items()}
+    for f, v in family.inference.defaults.items():
+        if OPTION_FLAGS.get(f) not in explicit:
+            values[f] = v
+    dests = [argparse.ArgumentParser(add_help=False).add_argument(*flags, **kw).dest
+             for flags, kw in family.inference.arguments]
+    return InferenceOptions(**values, scheduler_config=_scheduler_config(args.base),
+                            family_options={k: getattr(args, k) for k in dests})
 
 
 def _scheduler_config(base: str | None) -> dict | None:
@@ -86,19 +131,19 @@ def _scheduler_config(base: str | None) -> dict | None:
     return json.loads(f.read_text()) if f.is_file() else None
 
 
-def _text_encoder(args, model, device, dtype):
+def _text_encoder(args, family: ModelFamily, model, device, dtype):
     if args.prompt_embeddings:
         return None
     src = args.text_encoders
     if src is None and args.base and (Path(args.base) / "text_encoder").is_dir():
         src = args.base
     if src is None:
-        raise InferenceError("no text encoders: pass --text-encoders DIR (an SD3/SD3.5 folder), "
-                             "--prompt-embeddings PATH, or --text-encoders hashed for tiny test models")
+        raise InferenceError("no text encoders: pass --text-encoders DIR (a diffusers folder with the "
+                             "family's text encoders), --prompt-embeddings PATH, or --text-encoders "
+                             "hashed for tiny test models")
     if src == "hashed":
-        cfg = model.config
-        return HashedPromptEncoder(cfg.joint_attention_dim, cfg.pooled_projection_dim)
-    return sd3_text_encoder(src, device=device, dtype=dtype)
+        return HashedPromptEncoder(*family.inference.shape(model).text_dims)
+    return text_encoder(family, src, device=device, dtype=dtype)
 
 
 def run(args: argparse.Namespace) -> list[Path]:
@@ -110,12 +155,14 @@ def run(args: argparse.Namespace) -> list[Path]:
                           else ("cpu" if args.device == "auto" else args.device))
     dtype = DTYPES[args.dtype]
     captions = read_captions(args.captions) if args.captions else None  # fail early on a bad file
-    model = load_transformer(args.checkpoint, kind=args.kind, base=args.base, device=device,
-                             dtype=dtype, weights=args.weights,
-                             report=lambda line: print(f"framer-sr: {line}", file=sys.stderr))
+    family = checkpoint_family(args.checkpoint, args.family)
+    model = load_model(args.checkpoint, kind=args.kind, base=args.base, device=device,
+                       dtype=dtype, weights=args.weights, family=family,
+                       report=lambda line: print(f"framer-sr: {line}", file=sys.stderr))
     vae_src = args.vae if args.vae is not None else (args.base or "")
-    vae = load_vae(vae_src, device=device, dtype=dtype, tiling=args.vae_tiling)
-    text = _text_encoder(args, model, device, dtype)
+    vae = load_vae(vae_src, device=device, dtype=dtype, tiling=args.vae_tiling,
+                   codec=family.part("latents"))
+    text = _text_encoder(args, family, model, device, dtype)
     cached = CachedEmbeddings(args.prompt_embeddings) if args.prompt_embeddings else None
     llava = None
     if args.llava:
@@ -124,13 +171,8 @@ def run(args: argparse.Namespace) -> list[Path]:
             llava = LlavaCaptioner(args.llava, device=str(device), dtype=dtype)
         except ModelFolderError as e:
             raise InferenceError(str(e).replace("--model", "--llava")) from None
-    opts = InferenceOptions(steps=args.steps, guidance=args.cfg, scale=args.scale, tile=args.tile,
-                            overlap=args.tile_overlap, tile_batch=args.tile_batch,
-                            color_fix=args.color_fix, process_size=args.process_size, seed=args.seed,
-                            shift=args.shift, positive_suffix=args.positive_suffix,
-                            negative_prompt=args.negative_prompt,
-                            scheduler_config=_scheduler_config(args.base))
-    pipe = SRPipeline(model, vae, text, opts, dtype=dtype)
+    opts = options(args, family)
+    pipe = SRPipeline(model, vae, text, opts, dtype=dtype, family=family)
     uncond = cached.uncond() if cached is not None and opts.guidance != 1.0 else None
 
     # read everything first: an unreadable image, a missing caption or embedding fails before
@@ -162,7 +204,7 @@ def run(args: argparse.Namespace) -> list[Path]:
         step_cb = (lambda i, n=n: bar.update(n))  # noqa: E731
         if cached is not None:
             cond = (torch.cat([conds[f][0] for f in files]), torch.cat([conds[f][1] for f in files]))
-            sr = pipe(lr, seed=args.seed, progress=step_cb, embeddings=(cond, uncond))
+            sr = pipe(lr, seed=opts.seed, progress=step_cb, embeddings=(cond, uncond))
         else:
             if llava is not None:
                 from PIL import Image
@@ -171,7 +213,7 @@ def run(args: argparse.Namespace) -> list[Path]:
                 caps = [filter_sentences(c) for c in llava([Image.fromarray(img) for _, img in batch])]
             else:
                 caps = [given[f] for f in files]  # "" = the positive suffix alone
-            sr = pipe(lr, caps, seed=args.seed, progress=step_cb)
+            sr = pipe(lr, caps, seed=opts.seed, progress=step_cb)
         for f, x in zip(files, sr):
             dst = out_dir / f"{f.stem}.png"
             write_image(dst, to_uint8(x))
@@ -181,7 +223,7 @@ def run(args: argparse.Namespace) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         written = run(args)
     except InferenceError as e:

@@ -1,22 +1,15 @@
-"""Load what inference needs: the transformer from any export kind, and the VAE.
+"""Load what inference needs: the model from any export of the trainer, and the VAE.
 
-Checkpoint kinds (``--kind auto`` recognises them by their files):
-
-- ``full``: a diffusers-layout transformer folder (``config.json`` + safetensors, or a pipeline
-  root with ``transformer/``), as written by ``framer_dist.models.save_model``.
-- ``control``: ``dit4sr_control.safetensors`` (the DiT4SR layers only) on top of ``--base``, the
-  stock SD3/SD3.5 folder it was trained from.
-- ``lora``: ``pytorch_lora_weights.safetensors`` on top of ``--base``; a control file in the same
-  folder or the one above (LoRA mode trains the control layers too) is loaded as well.
-
-A folder holding several exports (e.g. the trainer's ``export/`` with ``transformer/`` and
-``dit4sr_control.safetensors``) resolves to the full one first.
+The model family comes from the export's ``family.json`` (written by the trainer beside its
+exports, ``framer_dist.export``), or ``--family``; exports without one are the default family's.
+The family knows its checkpoint kinds and how to read them (``InferenceSpec.detect``/``load``;
+dit4sr: ``models/dit4sr/checkpoints.py``); this module resolves the trainer's export layout.
 
 Weights (``weights``, ``--weights ema|main``): with ``train.ema`` the trainer also writes the
 same exports from the EMA weights under ``export/ema/``. A checkpoint folder holding an ``ema/``
 export loads the EMA weights by default (the convention of diffusers/DiT4SR training scripts,
 whose EMA weights are the ones meant for inference); ``main`` loads the last step's weights
-beside it. ``load_transformer`` reports which through ``report`` (one line).
+beside it. ``load_model`` reports which through ``report`` (one line).
 """
 
 from __future__ import annotations
@@ -26,52 +19,58 @@ from typing import Any, Callable
 
 import torch
 
+from framer_dist.export import read_family
+from framer_dist.models import (DEFAULT_FAMILY, LatentCodec, ModelFamily, ModelLoadError, families,
+                                get_family)
+
 from .io import InferenceError
 
-CONTROL_FILE = "dit4sr_control.safetensors"
-LORA_FILE = "pytorch_lora_weights.safetensors"
-KINDS = ("auto", "full", "control", "lora")
 WEIGHTS = ("ema", "main")
-EMA_DIR = "ema"  # the trainer's export/ema/ (framer_dist.train.export)
+EMA_DIR = "ema"  # the trainer's export/ema/ (framer_dist.export)
 
 
-def _is_full(p: Path) -> bool:
-    return (p / "config.json").is_file() or (p / "transformer" / "config.json").is_file()
+def checkpoint_family(checkpoint: str | Path, family: str | ModelFamily | None = None) -> ModelFamily:
+    """The family of ``checkpoint``: ``family`` when given (``--family``), else the one its
+    export records, else the default family; it must provide inference."""
+    if isinstance(family, ModelFamily):
+        fam = family
+    else:
+        try:
+            fam = get_family(family or read_family(checkpoint) or DEFAULT_FAMILY)
+        except ValueError as e:  # ConfigError (an unknown family) or an unreadable family.json
+            raise InferenceError(str(e).replace("config key 'model.family'", "--family")) from None
+    if fam.inference is None:
+        raise InferenceError(f"model family {fam.name!r} provides no inference (ModelFamily.inference)")
+    return fam
 
 
-def detect_kind(path: str | Path, skip: tuple[str, ...] = ()) -> tuple[str, Path]:
-    """(kind, the path to load) for a checkpoint file or folder; raises naming what was looked for.
-    ``skip``: names of sub-folders not to look in."""
+def kinds(family: ModelFamily | None = None) -> tuple[str, ...]:
+    """``--kind`` values: "auto" and the family's checkpoint kinds (all registered families')."""
+    fams = [family] if family is not None else [f for f in families() if f.inference is not None]
+    return ("auto", *dict.fromkeys(k for f in fams for k in f.inference.kinds))
+
+
+def detect_kind(path: str | Path, family: ModelFamily, skip: tuple[str, ...] = ()) -> tuple[str, Path]:
+    """(kind, the path to load) for a checkpoint file or folder, by ``family``'s rules."""
     p = Path(path).expanduser()
     if not p.exists():
         raise InferenceError(f"checkpoint not found: {p}")
-    if p.is_file():
-        if p.name.endswith(".safetensors"):
-            return ("lora" if "lora" in p.name else "control"), p
-        raise InferenceError(f"checkpoint {p} is a file but not .safetensors")
-    candidates = [p] + sorted(d for d in p.iterdir() if d.is_dir() and d.name not in skip)
-    for c in candidates:
-        if _is_full(c):
-            return "full", c
-    for c in candidates:
-        if (c / LORA_FILE).is_file():
-            return "lora", c / LORA_FILE
-    for c in candidates:
-        if (c / CONTROL_FILE).is_file():
-            return "control", c / CONTROL_FILE
-    raise InferenceError(f"{p} holds no checkpoint: looked for config.json (full transformer), "
-                         f"{LORA_FILE} (LoRA) or {CONTROL_FILE} (control layers) in it and its "
-                         "sub-folders")
+    try:
+        return family.inference.detect(p, skip)
+    except ModelLoadError as e:
+        raise InferenceError(str(e)) from None
 
 
-def resolve_checkpoint(checkpoint: str | Path, kind: str = "auto", weights: str | None = None
-                       ) -> tuple[str, Path, str]:
+def resolve_checkpoint(checkpoint: str | Path, kind: str = "auto", weights: str | None = None,
+                       family: str | ModelFamily | None = None) -> tuple[str, Path, str]:
     """(kind, the path to load, a description of the weights chosen) for ``checkpoint``.
 
     ``weights``: ``None`` = the EMA export when ``checkpoint`` holds one (``ema/``), else what it
     holds; ``"ema"`` / ``"main"`` insist (an error when there is no such choice to make)."""
-    if kind not in KINDS:
-        raise InferenceError(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    fam = checkpoint_family(checkpoint, family)
+    allowed = kinds(fam)
+    if kind not in allowed:
+        raise InferenceError(f"--kind must be one of {', '.join(allowed)}, got {kind!r}")
     if weights not in (None, *WEIGHTS):
         raise InferenceError(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     p = Path(checkpoint).expanduser()
@@ -79,10 +78,10 @@ def resolve_checkpoint(checkpoint: str | Path, kind: str = "auto", weights: str 
     # a path into the EMA export itself: ema/, ema/transformer, ema/lora/<file>
     inside = not beside and EMA_DIR in p.resolve().parts[-3:]
     if beside and weights in (None, "ema"):
-        found_kind, path = detect_kind(p / EMA_DIR)
+        found_kind, path = detect_kind(p / EMA_DIR, fam)
         which = "EMA weights (--weights main for the last step's)"
     elif beside:
-        found_kind, path = detect_kind(p, skip=(EMA_DIR,))
+        found_kind, path = detect_kind(p, fam, skip=(EMA_DIR,))
         which = "main weights, the last step's (--weights ema for the EMA export)"
     else:
         if weights == "ema" and not inside:
@@ -91,57 +90,38 @@ def resolve_checkpoint(checkpoint: str | Path, kind: str = "auto", weights: str 
         if weights == "main" and inside:
             raise InferenceError(f"--weights main: {p} is inside an EMA export ({EMA_DIR}/); point "
                                  "--checkpoint at the export folder above it")
-        found_kind, path = detect_kind(p)
+        found_kind, path = detect_kind(p, fam)
         which = "EMA weights" if inside else "main weights"
     if kind != "auto" and kind != found_kind:
         raise InferenceError(f"--kind {kind}: {checkpoint} looks like a {found_kind} checkpoint ({path})")
     return found_kind, path, which
 
 
-def load_transformer(checkpoint: str | Path, *, kind: str = "auto", base: str | Path | None = None,
-                     device: Any = None, dtype: torch.dtype | None = None,
-                     weights: str | None = None, report: Callable[[str], None] | None = None):
-    """The DiT4SR transformer of ``checkpoint`` in eval mode (``weights``: see
-    :func:`resolve_checkpoint`); ``report`` gets one line saying what is loaded."""
-    from framer_dist.models.dit4sr import PretrainedLoadError, load_control, load_lora, load_pretrained
-
-    found_kind, path, which = resolve_checkpoint(checkpoint, kind, weights)
-    if report is not None:  # name the folder the weights come from (a pipeline root's transformer/)
-        shown = path / "transformer" if found_kind == "full" and not (path / "config.json").is_file() \
-            else path
-        report(f"loading the {found_kind} checkpoint {shown}: {which}")
+def load_model(checkpoint: str | Path, *, kind: str = "auto", base: str | Path | None = None,
+               device: Any = None, dtype: torch.dtype | None = None, weights: str | None = None,
+               report: Callable[[str], None] | None = None,
+               family: str | ModelFamily | None = None) -> torch.nn.Module:
+    """The model of ``checkpoint`` in eval mode, without gradients (``weights``: see
+    :func:`resolve_checkpoint`; ``family``: see :func:`checkpoint_family`); ``report`` gets one
+    line saying what is loaded."""
+    fam = checkpoint_family(checkpoint, family)
+    found_kind, path, which = resolve_checkpoint(checkpoint, kind, weights, fam)
+    if report is not None:
+        report(f"loading the {found_kind} checkpoint {path}: {which}")
     try:
-        if found_kind == "full":
-            model = load_pretrained(path)
-        else:
-            if not base:
-                raise InferenceError(f"{path} is a {found_kind} checkpoint: it needs --base, the "
-                                     "pretrained SD3/SD3.5 folder (or full checkpoint) it was trained on")
-            if not Path(base).exists():
-                raise InferenceError(f"--base folder not found: {base}")
-            model = load_pretrained(base)
-            if found_kind == "control":
-                control = path
-            else:  # next to the adapter, or one up: the trainer writes export/dit4sr_control.safetensors
-                # and export/lora/pytorch_lora_weights.safetensors
-                control = next((d / CONTROL_FILE for d in (path.parent, path.parent.parent)
-                                if (d / CONTROL_FILE).is_file()), None)
-            if control is not None:
-                load_control(model, control)
-            if found_kind == "lora":
-                load_lora(model, path)
-    except PretrainedLoadError as e:
+        model = fam.inference.load(found_kind, path, base)
+    except ModelLoadError as e:
         raise InferenceError(str(e)) from None
-    except (ValueError, FileNotFoundError) as e:
-        raise InferenceError(f"cannot load {found_kind} checkpoint {path}: {e}") from None
     model.requires_grad_(False)
     return _to(model, device, dtype).eval()
 
 
 class VaeCodec:
-    """Pixels in [0, 1] <-> SD3-scaled latents with a diffusers ``AutoencoderKL``."""
+    """Pixels in [0, 1] <-> a family's latents with a diffusers ``AutoencoderKL`` and the family's
+    codec (``ModelFamily.latents``; None = the default family's, for a VAE of no recorded family)."""
 
-    def __init__(self, vae, tiling: bool = False):
+    def __init__(self, vae, tiling: bool = False, codec: LatentCodec | None = None):
+        self.codec = codec if codec is not None else get_family(DEFAULT_FAMILY).part("latents")
         self.vae = vae.eval().requires_grad_(False)
         if tiling:  # diffusers' tiled encode/decode (tiles of the VAE's sample_size) for huge images
             self.vae.enable_tiling()
@@ -159,22 +139,19 @@ class VaeCodec:
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Pixels in [0, 1] -> SD3-normalised latents (the data module's encoding, as in training)."""
-        from framer_dist.data import encode_pixels
-
-        return encode_pixels(self.vae, x * 2 - 1).float()
+        """Pixels in [0, 1] -> the family's latents (its codec, as in training)."""
+        return self.codec.encode(self.vae, x * 2 - 1, None).float()
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        from framer_dist.data.vae import decode_pixels
-
-        return (decode_pixels(self.vae, z).float() + 1) / 2
+        return (self.codec.decode(self.vae, z).float() + 1) / 2
 
 
 def load_vae(path: str | Path | None, device: Any = None, dtype: torch.dtype | None = None,
-             tiling: bool = False) -> VaeCodec:
-    """A local diffusers VAE folder (or a pipeline root with ``vae/``); ``None``/'' = the project's
-    tiny random VAE (``framer_dist.data.tiny_vae()``, what training uses with ``data.vae = ''``)."""
+             tiling: bool = False, codec: LatentCodec | None = None) -> VaeCodec:
+    """A local diffusers VAE folder (or a pipeline root with ``vae/``); ``None``/'' = the family's
+    tiny random VAE (``codec.tiny_vae()``, what training uses with ``data.vae = ''``). ``codec``:
+    the family's latent codec (None = the default family's)."""
     if path:
         from diffusers import AutoencoderKL
 
@@ -184,10 +161,9 @@ def load_vae(path: str | Path | None, device: Any = None, dtype: torch.dtype | N
             raise InferenceError(f"VAE folder not found or without config.json: {p}")
         vae = AutoencoderKL.from_pretrained(folder, torch_dtype=dtype)
     else:
-        from framer_dist.data import tiny_vae
-
-        vae = tiny_vae()
-    return VaeCodec(_to(vae, device, dtype), tiling=tiling)
+        codec = codec if codec is not None else get_family(DEFAULT_FAMILY).part("latents")
+        vae = codec.tiny_vae()
+    return VaeCodec(_to(vae, device, dtype), tiling=tiling, codec=codec)
 
 
 def _to(module, device: Any, dtype: torch.dtype | None):

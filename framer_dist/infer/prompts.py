@@ -1,21 +1,21 @@
-"""Prompts for inference: where the text comes from, and how it becomes SD3 embeddings.
+"""Prompts for inference: where the text comes from, and how it becomes embeddings.
 
 Text (one per image): a given ``--prompt``; a captions JSONL (one object per line with an image id
 under ``id``/``image``/``file``/``name``/``image_id`` and the text under
 ``caption``/``prompt``/``text``; the id matches the image file name or stem); or LLaVA from a local folder (``framer_dist.data.captioning``, the training captioner). DiT4SR's
 fixed positive suffix is appended and its negative prompt drives the unconditional CFG branch.
 
-Embeddings: SD3's three text encoders from a local folder (``sd3_text_encoder``, the data
-module's encoder), embeddings cached by ``tools/encode_prompts.py`` (``CachedEmbeddings``), or, for
-tiny test models trained on random embeddings, ``HashedPromptEncoder`` (a fixed random embedding
-per text).
+Embeddings: the model family's text encoder from a local folder (``text_encoder``; the one
+``tools/encode_prompts.py`` writes the training cache with), embeddings cached by that tool
+(``CachedEmbeddings``), or, for tiny test models trained on random embeddings,
+``HashedPromptEncoder`` (a fixed random embedding per text).
 """
 
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -88,15 +88,17 @@ class HashedPromptEncoder:
         return torch.stack(es), torch.stack(ps)
 
 
-def sd3_text_encoder(folder: str | Path, device: str | torch.device = "cpu",
-                     dtype: torch.dtype = torch.float32) -> PromptEncoder:
-    """SD3's CLIP-L, CLIP-G and T5 from a local folder: ``framer_dist.data.text_encode``'s
-    encoder (the one that wrote the training cache, so train and test prompts match)."""
+def text_encoder(family: Any, folder: str | Path, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32) -> PromptEncoder:
+    """``family``'s text encoder (``ModelFamily.text_encoder``) from a local folder: the one that
+    wrote the training cache, so train and test prompts match."""
+    from framer_dist.config import ConfigError
     from framer_dist.data.captioning import ModelFolderError
-    from framer_dist.data.text_encode import SD3TextEncoders
 
     try:
-        return SD3TextEncoders(folder, device=str(device), dtype=dtype)
+        return family.part("text_encoder")(folder, str(device), dtype, None)
+    except ConfigError as e:
+        raise InferenceError(str(e)) from None
     except ModelFolderError as e:
         raise InferenceError(str(e).replace("--model", "--text-encoders")) from None
 

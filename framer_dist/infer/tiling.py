@@ -1,8 +1,8 @@
-"""Latent tiling with Gaussian blending (DiT4SR's large-image inference).
+"""Latent tiling with Gaussian blending (large-image inference; StableSR's and DiT4SR's scheme).
 
-At every sampling step the velocity of a large latent is computed tile by tile (default 64x64
-latent tiles = 512 px at SD3, overlap 24) and the overlapping tile velocities are blended with a
-per-tile Gaussian weight centred on the tile. A latent that fits in one tile is passed through
+At every sampling step a family's sampler may compute the model output (e.g. the velocity) of a
+large latent tile by tile (default 64x64 latent tiles = 512 px at a /8 VAE, overlap 24) and blend
+the overlapping tiles with a per-tile Gaussian weight centred on the tile. A latent that fits in one tile is passed through
 untouched, so tiled and untiled sampling agree exactly there.
 
 ``seam_score`` measures how visible tile borders are in a result (used by the tests and the docs):
@@ -12,10 +12,13 @@ gradient energy of all columns/rows. A hard seam gives a spike far above 1.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
-from .sampler import Denoiser
+# (z [B,C,h,w], lr_latent [B,C,h,w], sigma: 0-d tensor) -> the model's output [B,C,h,w]
+Denoiser = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -48,7 +51,8 @@ def tiled_denoiser(fn: Denoiser, tile: int, overlap: int, rel_std: float = 0.1,
                    tile_batch: int = 1, multiple: int = 1, blend: str = "gaussian") -> Denoiser:
     """Wrap a denoiser so latents larger than ``tile`` are processed in blended tiles.
 
-    ``multiple``: tile sizes and offsets must be multiples of it (the transformer's patch size).
+    ``multiple``: tile sizes and offsets must be multiples of it (the model's latent multiple, e.g.
+    a transformer's patch size).
     ``tile_batch``: tiles per forward call (same-size tiles are stacked on the batch axis).
     ``blend``: ``gaussian`` (default) or ``hard`` (later tiles overwrite: only to demonstrate seams).
     """
@@ -56,7 +60,7 @@ def tiled_denoiser(fn: Denoiser, tile: int, overlap: int, rel_std: float = 0.1,
         raise ValueError(f"tiling needs 0 <= overlap < tile, got tile={tile} overlap={overlap}")
     if tile % multiple or overlap % multiple:
         raise ValueError(f"tile ({tile}) and overlap ({overlap}) must be multiples of {multiple} "
-                         "(the transformer patch size)")
+                         "(the model's latent grid, e.g. a transformer's patch size)")
     if blend not in ("gaussian", "hard"):
         raise ValueError(f"blend must be 'gaussian' or 'hard', got {blend!r}")
 

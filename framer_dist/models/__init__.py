@@ -4,8 +4,9 @@ A family is a :class:`ModelFamily` registered by name (``model.family``); ``dit4
 LR-conditioned SD3/SD3.5 MMDiT, ``models/dit4sr/``) is the default. ``model.family`` may also be a
 ``module:attribute`` import string naming a ModelFamily defined outside the package (every
 torchrun / DeepSpeed / SLURM worker imports it the same way). The trainer, the backends and the
-FRAMER objective only meet a family through this protocol; docs/interfaces.md, "Model families",
-says how to add one.
+FRAMER objective only meet a family through this protocol; so do the data tools (its latent codec,
+``latents.py``, and text encoder), framer-sr and the layer-hierarchy analysis (its
+``InferenceSpec``, ``inference.py``). docs/interfaces.md, "Model families", says how to add one.
 
 The module a family builds is what the backend wraps. Besides ``forward`` it exposes, for
 ``framer_dist.parallel`` (duck-typed, no import of the family):
@@ -28,9 +29,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from torch import Tensor, nn
 
 from framer_dist.config import Config, ConfigError
+
+from .inference import InferenceSpec, ModelShape, Prompt
+from .latents import LatentCodec
+
+# model.family's default, and the family of checkpoints and exports that record none (they were
+# written when it was the only one)
+DEFAULT_FAMILY = "dit4sr"
 
 
 class ModelLoadError(ValueError):
@@ -94,6 +103,23 @@ class ModelFamily:
     # (old key, new key) pairs for keys this family's section took over from an older format:
     # old TOML keys are refused naming the new place, old stored configs are migrated
     moved_keys: tuple[tuple[str, str], ...] = ()
+    # its VAE latents: the data pipeline, prepare_data, framer-sr and the analysis encode with it
+    latents: LatentCodec | None = None
+    # (local model folder, device, dtype, tokens) -> an encoder: prompts -> Prompt, the widths of
+    # text_dims. tokens: the length of its longest text stream (dit4sr: T5), None = its default.
+    # tools/encode_prompts.py and framer-sr run it; ModelFolderError names what is missing
+    text_encoder: Callable[[str | Path, str, torch.dtype, int | None],
+                           Callable[[list[str]], Prompt]] | None = None
+    inference: InferenceSpec | None = None  # framer-sr and the layer-hierarchy analysis
+
+    def part(self, name: str) -> Any:
+        """The optional part ``name`` (latents, text_encoder, inference), or a ConfigError
+        saying that this family has none."""
+        value = getattr(self, name)
+        if value is None:
+            raise ConfigError(f"model family {self.name!r} provides no {name} (ModelFamily.{name}); "
+                              "this tool needs it")
+        return value
 
 
 _REGISTRY: dict[str, ModelFamily] = {}
@@ -108,10 +134,10 @@ def _builtin() -> None:
     from framer_dist.models.dit4sr.family import FAMILY  # noqa: F401  (registers itself)
 
 
-def registered_families() -> list[ModelFamily]:
-    """The built-in families and any registered since (not ``module:attribute`` ones)."""
+def families() -> list[ModelFamily]:
+    """The registered families (the built-in ones and any registered since), by name."""
     _builtin()
-    return list(_REGISTRY.values())
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
 
 
 def get_family(name: str) -> ModelFamily:
@@ -151,5 +177,6 @@ def check_family_keys(cfg: Config) -> ModelFamily:
     return fam
 
 
-__all__ = ["ModelFamily", "ModelLoadError", "StepContext", "StepOutput", "check_family_keys", "get_family",
-           "register_family", "registered_families"]
+__all__ = ["DEFAULT_FAMILY", "InferenceSpec", "LatentCodec", "ModelFamily", "ModelLoadError", "ModelShape",
+           "Prompt", "StepContext", "StepOutput", "check_family_keys", "families", "get_family",
+           "register_family"]

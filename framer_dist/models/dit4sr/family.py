@@ -13,10 +13,14 @@ from torch import Tensor, nn
 
 from framer_dist import flow
 from framer_dist.config import Config, ConfigError
-from framer_dist.models import ModelFamily, StepContext, StepOutput, register_family
+from framer_dist.models import (InferenceSpec, ModelFamily, ModelShape, StepContext, StepOutput,
+                                register_family)
 
 from .config import MOVED_KEYS, DiT4SRConfig, section
+from .checkpoints import KINDS, detect_kind, load_checkpoint
+from .latents import CODEC
 from .presets import PRESETS
+from .readout import readout
 
 # diffusers and peft load only when a model is built: config checks need only the names here
 
@@ -119,7 +123,7 @@ def export(cfg: Config, kinds: list[str], state: dict[str, Tensor], root: Path) 
 def validate(model: nn.Module, batch: dict[str, Any], cfg: Config, autocast: Any) -> Any:
     """Super-resolve the first images of ``batch`` (10 Euler steps) and return LR | SR | HR as an
     HWC uint8 picture (every rank runs the sampler: under ZeRO-3/FSDP2 the forward is collective)."""
-    from framer_dist.infer.sampler import euler_sample, flow_sigmas, model_denoiser
+    from .sampler import euler_sample, flow_sigmas, model_denoiser
 
     n = min(2, batch["lr_latent"].shape[0])
     lr = batch["lr_latent"][:n]
@@ -134,7 +138,7 @@ def validate(model: nn.Module, batch: dict[str, Any], cfg: Config, autocast: Any
     panels = [lr, sr, batch["hr_latent"][:n]]
     if "hr" in batch:  # pixels are there: decode the latents for a picture a human can judge
         from framer_dist.data import decode_latents
-        panels = [batch["lr"][:n], decode_latents(cfg.data, sr), batch["hr"][:n]]
+        panels = [batch["lr"][:n], decode_latents(cfg.data, sr, cfg.model.family), batch["hr"][:n]]
     else:
         panels = [p[:, :3] for p in panels]  # a latent preview: the first three channels
     img = torch.cat([torch.cat(list(p.float().cpu()), dim=1) for p in panels], dim=2)  # [3,H*n,W*3]
@@ -158,6 +162,16 @@ def check(cfg: Config) -> None:
                           f"trains {cfg.train.mode!r}")
 
 
+def text_encoder(folder: str | Path, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, tokens: int | None = None) -> Callable:
+    """SD3's CLIP-L + CLIP-G + T5 from a local SD3/SD3.5 folder (``text.py``); ``tokens``: T5
+    tokens (None = 77)."""
+    from .text import SD3TextEncoders
+
+    return SD3TextEncoders(folder, device=str(device), dtype=dtype,
+                           t5_len=77 if tokens is None else tokens)
+
+
 def text_dims(cfg: Config) -> tuple[int, int]:
     """The preset's joint-attention (T5/CLIP sequence) and pooled widths."""
     from .presets import preset_geometry
@@ -166,8 +180,26 @@ def text_dims(cfg: Config) -> tuple[int, int]:
     return int(geo["joint_attention_dim"]), int(geo["pooled_projection_dim"])
 
 
+def shape(model: nn.Module) -> ModelShape:
+    """16 latent channels, the patch size, the joint-attention and pooled text widths."""
+    c = model.config
+    return ModelShape(int(c.in_channels), int(c.patch_size),
+                      (int(c.joint_attention_dim), int(c.pooled_projection_dim)))
+
+
+def sample(model: nn.Module, *args: Any, **kwargs: Any) -> Tensor:
+    """FlowMatch Euler with CFG on the text and latent tiles (``sampler.sample``)."""
+    from .sampler import sample as run
+
+    return run(model, *args, **kwargs)
+
+
+INFERENCE = InferenceSpec(kinds=KINDS, detect=detect_kind, load=load_checkpoint, shape=shape,
+                          sample=sample, readout=readout)
+
 FAMILY = register_family(ModelFamily(
     name="dit4sr", presets=tuple(PRESETS), modes=MODES, build=build,
     trainable=trainable, step=step, base_loss_name="noise", export_kinds=EXPORTS, export=export,
     flops=flops, validate=validate, check=check, text_dims=text_dims, config=DiT4SRConfig,
-    moved_keys=tuple(MOVED_KEYS.items())))
+    moved_keys=tuple(MOVED_KEYS.items()), latents=CODEC, text_encoder=text_encoder,
+    inference=INFERENCE))

@@ -1,8 +1,9 @@
-"""FlowMatch Euler sampling with classifier-free guidance on the text only.
+"""DiT4SR's sampler: FlowMatch Euler with classifier-free guidance on the text only.
 
 The sampler is written against a *denoiser*: any callable ``(z, lr_latent, sigma) -> velocity``.
-The model adapter, CFG and latent tiling are each such a callable wrapping the next one, so each
-piece is testable on its own (see ``tiling.py``).
+The model adapter, CFG and latent tiling (``framer_dist.infer.tiling``) are each such a callable
+wrapping the next one, so each piece is testable on its own. ``sample`` is the family's
+``InferenceSpec.sample`` (framer-sr's step on the latent grid).
 
 Conventions (SD3 rectified flow, docs/specs/framer.md section 7):
 ``x_t = (1 - sigma) x0 + sigma eps``, the model predicts ``v = eps - x0`` and takes
@@ -12,13 +13,13 @@ Conventions (SD3 rectified flow, docs/specs/framer.md section 7):
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 from torch import Tensor
 
-# (z [B,C,h,w], lr_latent [B,C,h,w], sigma: 0-d tensor) -> velocity [B,C,h,w]
-Denoiser = Callable[[Tensor, Tensor, Tensor], Tensor]
+from framer_dist.infer.tiling import Denoiser, tiled_denoiser
+from framer_dist.models import Prompt
 
 
 class VelocityModel(Protocol):
@@ -127,3 +128,21 @@ def _expand(t: Tensor, b: int) -> Tensor:
     if b % n:
         raise ValueError(f"prompt embedding batch {n} does not match latent batch {b}")
     return t.repeat(b // n, *([1] * (t.ndim - 1)))
+
+
+def sample(model: VelocityModel, lr_latent: Tensor, cond: Prompt, uncond: Prompt | None, opts: Any, *,
+           seed: int, dtype: torch.dtype | None = None,
+           progress: Callable[[int], None] | None = None) -> Tensor:
+    """The SR latent for ``lr_latent`` (on the model's device): noise seeded by ``seed`` (one
+    generator per image, so an image's result does not depend on the batch it is in), then
+    ``opts.steps`` FlowMatch Euler steps (``opts.shift``, or the base folder's
+    ``opts.scheduler_config``), CFG ``opts.guidance`` on the text with the LR latent in both
+    branches, and latent tiles (``opts.tile``/``overlap``/``tile_std``/``tile_batch``, multiples of
+    the patch size) blended with Gaussian weights."""
+    noise = torch.stack([torch.randn(lr_latent.shape[1:], generator=torch.Generator().manual_seed(seed))
+                         for _ in range(lr_latent.shape[0])]).to(lr_latent.device)
+    fn = guided_denoiser(model, cond, uncond, opts.guidance, dtype=dtype)
+    fn = tiled_denoiser(fn, opts.tile, opts.overlap, rel_std=opts.tile_std, tile_batch=opts.tile_batch,
+                        multiple=int(model.config.patch_size))
+    sigmas = flow_sigmas(opts.steps, opts.shift, opts.scheduler_config)
+    return euler_sample(lambda zz, sig: fn(zz, lr_latent, sig), noise, sigmas, callback=progress)
