@@ -216,7 +216,7 @@ class Stepper:
     thr: Any                            # metrics.Throughput
     count_flops: Any = None             # the family's per-batch FLOP count, or None
     flops_per_sample: float | None = None
-    vae: Any = None                     # loaded at the first batch of pixels
+    vae: Any = None                     # the frozen VAE for sources that yield pixels
 
     def step(self, samples_seen: int) -> StepStats:
         """grad_accum micro-batches (the family's step + lambda * FRAMER, backward each), the
@@ -233,8 +233,7 @@ class Stepper:
             batch = to_device(next(self.batches), be.device)
             self.thr.data_end()
             if "hr_latent" not in batch:  # pixels: degrade/encode online with the VAE
-                from framer_dist.data import encode_batch, load_vae
-                self.vae = self.vae or load_vae(cfg.data, cfg.model.family, device=be.device)
+                from framer_dist.data import encode_batch
                 batch = encode_batch(self.vae, batch)
             positions = sample_positions(batch, samples_seen, micro, be.rank, be.world_size,
                                          batch["hr_latent"].shape[0])
@@ -395,8 +394,10 @@ def train(cfg: Config) -> RunResult:
                                    "world_size": world, "config": cfg.to_dict()},
                          generator=framer_gen)
 
+    from framer_dist.data import load_vae, yields_pixels
+    vae = load_vae(cfg.data, cfg.model.family, device=device) if yields_pixels(cfg.data) else None
     stepper = Stepper(cfg, family, backend, batches, students, teacher, framer_gen,
-                      metrics.Throughput(), count_flops)
+                      metrics.Throughput(), count_flops, vae=vae)
     logger = Logger(cfg, family, backend, tb, bar, data_lines, report, out_dir / "metrics.jsonl",
                     peak, students)
     try:

@@ -190,6 +190,11 @@ class DataPipeline:
         return self.stream.d.batch_size * self.stream.world
 
 
+def yields_pixels(d: DataConfig) -> bool:
+    """Whether ``d.source`` gives pixels (degraded and VAE-encoded by the trainer) or latents."""
+    return d.source in ("folder", "webdataset")
+
+
 def build_dataloader(cfg: Config, rank: int, world_size: int, start_sample: int = 0,
                      report: DataReport | None = None) -> DataPipeline:
     """This rank's infinite batch iterable from global position ``start_sample`` (samples consumed
