@@ -27,7 +27,7 @@ import contextlib
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -122,6 +122,16 @@ class ModelFamily:
         return value
 
 
+def block_indices(indices: Iterable[int], num_blocks: int) -> frozenset[int]:
+    """``indices`` for ``set_activation_checkpointing``, checked against ``num_blocks``."""
+    idx = frozenset(int(i) for i in indices)
+    bad = sorted(i for i in idx if not 0 <= i < num_blocks)
+    if bad:
+        raise ValueError(f"activation checkpointing: block indices {bad} out of range "
+                         f"0..{num_blocks - 1}")
+    return idx
+
+
 _REGISTRY: dict[str, ModelFamily] = {}
 
 
@@ -177,6 +187,6 @@ def check_family_keys(cfg: Config) -> ModelFamily:
     return fam
 
 
-__all__ = ["DEFAULT_FAMILY", "InferenceSpec", "LatentCodec", "ModelFamily", "ModelLoadError", "ModelShape",
+__all__ = ["DEFAULT_FAMILY", "InferenceSpec", "block_indices", "LatentCodec", "ModelFamily", "ModelLoadError", "ModelShape",
            "Prompt", "StepContext", "StepOutput", "check_family_keys", "families", "get_family",
            "register_family"]

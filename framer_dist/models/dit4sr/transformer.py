@@ -22,6 +22,8 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
 from torch.utils.checkpoint import checkpoint
 
+from framer_dist.models import block_indices
+
 from .block import DiT4SRBlock
 
 Readout = Literal["velocity", "hidden"] | None
@@ -110,12 +112,7 @@ class DiT4SRTransformer(SD3Transformer2DModel):
     def set_activation_checkpointing(self, indices: Iterable[int]) -> None:
         """Recompute the listed blocks in backward (with their readout when the head is trained,
         see :meth:`forward`); ``[]`` turns it off."""
-        idx = frozenset(int(i) for i in indices)
-        bad = sorted(i for i in idx if not 0 <= i < self.num_blocks)
-        if bad:
-            raise ValueError(f"activation checkpointing: block indices {bad} out of range "
-                             f"0..{self.num_blocks - 1}")
-        self._ac_indices = idx
+        self._ac_indices = block_indices(indices, self.num_blocks)
 
     @property
     def activation_checkpointing(self) -> frozenset[int]:

@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from framer_dist.models import block_indices
+
 Readout = Literal["x0", "velocity", "hidden"] | None
 READOUTS = ("x0", "velocity", "hidden")
 
@@ -161,12 +163,7 @@ class PiSASRUNet(nn.Module):
     def set_activation_checkpointing(self, indices: Iterable[int]) -> None:
         """Recompute the listed blocks in backward (and their readouts, each its own checkpointed
         function); ``[]`` turns it off. Features are still taken once, in the top-level loop."""
-        idx = frozenset(int(i) for i in indices)
-        bad = sorted(i for i in idx if not 0 <= i < self.num_blocks)
-        if bad:
-            raise ValueError(f"activation checkpointing: block indices {bad} out of range "
-                             f"0..{self.num_blocks - 1}")
-        self._ac_indices = idx
+        self._ac_indices = block_indices(indices, self.num_blocks)
 
     @property
     def activation_checkpointing(self) -> frozenset[int]:
