@@ -1,7 +1,16 @@
 """Suite-wide settings."""
 
+import signal
+
 import pytest
 import torch
+
+# A suite started in the background of a non-interactive shell (`cmd &`, nohup, some CI runners)
+# inherits SIGINT ignored, and every process it starts inherits that too: submitit's local
+# cancel (SIGINT to the tasks) then does nothing and test_launch's cancelled job runs on. The
+# suite behaves as if started from a terminal: children get SIGINT's default action back.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True, scope="session")
