@@ -458,8 +458,6 @@ def main(argv: list[str] | None = None) -> int:
         # damaged or would run code): the message names the key or the file; no traceback
         print(f"framer-train: error: {e}", file=sys.stderr)
         return 2
-    from framer_dist.parallel.process_group import leave_process_group
-    leave_process_group()  # every rank got here: finished, or saved after a preemption signal
     if result.preempted:  # the preemption message said what was saved
         return cfg.checkpoint.requeue_exit_code
     if result.is_main:

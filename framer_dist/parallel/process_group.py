@@ -78,13 +78,3 @@ def join_process_group(backend_name: str, t: TrainConfig) -> tuple[torch.device,
     local rank), then (rank, world size, local rank) from :func:`init_process_group`."""
     device = resolve_device(t, local_rank_from_env())
     return (device, *init_process_group(backend_name, device.type))
-
-
-def leave_process_group() -> None:
-    """End of a run that every rank reached (finished or preempted): wait for the others, then
-    destroy the default group. Left to interpreter shutdown, gloo's threads were sometimes torn
-    down while joinable ('terminate called without an active exception', exit -6) on a rank
-    whose peer had already exited."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
