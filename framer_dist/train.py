@@ -465,5 +465,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _exit_distributed(code: int) -> None:
+    """A distributed rank leaves without the interpreter's finalization: gloo's worker thread may
+    still be releasing its last work's tensors, and a thread that needs the GIL while Python
+    finalizes is killed inside C++ code: std::terminate, exit -6 instead of ``code`` (seen after
+    finished runs and after preemption saves; diagnosed with a core dump on branch ``slurm``).
+    Output is flushed first. Only the script entry point does this: in-process callers of
+    :func:`main` keep their process group and interpreter."""
+    import logging
+    import os
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    _exit_distributed(exit_code)
+    sys.exit(exit_code)
