@@ -465,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _exit_distributed(code: int) -> None:
+def exit_distributed(code: int) -> None:
     """A distributed rank leaves without the interpreter's finalization: gloo's worker thread may
     still be releasing its last work's tensors, and a thread that needs the GIL while Python
     finalizes is killed inside C++ code: std::terminate, exit -6 instead of ``code`` (seen after
@@ -483,5 +483,5 @@ def _exit_distributed(code: int) -> None:
 
 if __name__ == "__main__":
     exit_code = main()
-    _exit_distributed(exit_code)
+    exit_distributed(exit_code)
     sys.exit(exit_code)

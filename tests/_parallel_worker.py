@@ -150,3 +150,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    from framer_dist.train import exit_distributed
+    exit_distributed(0)  # as the trainer's ranks do: no gloo abort at interpreter exit
