@@ -8,7 +8,6 @@ one rank only and deadlock the others.
 from __future__ import annotations
 
 import signal
-import sys
 from types import FrameType
 from typing import Any
 
@@ -59,10 +58,3 @@ class PreemptionHandler:
     def should_stop(self, backend) -> bool:
         """Collective: True on every rank when any rank got the signal. Call once per step."""
         return backend.agree(self.requested)
-
-
-def exit_for_requeue(code: int) -> None:
-    """Leave the process with the requeue code (after the collective save)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    raise SystemExit(code)

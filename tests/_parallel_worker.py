@@ -24,7 +24,8 @@ from _tiny_parallel import batch, make_model  # noqa: E402
 from framer_dist.checkpoint import CheckpointManager, seed_rng  # noqa: E402
 from framer_dist.config import load_config  # noqa: E402
 from framer_dist.parallel import setup_backend  # noqa: E402
-from framer_dist.preempt import PreemptionHandler, exit_for_requeue  # noqa: E402
+from framer_dist.preempt import PreemptionHandler  # noqa: E402
+from framer_dist.train import exit_distributed  # noqa: E402
 
 GLOBAL_BATCH = 4
 
@@ -124,7 +125,9 @@ def run_phase(out: Path, ph: dict) -> None:
             mgr.save(done, client, gen)
             info["preempted_at"] = done
             _finish(be, pdir, losses, info)
-            exit_for_requeue(cfg.checkpoint.requeue_exit_code)
+            # the trainer's way out after a preemption save (not SystemExit: see exit_distributed)
+            exit_distributed(cfg.checkpoint.requeue_exit_code)
+            raise SystemExit(cfg.checkpoint.requeue_exit_code)
     _finish(be, pdir, losses, info)
     pre.uninstall()
 
@@ -150,5 +153,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    from framer_dist.train import exit_distributed
     exit_distributed(0)  # as the trainer's ranks do: no gloo abort at interpreter exit
