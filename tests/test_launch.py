@@ -422,12 +422,20 @@ def test_sbatch_script_trains_preempts_and_requeues_under_fake_slurm(tmp_path, r
 # scratch copy of the launch files, started through the real fake-srun -> torchrun -> worker.sh chain
 
 STANDIN_TRAINER = """
-import os, signal, sys, time
+import json, os, signal, sys, time
 got = []
 for s in (signal.SIGUSR1, signal.SIGTERM):
     signal.signal(s, lambda n, f: got.append(n))
-if os.environ.get("STANDIN_MODE") == "fail":
+mode = os.environ.get("STANDIN_MODE")
+if mode == "fail":
     sys.exit(3)
+if mode == "env":  # what the launch chain handed this rank
+    keys = ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "SLURM_CPUS_PER_TASK", "OMP_NUM_THREADS")
+    with open(os.path.join(os.environ["STANDIN_DIR"], "env." + os.environ["RANK"]), "w") as f:
+        json.dump({k: os.environ.get(k) for k in keys}, f)
+    sys.exit(0)
+if os.environ.get("SLURM_RESTART_COUNT", "0") != "0":
+    sys.exit(0)   # the requeued run: done at once
 open(os.path.join(os.environ["STANDIN_DIR"], "ready." + os.environ["RANK"]), "w").close()
 while not got:
     time.sleep(0.05)
@@ -479,6 +487,87 @@ def test_batch_script_does_not_requeue_a_cancelled_job(tmp_path: Path) -> None:
     assert "job was cancelled, not requeueing" in log, log
     assert not (tmp_path / "state" / "requeued").exists()
     assert (tmp_path / "logs" / "framer-dit-77" / "restart0" / "exit" / "rank0.code").read_text().strip() == "75"
+
+
+@pytest.mark.distributed
+def test_batch_script_tells_a_slurm_requeue_from_a_cancel(tmp_path: Path) -> None:
+    """`scontrol requeue` (or preemption with PreemptMode=REQUEUE) also sends SIGTERM to the batch
+    shell and the steps; SLURM requeues the job itself, and the script must say so."""
+    repo = _standin_repo(tmp_path)
+    env = _standin_env(tmp_path, repo, "wait")
+    proc = subprocess.Popen(["sbatch", "--nodes=1", "--output=batch.out", "slurm/train_dit.sh"],
+                            cwd=repo, env=env)
+
+    def job_logs() -> str:
+        return tail([repo / "batch.out", *sorted((tmp_path / "logs").rglob("*.log"))])
+
+    try:
+        wait_until((tmp_path / "ready.0").exists, "the stand-in trainer to start",
+                   alive=lambda: proc.poll() is None, ended="the job ended first", details=job_logs)
+        subprocess.run(["scontrol", "requeue", "77"], env=env, check=True)  # as an operator would
+        assert wait_exit(proc, "the requeued job to end", details=job_logs) == 0, job_logs()
+    finally:
+        _stop_fake_job(proc, env, "77")
+    log = (repo / "batch.out").read_text()
+    assert "checkpoint saved; SLURM requeued the job (scontrol requeue or preemption)" in log, log
+    assert "cancelled" not in log and "after preemption signal" not in log, log
+    assert (tmp_path / "state" / "requeued").read_text().split() == ["77"]  # only the operator's
+    assert (tmp_path / "logs" / "framer-dit-77" / "restart1" / "exit" / "rank0.code").read_text().strip() == "0"
+
+
+def _standin_header(tmp: Path, repo: Path, env: dict, *sbatch_args: str,
+                    header_has: str = "") -> tuple[str, dict]:
+    """Run the stand-in in "env" mode; the script's header line and what rank 0 was handed.
+    ``header_has`` is checked as soon as the header is written (before a rendezvous that could
+    hang)."""
+    env = dict(env, STANDIN_MODE="env")
+    env.pop("GPUS_PER_NODE")   # what SLURM allocated decides
+    env.pop("OMP_NUM_THREADS", None)
+    (repo / "batch.out").unlink(missing_ok=True)
+    proc = subprocess.Popen(["sbatch", *sbatch_args, "--output=batch.out", "slurm/train_dit.sh"],
+                            cwd=repo, env=env)
+
+    def job_logs() -> str:
+        return tail([repo / "batch.out", *sorted((tmp / "logs").rglob("*.log"))])
+
+    try:
+        wait_until(lambda: (repo / "batch.out").exists()
+                   and "[train_dit] job" in (repo / "batch.out").read_text(),
+                   "the script's header line", alive=lambda: proc.poll() is None,
+                   ended="the job ended first", details=job_logs)
+        header = next(ln for ln in (repo / "batch.out").read_text().splitlines()
+                      if ln.startswith("[train_dit] job"))
+        assert header_has in header, header
+        assert wait_exit(proc, "the job to end", details=job_logs) == 0, job_logs()
+    finally:
+        _stop_fake_job(proc, env, "77")
+    return header, json.loads((tmp / "env.0").read_text())
+
+
+@pytest.mark.distributed
+def test_batch_script_rendezvous_on_the_node_address_when_its_name_does_not_resolve(
+        tmp_path: Path) -> None:
+    repo = _standin_repo(tmp_path)
+    env = dict(_standin_env(tmp_path, repo, "env"), FAKE_SLURM_HOST="fdn-does-not-resolve",
+               FAKE_SLURM_NODE_ADDR="127.0.0.1")
+    _standin_header(tmp_path, repo, env, "--nodes=2", "--gpus-per-node=0",
+                    header_has="rendezvous 127.0.0.1:")  # then the 2 ranks meet there
+
+
+@pytest.mark.distributed
+def test_batch_script_on_cpu_nodes_runs_one_worker_per_node_with_all_its_cpus(tmp_path: Path) -> None:
+    """`--gpus-per-node=0` (a CPU partition, no GPU gres): SLURM leaves SLURM_GPUS_ON_NODE unset;
+    one worker per node, which gets every CPU allocated on its node."""
+    repo = _standin_repo(tmp_path)
+    env = dict(_standin_env(tmp_path, repo, "env"), FAKE_SLURM_CPUS="6")
+    header, rank0 = _standin_header(tmp_path, repo, env, "--nodes=2", "--gpus-per-node=0")
+    assert "2 node(s) x 1 worker(s) (no GPU(s) allocated per node, 6 CPU(s) per node" in header
+    assert rank0 == {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1", "SLURM_CPUS_PER_TASK": "6",
+                     "OMP_NUM_THREADS": "6"}
+    header, rank0 = _standin_header(tmp_path, repo, env, "--nodes=1", "--gpus-per-node=3")
+    assert rank0["LOCAL_WORLD_SIZE"] == "3" and rank0["OMP_NUM_THREADS"] == "2"  # 6 CPUs / 3
+    text = (REPO / "slurm" / "train_dit.sh").read_text()
+    assert "#SBATCH --cpus-per-task" not in text  # a fixed count pends forever on smaller nodes
 
 
 @pytest.mark.distributed
