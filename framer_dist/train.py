@@ -424,7 +424,7 @@ def train(cfg: Config) -> RunResult:
             print(line, file=sys.stderr, flush=True)
         raise
     finally:
-        preempt.uninstall()
+        preempt.uninstall(keep_sigterm=preempted)  # a SIGTERM while exiting for requeue is no failure
         bar.close()
         tb.close()
     return RunResult(steps_done=step, out_dir=out_dir, checkpoint=last_ckpt, exports=exports,

@@ -417,6 +417,39 @@ def test_sbatch_script_trains_preempts_and_requeues_under_fake_slurm(tmp_path, r
     _assert_same_state(_load_state(out, STEPS, tmp_path), ref_state)
 
 
+# what a launcher's requeue does to a rank still on its way out after its save: SIGTERM (submitit's
+# rank 0 runs `scontrol requeue` as soon as its own trainer has exited; SLURM then signals the rest)
+SIGTERM_AFTER_MAIN = """
+import os, signal, sys
+from framer_dist.train import main
+rc = main(sys.argv[1:])
+os.kill(os.getpid(), signal.SIGTERM)
+sys.exit(rc)
+"""
+
+
+def test_trainer_exiting_for_requeue_survives_sigterm(tmp_path: Path) -> None:
+    """After the preemption save the trainer leaves with the requeue code even when a SIGTERM comes
+    while it exits (it used to die of it: -15, which the launcher reported as a failed rank)."""
+    out = tmp_path / "run"
+    cfg = _write_config(tmp_path, out, steps=10**6)
+    log = tmp_path / "trainer.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-c", SIGTERM_AFTER_MAIN, "--config", str(cfg)],
+                                cwd=REPO, stdout=fh, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, PYTHONPATH=str(REPO)))
+    try:
+        _wait_for_steps(out, 3, lambda: proc.poll() is None, details=lambda: tail([log]))
+        proc.send_signal(signal.SIGUSR1)
+        assert wait_exit(proc, "the preempted trainer to exit", details=lambda: tail([log])) == 75, \
+            tail([log])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert _checkpoint_steps(out) == [len(_steps_logged(out))]
+
+
 # ----------------------------------------------------------------------------------------------
 # batch-script decisions that need no training: a test-only stand-in trainer (no torch import) in a
 # scratch copy of the launch files, started through the real fake-srun -> torchrun -> worker.sh chain
