@@ -216,6 +216,141 @@ def test_slurm_plan_maps_every_option(tmp_path: Path, monkeypatch, capsys) -> No
     assert "--signal-delay 300s is not shorter than --time" in capsys.readouterr().err
 
 
+def test_slurm_plan_accepts_a_cpu_partition(tmp_path: Path, monkeypatch, capsys) -> None:
+    """--gpus-per-node 0: no GPU request at all (a cluster without GPU gres refuses even
+    --gpus-per-node=0), --tasks ranks per node."""
+    monkeypatch.setenv("PATH", f"{FAKE_SLURM}{os.pathsep}{os.environ['PATH']}")
+    cfg = _write_config(tmp_path, tmp_path / "run")
+    assert launch.main(["--config", str(cfg), "--nodes", "2", "--gpus-per-node", "0", "--tasks",
+                        "2", "--time", "30", "--dry-run", "train.global_batch_size=8"]) == 0
+    out = capsys.readouterr().out
+    assert "#SBATCH --nodes=2\n" in out and "#SBATCH --ntasks-per-node=2\n" in out
+    assert "gpus" not in out and "gres" not in out
+    assert launch.main(["--config", str(cfg), "--nodes", "2", "--gpus-per-node", "0", "--time",
+                        "30", "--dry-run"]) == 0
+    assert "#SBATCH --ntasks-per-node=1\n" in capsys.readouterr().out   # default: 1 per node
+    with pytest.raises(SystemExit):
+        launch.main(["--config", str(cfg), "--gpus-per-node", "8", "--tasks", "2", "--dry-run"])
+    assert "one task per GPU" in capsys.readouterr().err
+
+
+def test_slurm_job_state_without_accounting(tmp_path: Path, monkeypatch) -> None:
+    """No accounting: sacct fails ('accounting storage is disabled'); the state comes from squeue
+    (submitit alone says UNKNOWN for ever)."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "jobstate.4242").write_text("COMPLETED")
+    monkeypatch.setenv("PATH", f"{FAKE_SLURM}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SLURM_STATE", str(state))
+    cfg = _write_config(tmp_path, tmp_path / "run")
+    args = launch.build_parser().parse_args(["--config", str(cfg), "--gpus-per-node", "2",
+                                             "--time", "30", "--folder", str(tmp_path / "sub")])
+    ex = launch.make_executor(launch.plan_submission(args))
+    job = ex._executor.job_class(folder=tmp_path / "sub", job_id="4242", tasks=[0])
+    assert job.state == "COMPLETED" and job.done()
+
+
+def _slurm_task_env(tmp: Path, rank: int, nodelist: str = "localhost") -> dict[str, str]:
+    """A submitit task's environment under SLURM (1 node x 2 tasks), against the fake SLURM."""
+    env = dict(os.environ, PATH=f"{FAKE_SLURM}{os.pathsep}{os.environ['PATH']}",
+               FAKE_SLURM_STATE=str(tmp / "state"), SUBMITIT_EXECUTOR="slurm", SLURM_JOB_ID="77",
+               SLURM_JOB_NODELIST=nodelist, SLURM_JOB_NUM_NODES="1", SLURM_NTASKS="2",
+               SLURM_NODEID="0", SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank),
+               PYTHONPATH=str(REPO), STANDIN_DIR=str(tmp))
+    env.pop("SLURM_RESTART_COUNT", None)
+    return env
+
+
+def test_slurm_task_rendezvous_on_the_node_address(tmp_path: Path, monkeypatch) -> None:
+    """The first node's name does not resolve: the trainers meet on its NodeAddr."""
+    for k, v in _slurm_task_env(tmp_path, 0, "fdn-does-not-resolve[1-2]").items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("FAKE_SLURM_NODE_ADDR", "127.0.0.1")
+    monkeypatch.setenv("SLURM_JOB_NUM_NODES", "2")
+    spec = launch.TrainSpec(config="c.toml", backend_args=[], overrides=[], workdir=str(tmp_path))
+    assert launch.TrainJob(spec)._child_env()["MASTER_ADDR"] == "127.0.0.1"
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "localhost")
+    assert launch.TrainJob(spec)._child_env()["MASTER_ADDR"] == "localhost"  # resolves: kept
+
+
+# A submitit task (TrainJob) under SLURM's environment, with a stand-in trainer: "term" saves on
+# SIGTERM and exits with the requeue code; "exiting" saves on USR2 and then, on its way out, no
+# longer handles SIGTERM (a trainer killed by the SIGTERM that a requeue sends).
+SLURM_TASK = """
+import sys
+from framer_dist.launch import TrainJob, TrainSpec
+TrainJob(TrainSpec(config="c.toml", backend_args=[], overrides=[], workdir=sys.argv[1],
+                   python=sys.argv[2]))()
+"""
+STANDIN_TASK_TRAINER = """#!{python}
+import os, signal, sys, time
+got = []
+mode = os.environ["STANDIN_MODE"]
+signal.signal(signal.SIGTERM if mode == "term" else signal.SIGUSR2, lambda n, f: got.append(n))
+open(os.path.join(os.environ["STANDIN_DIR"], "ready." + os.environ["RANK"]), "w").close()
+while not got:
+    time.sleep(0.05)
+if mode == "term":
+    sys.exit(75)
+signal.signal(signal.SIGTERM, signal.SIG_DFL)
+open(os.path.join(os.environ["STANDIN_DIR"], "saved." + os.environ["RANK"]), "w").close()
+time.sleep(600)
+"""
+
+
+def _run_slurm_task(tmp: Path, rank: int, mode: str, signals: list[tuple[int, str]],
+                    restarts: int) -> tuple[int, str]:
+    """Start the task, send each (signal, after this file exists), return its exit code and log."""
+    (tmp / "state").mkdir(exist_ok=True)
+    (tmp / "state" / "restarts.77").write_text(str(restarts))
+    trainer = tmp / "trainer"
+    trainer.write_text(STANDIN_TASK_TRAINER.format(python=sys.executable))
+    trainer.chmod(0o755)
+    log = tmp / f"task{rank}.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-c", SLURM_TASK, str(tmp), str(trainer)],
+                                env=dict(_slurm_task_env(tmp, rank), STANDIN_MODE=mode),
+                                stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
+    try:
+        for sig, after in signals:
+            wait_until((tmp / after).exists, f"{after} from the stand-in trainer",
+                       alive=lambda: proc.poll() is None, ended="the task ended first",
+                       details=lambda: tail([log]))
+            proc.send_signal(sig)
+        rc = wait_exit(proc, "the task to exit", details=lambda: tail([log]))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return rc, log.read_text()
+
+
+def test_slurm_task_says_slurm_requeued_the_job(tmp_path: Path) -> None:
+    """`scontrol requeue` (SLURM raises Restarts at once): the tasks get SIGTERM, the trainer
+    saves; the task says SLURM requeued the job and exits 0 (it raised UncompletedJobError)."""
+    rc, log = _run_slurm_task(tmp_path, 1, "term", [(signal.SIGTERM, "ready.1")], restarts=1)
+    assert rc == 0, log
+    assert "SLURM requeued the job (scontrol requeue or preemption)" in log, log
+    assert "UncompletedJobError" not in log
+
+
+def test_slurm_task_after_scancel_is_not_requeued(tmp_path: Path) -> None:
+    rc, log = _run_slurm_task(tmp_path, 1, "term", [(signal.SIGTERM, "ready.1")], restarts=0)
+    assert rc != 0
+    assert "UncompletedJobError: rank 1: stopped by SIGTERM (scancel)" in log, log
+
+
+def test_slurm_task_whose_trainer_a_requeue_kills_while_exiting_reports_no_failure(
+        tmp_path: Path) -> None:
+    """Rank 1 after the preemption signal: its trainer has saved and is exiting when rank 0's
+    requeue makes SLURM SIGTERM it (-15). Not a failure (it was: RuntimeError ... exit code -15)."""
+    rc, log = _run_slurm_task(tmp_path, 1, "exiting", [(signal.SIGUSR2, "ready.1"),
+                                                        (signal.SIGTERM, "saved.1")], restarts=1)
+    assert rc == 0, log
+    assert "task 1: trainer stopped by signal 15 after the preemption signal" in log, log
+    assert "failed" not in log
+
+
 @pytest.mark.parametrize("text, minutes", [("90", 90), ("1:30:00", 90), ("10:30", 11),
                                            ("2-00:00:00", 2880), ("1-6", 1800)])
 def test_time_parsing(text: str, minutes: int) -> None:
