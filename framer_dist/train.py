@@ -424,7 +424,7 @@ def train(cfg: Config) -> RunResult:
             print(line, file=sys.stderr, flush=True)
         raise
     finally:
-        preempt.uninstall(keep_sigterm=preempted)  # a SIGTERM while exiting for requeue is no failure
+        preempt.uninstall(keep_sigterm=preempted)  # a SIGTERM while exiting: no failure
         bar.close()
         tb.close()
     return RunResult(steps_done=step, out_dir=out_dir, checkpoint=last_ckpt, exports=exports,
@@ -434,6 +434,16 @@ def train(cfg: Config) -> RunResult:
 
 # ----------------------------------------------------------------------------------------------
 # entry point
+
+
+def _leave_process_group() -> None:
+    """Every rank, after the run's last collective. Left to the interpreter's exit, gloo's threads
+    sometimes abort it ('terminate called without an active exception', exit -6, about 1 run in 12
+    here): a finished or preempted rank would read as failed, and a requeue be lost."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -457,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         # damaged or would run code): the message names the key or the file; no traceback
         print(f"framer-train: error: {e}", file=sys.stderr)
         return 2
+    _leave_process_group()
     if result.preempted:  # the preemption message said what was saved
         return cfg.checkpoint.requeue_exit_code
     if result.is_main:
