@@ -437,13 +437,26 @@ def train(cfg: Config) -> RunResult:
 
 
 def _leave_process_group() -> None:
-    """Every rank, after the run's last collective. Left to the interpreter's exit, gloo's threads
-    sometimes abort it ('terminate called without an active exception', exit -6, about 1 run in 12
-    here): a finished or preempted rank would read as failed, and a requeue be lost."""
+    """Every rank, after the run's last collective: none leaves while a peer still needs it."""
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def _exit_distributed(code: int) -> None:
+    """A distributed rank leaves without the interpreter's finalization: gloo's worker thread may
+    still be releasing its last work's tensors, and a thread that needs the GIL while Python
+    finalizes is killed inside C++ code: std::terminate, exit -6 instead of ``code`` (seen after
+    finished runs and after preemption saves, which lost the requeue). Output is flushed first; a
+    DataLoader's workers stop by themselves when their parent is gone."""
+    import logging
+    import os
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -476,4 +489,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    _exit_distributed(exit_code)
+    sys.exit(exit_code)
