@@ -635,23 +635,30 @@ def _standin_env(tmp: Path, repo: Path, mode: str) -> dict:
                 RDZV_PORT=str(_free_port()), STANDIN_DIR=str(tmp), STANDIN_MODE=mode)
 
 
-@pytest.mark.distributed
-def test_batch_script_does_not_requeue_a_cancelled_job(tmp_path: Path) -> None:
-    repo = _standin_repo(tmp_path)
-    env = _standin_env(tmp_path, repo, "wait")
+def _standin_job_stopped_by(tmp: Path, *operator_cmd: str) -> str:
+    """A 1-node stand-in job, stopped once its trainer runs by ``operator_cmd`` (what a person
+    types: scancel, scontrol requeue); the batch log."""
+    repo = _standin_repo(tmp)
+    env = _standin_env(tmp, repo, "wait")
     proc = subprocess.Popen(["sbatch", "--nodes=1", "--output=batch.out", "slurm/train_dit.sh"],
                             cwd=repo, env=env)
+
     def job_logs() -> str:
-        return tail([repo / "batch.out", *sorted((tmp_path / "logs").rglob("*.log"))])
+        return tail([repo / "batch.out", *sorted((tmp / "logs").rglob("*.log"))])
 
     try:
-        wait_until((tmp_path / "ready.0").exists, "the stand-in trainer to start",
+        wait_until((tmp / "ready.0").exists, "the stand-in trainer to start",
                    alive=lambda: proc.poll() is None, ended="the job ended first", details=job_logs)
-        subprocess.run(["scancel", "77"], env=env, check=True)  # TERM to the batch shell and steps
-        assert wait_exit(proc, "the cancelled job to end", details=job_logs) == 0, job_logs()
+        subprocess.run(list(operator_cmd), env=env, check=True)
+        assert wait_exit(proc, "the stopped job to end", details=job_logs) == 0, job_logs()
     finally:
         _stop_fake_job(proc, env, "77")
-    log = (repo / "batch.out").read_text()
+    return (repo / "batch.out").read_text()
+
+
+@pytest.mark.distributed
+def test_batch_script_does_not_requeue_a_cancelled_job(tmp_path: Path) -> None:
+    log = _standin_job_stopped_by(tmp_path, "scancel", "77")  # TERM to the batch shell and steps
     assert "job was cancelled, not requeueing" in log, log
     assert not (tmp_path / "state" / "requeued").exists()
     assert (tmp_path / "logs" / "framer-dit-77" / "restart0" / "exit" / "rank0.code").read_text().strip() == "75"
@@ -661,22 +668,7 @@ def test_batch_script_does_not_requeue_a_cancelled_job(tmp_path: Path) -> None:
 def test_batch_script_tells_a_slurm_requeue_from_a_cancel(tmp_path: Path) -> None:
     """`scontrol requeue` (or preemption with PreemptMode=REQUEUE) also sends SIGTERM to the batch
     shell and the steps; SLURM requeues the job itself, and the script must say so."""
-    repo = _standin_repo(tmp_path)
-    env = _standin_env(tmp_path, repo, "wait")
-    proc = subprocess.Popen(["sbatch", "--nodes=1", "--output=batch.out", "slurm/train_dit.sh"],
-                            cwd=repo, env=env)
-
-    def job_logs() -> str:
-        return tail([repo / "batch.out", *sorted((tmp_path / "logs").rglob("*.log"))])
-
-    try:
-        wait_until((tmp_path / "ready.0").exists, "the stand-in trainer to start",
-                   alive=lambda: proc.poll() is None, ended="the job ended first", details=job_logs)
-        subprocess.run(["scontrol", "requeue", "77"], env=env, check=True)  # as an operator would
-        assert wait_exit(proc, "the requeued job to end", details=job_logs) == 0, job_logs()
-    finally:
-        _stop_fake_job(proc, env, "77")
-    log = (repo / "batch.out").read_text()
+    log = _standin_job_stopped_by(tmp_path, "scontrol", "requeue", "77")
     assert "checkpoint saved; SLURM requeued the job (scontrol requeue or preemption)" in log, log
     assert "cancelled" not in log and "after preemption signal" not in log, log
     assert (tmp_path / "state" / "requeued").read_text().split() == ["77"]  # only the operator's
