@@ -18,9 +18,10 @@ RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from submitit's TorchDistribu
    :meth:`TrainJob.checkpoint` (the same job again: it always resumes with `--resume auto`) and
    requeues (`scontrol requeue`, or the local controller's restart). The other tasks just exit.
 
-A SIGTERM (scancel, or SLURM preemption with PreemptMode=REQUEUE, which requeues by itself) also
-makes the trainer save, but the job is not requeued by us. Resubmitting with another node or task
-count resumes from the newest checkpoint (the trainer reshards).
+A SIGTERM also makes the trainer save. After `scontrol requeue` or a preemption with
+PreemptMode=REQUEUE, SLURM requeues the job itself (the tasks say so and exit); after a scancel the
+job ends there (resubmit to resume). Resubmitting with another node or task count resumes from the
+newest checkpoint (the trainer reshards).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -40,6 +42,7 @@ from typing import Any
 import submitit
 from submitit.core.utils import UncompletedJobError
 from submitit.helpers import Checkpointable, DelayedSubmission, TorchDistributedEnvironment
+from submitit.slurm.slurm import SlurmInfoWatcher, SlurmJob
 
 from framer_dist.config import ConfigError, load_config
 
@@ -76,6 +79,39 @@ def _usr_signal() -> signal.Signals:
     return signal.Signals[name]
 
 
+def _scontrol(*args: str) -> str:
+    """scontrol's output ('' when SLURM cannot be asked: then the callers assume nothing)."""
+    try:
+        r = subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return r.stdout if r.returncode == 0 else ""
+
+
+def slurm_requeued() -> bool:
+    """Whether SLURM has requeued this job since this run started (scontrol requeue, preemption
+    with PreemptMode=REQUEUE): SLURM counts a requeue at once, so the job's Restarts is then above
+    this run's SLURM_RESTART_COUNT; a cancelled job keeps its count."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    m = re.search(r"\bRestarts=(\d+)", _scontrol("show", "job", "-o", job_id)) if job_id else None
+    return bool(m) and int(m.group(1)) > int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+
+
+def rendezvous_host(name: str) -> str:
+    """``name`` when it resolves here, else the node's NodeAddr: a cluster may address its nodes
+    by address only, and c10d would hang on a name that does not resolve."""
+    try:
+        socket.getaddrinfo(name, None)
+        return name
+    except socket.gaierror:
+        pass
+    m = re.search(r"\bNodeAddr=(\S+)", _scontrol("show", "node", "-o", name))
+    if not m:
+        raise RuntimeError(f"the first node's name {name!r} does not resolve and scontrol shows "
+                           "no NodeAddr for it")
+    return m.group(1)
+
+
 class TrainJob(Checkpointable):
     """The submitit callable: one call per task runs that task's trainer process."""
 
@@ -89,7 +125,7 @@ class TrainJob(Checkpointable):
         env.update(self.spec.env)
         env.update(RANK=str(dist.rank), WORLD_SIZE=str(dist.world_size),
                    LOCAL_RANK=str(dist.local_rank), LOCAL_WORLD_SIZE=str(dist.local_world_size),
-                   MASTER_ADDR="127.0.0.1" if self.spec.local else dist.master_addr,
+                   MASTER_ADDR="127.0.0.1" if self.spec.local else rendezvous_host(dist.master_addr),
                    MASTER_PORT=str(dist.master_port))
         # Both executors hand every task all of the node's GPUs; the trainer picks cuda:LOCAL_RANK.
         cores = len(os.sched_getaffinity(0))
@@ -102,23 +138,29 @@ class TrainJob(Checkpointable):
         rank = job_env.global_rank
         usr = _usr_signal()
         cmd = trainer_command(self.spec, usr.name)
-        print(f"[framer_dist.launch] task {rank}/{job_env.num_tasks} attempt {self.attempt}: "
-              + " ".join(cmd), flush=True)
-        child = subprocess.Popen(cmd, cwd=self.spec.workdir, env=self._child_env())
-
+        restart = os.environ.get("SLURM_RESTART_COUNT")  # SLURM's own requeues keep the attempt
+        print(f"[framer_dist.launch] task {rank}/{job_env.num_tasks} attempt {self.attempt}"
+              + (f" (SLURM restart {restart})" if restart else "") + ": " + " ".join(cmd), flush=True)
         seen: set[int] = set()
+        child: subprocess.Popen | None = None
 
         def forward(signum: int, frame: Any) -> None:
             # SLURM signals the trainer directly too; a second copy only sets the same flag.
             seen.add(signum)
             try:
-                child.send_signal(signum)
+                if child is not None:
+                    child.send_signal(signum)
             except ProcessLookupError:
                 pass
 
+        # installed before the trainer starts: a signal in between must not reach submitit's
+        # handler (on rank 0 it would requeue before anything is saved)
         submitit_handler = signal.getsignal(usr)
         previous = {s: signal.signal(s, forward) for s in (usr, signal.SIGTERM)}
         try:
+            child = subprocess.Popen(cmd, cwd=self.spec.workdir, env=self._child_env())
+            for s in sorted(seen):  # came while it was starting
+                child.send_signal(s)
             rc = child.wait()
         finally:
             for s, h in previous.items():
@@ -126,23 +168,39 @@ class TrainJob(Checkpointable):
 
         if rc == 0:
             return {"rank": rank, "exit_code": 0, "attempt": self.attempt}
-        # The requeue code, or killed by the preemption signal before its handler was installed
-        # (nothing new to save then: the newest checkpoint stands).
-        preempted = rc == self.spec.requeue_exit_code or (rc == -usr and usr in seen)
-        if not preempted:
+        # The requeue code, or killed by a signal that came to this task too (before the trainer
+        # had installed its handler: nothing new to save then, the newest checkpoint stands).
+        stopped = rc == self.spec.requeue_exit_code or (rc < 0 and -rc in seen)
+        if not stopped:
             raise RuntimeError(f"trainer on rank {rank} failed with exit code {rc} "
                                f"(attempt {self.attempt}); its output is in this task's log")
-        if signal.SIGTERM in seen:
+        if usr not in seen:  # SIGTERM only: SLURM's own requeue, or a cancel
+            if slurm_requeued():
+                print(f"[framer_dist.launch] task {rank}: trainer stopped (exit code {rc}); SLURM "
+                      "requeued the job (scontrol requeue or preemption): its next run resumes from "
+                      "the newest checkpoint", flush=True)
+                sys.exit(0)
             raise UncompletedJobError(
-                f"rank {rank}: stopped by SIGTERM (scancel or preemption); the checkpoint is saved "
-                "and the job is not requeued by us: resubmit to resume")
-        print(f"[framer_dist.launch] task {rank}: trainer saved and exited for requeue", flush=True)
+                f"rank {rank}: stopped by SIGTERM (scancel); the checkpoint is saved and the job is "
+                "not requeued: resubmit to resume")
+        how = ("saved and exited for requeue" if rc == self.spec.requeue_exit_code
+               else f"stopped by signal {-rc} after the preemption signal")
+        print(f"[framer_dist.launch] task {rank}: trainer {how}", flush=True)
         if rank == 0:
             if not callable(submitit_handler):
                 raise RuntimeError("not running under a submitit executor: cannot requeue")
-            # submitit's own handler: checkpoint() -> requeue -> exit. It does not return.
-            submitit_handler(usr, None)
-        # Other ranks leave quietly (exit 0 keeps srun from killing rank 0 before it requeues).
+            # submitit's own handler: checkpoint() -> requeue -> exit. On SLURM that exit is -1
+            # after `scontrol requeue`, and SLURM then SIGTERMs every task still running (the
+            # others may still be exiting: they have saved, and a SIGTERM no longer kills their
+            # trainers): exit 0 instead, nothing failed. The local executor's requeue is its
+            # exit code: keep that.
+            try:
+                submitit_handler(usr, None)
+            except SystemExit:
+                if job_env.name() != "slurm":
+                    raise
+            print(f"[framer_dist.launch] task 0: requeue requested (attempt {self.attempt + 1} "
+                  "resumes from the checkpoint)", flush=True)
         sys.exit(0)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
@@ -181,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ds", metavar="JSON", help="DeepSpeed config, e.g. ds_configs/zero3.json")
     g = p.add_argument_group("SLURM")
     g.add_argument("--nodes", type=int, default=1)
-    g.add_argument("--gpus-per-node", type=int, default=8, help="one task per GPU")
+    g.add_argument("--gpus-per-node", type=int, default=8,
+                   help="one task per GPU; 0: a CPU partition, --tasks per node")
     g.add_argument("--cpus-per-task", type=int, default=None)
     g.add_argument("--partition")
     g.add_argument("--account")
@@ -200,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     here = p.add_argument_group("this machine")
     here.add_argument("--local", action="store_true", help="run here with submitit's local executor")
     here.add_argument("--tasks", type=int, default=None,
-                   help="--local: number of ranks (default: --gpus-per-node if GPUs are used, else 1)")
+                   help="ranks per node without GPUs (--cpu, or --gpus-per-node 0 on SLURM); with "
+                        "--local also with GPUs (default: one per GPU, else 1)")
     here.add_argument("--cpu", action="store_true", help="--local: no GPUs (tests, CPU demo)")
     p.add_argument("--folder", help="submitit logs and pickles (default <train.out_dir>/submitit)")
     p.add_argument("--python", default=sys.executable, help="python on the compute nodes")
@@ -254,8 +314,9 @@ def plan_submission(args: argparse.Namespace) -> Plan:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {v}")
     if args.local and args.nodes != 1:
         raise ConfigError("--local runs on one machine: --nodes must be 1")
-    if not args.local and args.gpus_per_node < 1:
-        raise ConfigError("--gpus-per-node must be at least 1 on SLURM (one task per GPU)")
+    if not args.local and args.gpus_per_node > 0 and args.tasks not in (None, args.gpus_per_node):
+        raise ConfigError(f"--tasks {args.tasks} with --gpus-per-node {args.gpus_per_node}: on "
+                          "SLURM there is one task per GPU (--tasks is for --gpus-per-node 0)")
     if not args.local and args.time * 60 <= args.signal_delay:
         raise ConfigError(f"--signal-delay {args.signal_delay}s is not shorter than --time "
                           f"({args.time} min)")
@@ -273,8 +334,11 @@ def plan_submission(args: argparse.Namespace) -> Plan:
             params["cpus_per_task"] = args.cpus_per_task
         cluster = "local"
     else:
-        params.update(tasks_per_node=args.gpus_per_node, gpus_per_node=args.gpus_per_node,
-                      slurm_signal_delay_s=args.signal_delay,
+        if args.gpus_per_node:
+            params.update(tasks_per_node=args.gpus_per_node, gpus_per_node=args.gpus_per_node)
+        else:  # no GPU request at all: a cluster without GPU gres refuses even --gpus-per-node=0
+            params.update(tasks_per_node=args.tasks or 1)
+        params.update(slurm_signal_delay_s=args.signal_delay,
                       slurm_additional_parameters={"requeue": True},
                       # a crashed rank ends the job instead of leaving the others in a collective
                       slurm_srun_args=["--kill-on-bad-exit=1"])
@@ -295,6 +359,37 @@ def plan_submission(args: argparse.Namespace) -> Plan:
                 max_requeues=args.max_requeues)
 
 
+class _Watcher(SlurmInfoWatcher):
+    """submitit reads job states from sacct; without accounting (no sacct, or its storage
+    disabled) every state reads UNKNOWN. Then ask squeue, which knows a job until MinJobAge after
+    it ends, in the same `JobID|State|NodeList` form."""
+
+    _sacct: bool | None = None   # does sacct answer here? (asked once)
+
+    def _make_command(self) -> list[str] | None:
+        command = super()._make_command()
+        if command is None:
+            return None
+        if self._sacct is None:
+            self._sacct = shutil.which("sacct") is not None and subprocess.run(
+                [*command, "--noheader"], capture_output=True).returncode == 0
+        if self._sacct:
+            return command
+        ids = ",".join(sorted({x.split("_")[0] for x in self._registered - self._finished}))
+        return ["squeue", "--states=all", f"--jobs={ids}", "--format=%i|%T|%N"]
+
+    def read_info(self, string: bytes | str) -> dict[str, dict[str, str]]:
+        if isinstance(string, bytes):
+            string = string.decode()
+        if string.startswith("JOBID|STATE|NODELIST"):  # squeue's header, as sacct names them
+            string = "JobID|State|NodeList" + string[len("JOBID|STATE|NODELIST"):]
+        return super().read_info(string)
+
+
+class _SlurmJob(SlurmJob):
+    watcher = _Watcher(delay_s=600)
+
+
 def make_executor(plan: Plan) -> submitit.AutoExecutor:
     kw = {f"{plan.cluster}_max_num_timeout": plan.max_requeues}
     if plan.cluster == "slurm" and not shutil.which("srun"):
@@ -302,6 +397,8 @@ def make_executor(plan: Plan) -> submitit.AutoExecutor:
                           "--local to run on this machine")
     ex = submitit.AutoExecutor(folder=plan.folder, cluster=plan.cluster, **kw)
     ex.update_parameters(**plan.parameters)
+    if plan.cluster == "slurm":
+        ex._executor.job_class = _SlurmJob  # job states also without accounting
     return ex
 
 

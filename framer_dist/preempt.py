@@ -44,9 +44,14 @@ class PreemptionHandler:
             self._previous[s] = signal.signal(s, self._handle)
         return self
 
-    def uninstall(self) -> None:
+    def uninstall(self, keep_sigterm: bool = False) -> None:
+        """Restore the previous handlers. ``keep_sigterm``: leave SIGTERM setting the flag, for a
+        process on its way out with the requeue code after its save: the launcher's requeue
+        (submitit's rank 0 runs `scontrol requeue` as soon as its own trainer exits) makes SLURM
+        SIGTERM the ranks still exiting, and dying of it would read as a failure."""
         for s, prev in self._previous.items():
-            signal.signal(s, prev)
+            if not (keep_sigterm and s == signal.SIGTERM):
+                signal.signal(s, prev)
         self._previous.clear()
 
     def __enter__(self) -> "PreemptionHandler":

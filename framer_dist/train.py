@@ -425,7 +425,7 @@ def train(cfg: Config) -> RunResult:
             print(line, file=sys.stderr, flush=True)
         raise
     finally:
-        preempt.uninstall()
+        preempt.uninstall(keep_sigterm=preempted)  # a SIGTERM while exiting: no failure
         bar.close()
         tb.close()
     return RunResult(steps_done=step, out_dir=out_dir, checkpoint=last_ckpt, exports=exports,
@@ -481,7 +481,12 @@ def exit_distributed(code: int) -> None:
         os._exit(code)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The script and console-script entry point (``framer-train``): :func:`main`, then the exit."""
     exit_code = main()
     exit_distributed(exit_code)
     sys.exit(exit_code)
+
+
+if __name__ == "__main__":
+    cli()

@@ -14,12 +14,13 @@
 # before the time limit. SLURM may send it up to 60 s earlier than asked; the margin must cover
 # one training step + the collective checkpoint save + exit. If you change the signal here, set
 # PREEMPT_SIGNAL to match.
+# CPU or small clusters: `sbatch --gpus-per-node=0 ...` (no GPU gres: one CPU worker per node; the
+# srun task gets every CPU SLURM allocated on its node). See docs/launch.md.
 #
 #SBATCH --job-name=framer-dit
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8
-#SBATCH --cpus-per-task=64
 #SBATCH --exclusive
 #SBATCH --time=24:00:00
 #SBATCH --requeue
@@ -36,7 +37,7 @@ BACKEND=${BACKEND:-fsdp2}                   # fsdp2 | deepspeed
 DS_CONFIG=${DS_CONFIG:-ds_configs/zero3.json}
 REPO_DIR=${REPO_DIR:-${SLURM_SUBMIT_DIR:-$PWD}}   # SLURM runs a copy of this script: find the repo
 PYTHON=${PYTHON:-python}
-GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
+GPUS_PER_NODE=${GPUS_PER_NODE:-}             # workers per node (default: what SLURM allocated)
 PREEMPT_SIGNAL=${PREEMPT_SIGNAL:-USR1}      # must match --signal above (USR1 | USR2)
 REQUEUE_EXIT_CODE=${REQUEUE_EXIT_CODE:-75}  # checkpoint.requeue_exit_code (set it here, not as an override)
 SAVE_GRACE_S=${SAVE_GRACE_S:-280}           # how long torchrun waits for workers after a signal
@@ -45,6 +46,13 @@ LOG_DIR=${LOG_DIR:-$REPO_DIR/logs}
 MAX_RESTARTS=${MAX_RESTARTS:-50}            # stop requeueing after this many restarts
 
 die() { echo "train_dit.sh: error: $*" >&2; exit 2; }
+# SLURM counts a requeue (its own or scontrol's) at once: the job's Restarts is then above this
+# run's SLURM_RESTART_COUNT. A cancelled job keeps its count.
+slurm_requeued() {
+    local count
+    count=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | tr ' ' '\n' | sed -n 's/^Restarts=//p' | head -n 1)
+    [ -n "$count" ] && [ "$count" -gt "$restart" ]
+}
 
 [ -n "${SLURM_JOB_ID:-}" ] || die "not inside a SLURM job (submit with sbatch)"
 [ -n "$CONFIG" ] || die "CONFIG is not set (e.g. CONFIG=configs/sd35m_framer.toml sbatch slurm/train_dit.sh)"
@@ -57,6 +65,10 @@ for arg in "$@"; do
             die "'$arg': set PREEMPT_SIGNAL / REQUEUE_EXIT_CODE instead (the script must know them)" ;;
     esac
 done
+case "$GPUS_PER_NODE" in
+    "" | [1-9] | [1-9][0-9]) ;;
+    *) die "GPUS_PER_NODE must be a number of workers per node (1-99), got '$GPUS_PER_NODE'" ;;
+esac
 case "$PREEMPT_SIGNAL" in
     USR1 | USR2) ;;
     *) die "PREEMPT_SIGNAL must be USR1 or USR2, got '$PREEMPT_SIGNAL'" ;;
@@ -81,23 +93,41 @@ nnodes=${SLURM_NNODES:-${SLURM_JOB_NUM_NODES:-1}}
 hosts=$(scontrol show hostnames "${SLURM_JOB_NODELIST:?SLURM_JOB_NODELIST is not set}")
 head_node=${hosts%%$'\n'*}
 [ -n "$head_node" ] || die "could not resolve the first node of SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST"
+# Every node reaches torchrun's c10d store by this name; a node name that does not resolve (a
+# cluster that addresses its nodes by NodeAddr only) would hang the rendezvous: use the address.
+rdzv_host=$head_node
+if ! getent hosts "$head_node" >/dev/null 2>&1; then
+    rdzv_host=$(scontrol show node "$head_node" 2>/dev/null | tr ' ' '\n' | sed -n 's/^NodeAddr=//p' | head -n 1)
+    [ -n "$rdzv_host" ] || die "the first node's name '$head_node' does not resolve and scontrol shows no NodeAddr for it"
+fi
+
+# Workers per node: one per allocated GPU; none allocated (--gpus-per-node=0, a CPU partition): one
+# CPU worker per node.
+if [ -z "$GPUS_PER_NODE" ]; then
+    GPUS_PER_NODE=${SLURM_GPUS_ON_NODE:-0}
+    [ "$GPUS_PER_NODE" -gt 0 ] || GPUS_PER_NODE=1
+fi
+# srun does not inherit --cpus-per-task from sbatch on recent SLURM, and without it the whole node's
+# torchrun (and all its workers) could be pinned to one core: give the one task per node every CPU
+# SLURM allocated there (--exclusive: the whole node), or what --cpus-per-task asked for.
+cpus_per_task=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-}}
+cpu_args=()
+if [ -n "$cpus_per_task" ]; then
+    cpu_args=(--cpus-per-task="$cpus_per_task")
+fi
 
 # ---- NCCL / network (see docs/launch.md; export yours before sbatch to override) ----
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+omp_default=$(( ${cpus_per_task:-8} / GPUS_PER_NODE ))   # the node's CPUs shared by its workers
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( omp_default > 0 ? omp_default : 1 ))}
 # InfiniBand / RoCE clusters usually also need some of (values are cluster-specific):
 #   NCCL_IB_HCA=mlx5  NCCL_SOCKET_IFNAME=ib0 (or ^lo,docker)  NCCL_IB_GID_INDEX=3 (RoCE v2)
 
-echo "[train_dit] job $SLURM_JOB_ID restart $restart: $nnodes node(s) x $GPUS_PER_NODE GPU(s)," \
-    "backend $BACKEND, rendezvous $head_node:$RDZV_PORT, logs $job_log_dir"
-
-# srun does not inherit --cpus-per-task from sbatch on recent SLURM: without it the whole node's
-# torchrun (and all its workers) could be pinned to one core.
-cpu_args=()
-if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then
-    cpu_args=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
-fi
+echo "[train_dit] job $SLURM_JOB_ID restart $restart: $nnodes node(s) x $GPUS_PER_NODE worker(s)" \
+    "(${SLURM_GPUS_ON_NODE:-no} GPU(s) allocated per node, ${cpus_per_task:-?} CPU(s) per node," \
+    "OMP_NUM_THREADS=$OMP_NUM_THREADS), backend $BACKEND, rendezvous $rdzv_host:$RDZV_PORT," \
+    "logs $job_log_dir"
 
 # Per node: torchrun forwards the preemption signal and SIGTERM to its workers and then waits up
 # to SAVE_GRACE_S for their collective save before killing them.
@@ -106,7 +136,7 @@ srun --nodes="$nnodes" --ntasks-per-node=1 "${cpu_args[@]}" --kill-on-bad-exit=1
     --output="$job_log_dir/node%n.log" \
     "$PYTHON" -m torch.distributed.run \
     --nnodes="$nnodes" --nproc-per-node="$GPUS_PER_NODE" \
-    --rdzv-backend=c10d --rdzv-endpoint="$head_node:$RDZV_PORT" \
+    --rdzv-backend=c10d --rdzv-endpoint="$rdzv_host:$RDZV_PORT" \
     --rdzv-id="$SLURM_JOB_ID-$restart" --max-restarts=0 \
     --signals-to-handle="SIGTERM,SIGINT,SIGHUP,SIG$PREEMPT_SIGNAL" \
     --shutdown-timeout="$SAVE_GRACE_S" \
@@ -118,8 +148,9 @@ srun --nodes="$nnodes" --ntasks-per-node=1 "${cpu_args[@]}" --kill-on-bad-exit=1
     "$@" &
 srun_pid=$!
 
-# A scancel sends SIGTERM to this shell as well: remember it, so a cancelled job is not requeued
-# (the trainer still saves: SLURM signals the step's processes directly).
+# SIGTERM reaches this shell on scancel, and also when SLURM itself requeues the job (scontrol
+# requeue, preemption with PreemptMode=REQUEUE): remember it, and tell the two apart afterwards (the
+# trainer still saves: SLURM signals the step's processes directly).
 cancelled=0
 trap 'cancelled=1' TERM INT
 while :; do
@@ -146,11 +177,18 @@ for f in "$FRAMER_EXIT_DIR"/rank*.code; do
     fi
 done
 
-if [ "$requeue" = 1 ]; then
-    if [ "$cancelled" = 1 ]; then
-        echo "[train_dit] checkpoint saved; job was cancelled, not requeueing"
-        exit 0
+if [ "$cancelled" = 1 ]; then
+    saved="checkpoint saved"
+    [ "$requeue" = 1 ] || saved="stopped before the trainers saved (the newest checkpoint stands)"
+    if slurm_requeued; then
+        echo "[train_dit] $saved; SLURM requeued the job (scontrol requeue or preemption):" \
+            "its next run resumes from the newest checkpoint"
+    else
+        echo "[train_dit] $saved; job was cancelled, not requeueing"
     fi
+    exit 0
+fi
+if [ "$requeue" = 1 ]; then
     if [ "$restart" -ge "$MAX_RESTARTS" ]; then
         echo "[train_dit] checkpoint saved; restart limit MAX_RESTARTS=$MAX_RESTARTS reached" >&2
         exit 1
