@@ -16,8 +16,9 @@ from framer_dist.parallel.base import Backend, BackendConfig
 from framer_dist.parallel.blocks import apply_activation_checkpointing, transformer_blocks
 from framer_dist.parallel.optim import resolve_grad_accum
 from framer_dist.parallel.process_group import launcher_problem, resolve_device
+from framer_dist.parallel.weights import read_checkpoint_weights
 
-__all__ = ["Backend", "setup_backend", "check_backend"]
+__all__ = ["Backend", "setup_backend", "check_backend", "read_checkpoint_weights"]
 
 
 def check_backend(cfg: Config, world: int, on_this_machine: bool = True) -> None:
