@@ -25,6 +25,7 @@ class MicroBatchLoss:
     framer: Tensor                    # agg_i L^(i) before lambda (zero when FRAMER is off)
     layer_metrics: dict[str, Tensor] = field(default_factory=dict)
     verify: Callable[[], None] = lambda: None  # deferred FRAMER NaN/Inf check; call before stepping
+    parts: dict[str, Tensor] = field(default_factory=dict)  # the base loss's terms (detached)
 
 
 def micro_batch_loss(family: ModelFamily, model: Callable, batch: dict[str, Any],
@@ -38,11 +39,13 @@ def micro_batch_loss(family: ModelFamily, model: Callable, batch: dict[str, Any]
     ``.verify()`` after backward and before the optimizer step."""
     f_cfg = ctx.cfg.framer
     out = family.step(model, batch, ctx)
-    if not f_cfg.enabled:
-        return MicroBatchLoss(out.loss, out.loss, torch.zeros((), device=out.loss.device))
+    if not f_cfg.enabled or out.features is None:
+        return MicroBatchLoss(out.loss, out.loss, torch.zeros((), device=out.loss.device),
+                              parts=out.parts)
     feats = out.features
     key = out.teacher if out.teacher is not None else feats[teacher]
+    hf = out.hf_layers[students] if out.hf_layers is not None else None
     res = framer_objective(feats[students], key, f_cfg, generator,
-                           gather=gather, rank=rank, defer_check=True)
+                           gather=gather, rank=rank, defer_check=True, hf_layers=hf)
     return MicroBatchLoss(out.loss + f_cfg.weight * res.loss, out.loss, res.loss, res.metrics,
-                          res.verify)
+                          res.verify, out.parts)

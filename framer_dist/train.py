@@ -200,6 +200,7 @@ class StepStats:
     grad_norm: float
     layer_metrics: dict[str, torch.Tensor]
     batch: dict[str, Any]
+    parts: dict[str, float] = field(default_factory=dict)  # the base loss's terms, same averaging
 
 
 @dataclass
@@ -217,6 +218,7 @@ class Stepper:
     count_flops: Any = None             # the family's per-batch FLOP count, or None
     flops_per_sample: float | None = None
     vae: Any = None                     # the frozen VAE for sources that yield pixels
+    helpers: Any = None                 # the family's frozen helper models (StepContext.helpers)
 
     def step(self, samples_seen: int) -> StepStats:
         """grad_accum micro-batches (the family's step + lambda * FRAMER, backward each), the
@@ -226,18 +228,19 @@ class Stepper:
 
         be, cfg = self.backend, self.cfg
         sums = torch.zeros(3, dtype=torch.float64, device=be.device)  # base, framer, total
+        part_sums: dict[str, torch.Tensor] = {}
         layer_metrics: dict[str, torch.Tensor] = {}
         checks = []  # deferred FRAMER NaN/Inf checks, run before the optimizer step
         for micro in range(be.grad_accum):
             self.thr.data_start()
             batch = to_device(next(self.batches), be.device)
             self.thr.data_end()
-            if "hr_latent" not in batch:  # pixels: degrade/encode online with the VAE
-                from framer_dist.data import encode_batch
+            if "hr_latent" not in batch and not self.family.takes_pixels:
+                from framer_dist.data import encode_batch  # pixels: degrade/encode online
                 batch = encode_batch(self.vae, batch)
             positions = sample_positions(batch, samples_seen, micro, be.rank, be.world_size,
-                                         batch["hr_latent"].shape[0])
-            ctx = StepContext(cfg, positions, be.autocast())
+                                         cfg.data.batch_size)
+            ctx = StepContext(cfg, positions, be.autocast(), self.helpers)
             losses = micro_batch_loss(self.family, be.model, batch, ctx, self.students,
                                       self.teacher, self.generator, gather=be.gather, rank=be.rank)
             be.backward(losses.total)
@@ -245,6 +248,8 @@ class Stepper:
             # detached sums on the device: no host sync per micro-batch
             sums += torch.stack([losses.base.detach(), losses.framer.detach(),
                                  losses.total.detach()]).double()
+            for name, value in losses.parts.items():
+                part_sums[name] = part_sums.get(name, 0) + value.detach().double()
             layer_metrics = losses.layer_metrics
             if self.flops_per_sample is None and self.count_flops is not None:
                 self.flops_per_sample = self.count_flops(batch)
@@ -253,8 +258,12 @@ class Stepper:
         grad_norm = be.step()
         self.thr.step_done(cfg.data.batch_size * be.grad_accum)
         # Losses averaged over micro-batches and ranks (a tiny collective, every step).
-        means = be.gather((sums / be.grad_accum).reshape(1, 3)).mean(0).cpu()
-        return StepStats(means, float(grad_norm), layer_metrics, batch)
+        names = sorted(part_sums)
+        local = torch.cat([sums, torch.stack([part_sums[n] for n in names]).reshape(-1)
+                           if names else sums.new_zeros(0)])
+        means = be.gather((local / be.grad_accum).reshape(1, -1)).mean(0).cpu()
+        parts = {n: float(v) for n, v in zip(names, means[3:])}
+        return StepStats(means[:3], float(grad_norm), layer_metrics, batch, parts)
 
 
 @dataclass
@@ -279,6 +288,7 @@ class Logger:
 
         cfg, be = self.cfg, self.backend
         rec = {"step": step, f"loss/{self.family.base_loss_name}": float(st.means[0]),
+               **{f"loss/{k}": v for k, v in st.parts.items()},
                "loss/total": float(st.means[2]), "lr": be.lr, "grad_norm": st.grad_norm}
         if cfg.framer.enabled:
             rec["loss/framer"] = float(st.means[1])
@@ -346,6 +356,8 @@ def train(cfg: Config) -> RunResult:
     count_flops = family.flops(model, cfg)  # from the plain model, before the backend shards it
     backend = setup_backend(cfg, model, params)
     rank, world, device = backend.rank, backend.world_size, backend.device
+    # frozen helper models (VAE, LPIPS, a frozen backbone): replicated, outside the engine
+    helpers = family.helpers(model, cfg, device) if family.helpers is not None else None
     accum = backend.grad_accum
     b_micro = cfg.data.batch_size
     global_batch = b_micro * world * accum
@@ -395,9 +407,10 @@ def train(cfg: Config) -> RunResult:
                          generator=framer_gen)
 
     from framer_dist.data import load_vae, yields_pixels
-    vae = load_vae(cfg.data, cfg.model.family, device=device) if yields_pixels(cfg.data) else None
+    vae = (load_vae(cfg.data, cfg.model.family, device=device)
+           if yields_pixels(cfg.data) and not family.takes_pixels else None)
     stepper = Stepper(cfg, family, backend, batches, students, teacher, framer_gen,
-                      metrics.Throughput(), count_flops, vae=vae)
+                      metrics.Throughput(), count_flops, vae=vae, helpers=helpers)
     logger = Logger(cfg, family, backend, tb, bar, data_lines, report, out_dir / "metrics.jsonl",
                     peak, students)
     try:

@@ -538,3 +538,23 @@ def test_cuda_matches_cpu(mask):
     torch.testing.assert_close(g_gpu.cpu(), g_cpu, rtol=1e-4, atol=1e-6)
     for k in CONTRACT_KEYS:
         torch.testing.assert_close(gpu.metrics[k].cpu(), cpu.metrics[k], rtol=1e-5, atol=1e-5)
+
+
+def test_hf_layers_drop_only_those_students_hf_terms():
+    """hf_layers (FRAMER_U's coarse students): a masked student keeps its LF term, loses its HF
+    term; the other students' terms are unchanged (it still serves as their negative)."""
+    cfg = _cfg(faw=False, fam=False)  # weights and gates 1: loss_layer = l_lf + l_hf
+    s, t = _inputs()
+    full = framer_objective(s, t, cfg, torch.Generator().manual_seed(0))
+    mask = torch.ones(L, dtype=torch.bool)
+    mask[0] = False
+    part = framer_objective(s, t, cfg, torch.Generator().manual_seed(0), hf_layers=mask)
+    m_full, m_part = full.metrics, part.metrics
+    torch.testing.assert_close(m_full["loss_layer"], m_full["l_lf"] + m_full["l_hf"])
+    torch.testing.assert_close(m_part["loss_layer"][0], m_part["l_lf"][0])
+    torch.testing.assert_close(m_part["loss_layer"][1:], m_full["loss_layer"][1:])
+    assert m_part["a_hf"][0] == 0 and m_full["l_hf"][0] > 0
+    part.loss.backward()
+    assert s.grad[0].abs().sum() > 0  # the LF term still trains it
+    with pytest.raises(ValueError, match=r"hf_layers must be \[L=4\]"):
+        framer_objective(s, t, cfg, torch.Generator().manual_seed(0), hf_layers=mask[:2])

@@ -201,7 +201,8 @@ def _gather_keys(bands: dict[str, BandFeatures], kinds: dict[str, str], n_layers
 
 def framer_objective(students: Tensor, teacher: Tensor, cfg: FramerConfig,
                      generator: torch.Generator | None, gather: Gather | None = None,
-                     rank: int = 0, defer_check: bool = False) -> FramerResult:
+                     rank: int = 0, defer_check: bool = False,
+                     hf_layers: Tensor | None = None) -> FramerResult:
     """The FRAMER term ``agg_i L^(i)`` (before ``framer.weight``) and its per-layer metrics.
 
     students: ``[L, B, C, H, W]`` features of the student layers (any float dtype, graph attached);
@@ -218,10 +219,17 @@ def framer_objective(students: Tensor, teacher: Tensor, cfg: FramerConfig,
     device and :meth:`FramerResult.verify` raises it later (call it before the optimizer step).
     This removes the one host sync in the middle of the step, so the host keeps queuing work
     while the GPU runs the forward. With a gather, or with ``'skip'``, the check is immediate.
+
+    ``hf_layers``: bool ``[L]``, which students' HF terms count (None = all). A family whose
+    students live on coarser grids than the teacher's (FRAMER_U) drops the HF term of a student
+    that holds nothing above the LF radius; its LF term and its role as a negative stay.
     """
     _check_inputs(students, teacher, cfg, generator, rank)
+    if hf_layers is not None and tuple(hf_layers.shape) != (students.shape[0],):
+        raise ValueError(f"framer_objective: hf_layers must be [L={students.shape[0]}], got "
+                         f"{tuple(hf_layers.shape)}")
     with torch.autocast(device_type=students.device.type, enabled=False):
-        return _objective(students, teacher, cfg, generator, gather, rank, defer_check)
+        return _objective(students, teacher, cfg, generator, gather, rank, defer_check, hf_layers)
 
 
 def _to_device(t: Tensor, device: torch.device) -> Tensor:
@@ -232,7 +240,8 @@ def _to_device(t: Tensor, device: torch.device) -> Tensor:
 
 
 def _objective(students: Tensor, teacher: Tensor, cfg: FramerConfig, generator: torch.Generator | None,
-               gather: Gather | None, rank: int, defer_check: bool = False) -> FramerResult:
+               gather: Gather | None, rank: int, defer_check: bool = False,
+               hf_layers: Tensor | None = None) -> FramerResult:
     n_layers, b, _, _, w = students.shape
     neg = draw_negative_layers(n_layers, generator) if cfg.random_negatives else None
     neg_dev = _to_device(neg, students.device) if neg is not None else None
@@ -281,6 +290,8 @@ def _objective(students: Tensor, teacher: Tensor, cfg: FramerConfig, generator: 
             wgt = (faw_weight(band.energy[:n_layers], band.energy[n_layers], cfg.faw_denominator, cfg.eps)
                    if cfg.faw else torch.ones_like(cos))
             gate = fam_gate(cos) if cfg.fam else torch.ones_like(cos)
+            if name == "hf" and hf_layers is not None:  # coarse students: no HF term
+                gate = gate * hf_layers.to(gate.device, gate.dtype).unsqueeze(1)
             per_band[name] = (loss, cos.detach(), wgt.detach(), gate.detach())
         layer_loss = sum((p[2] * p[3] * p[0]).mean(dim=1) for p in per_band.values())  # [L]
     if cfg.plain_l2:

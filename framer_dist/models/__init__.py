@@ -53,6 +53,7 @@ class StepContext:
     cfg: Config
     positions: list[int]   # global stream positions of the batch's samples: key every random draw
     autocast: contextlib.AbstractContextManager = field(default_factory=contextlib.nullcontext)
+    helpers: Any = None    # what the family's ``helpers`` built for this rank (frozen models)
 
 
 @dataclass
@@ -60,11 +61,16 @@ class StepOutput:
     """A family's training step: its own (base) loss and, with FRAMER on, the per-block features
     ``[L, B, C, H, W]`` on one common grid (each block's exactly once). ``teacher``: the FRAMER
     teacher when it is not one of the L layers (e.g. the real output), else None (the trainer
-    takes ``features[teacher_index]``)."""
+    takes ``features[teacher_index]``). Features None with FRAMER on: no FRAMER term this step
+    (a stage the family runs without it). ``hf_layers``: bool ``[L]`` over the feature layers,
+    which ones get an HF term (None = all; see ``framer_objective``). ``parts``: detached terms
+    of the base loss, logged as ``loss/<name>``; every rank returns the same names."""
 
     loss: Tensor
     features: Tensor | None = None
     teacher: Tensor | None = None
+    hf_layers: Tensor | None = None
+    parts: dict[str, Tensor] = field(default_factory=dict)
 
 
 def _no_flops(model: nn.Module, cfg: Config) -> Callable[[dict[str, Any]], float] | None:
@@ -111,6 +117,14 @@ class ModelFamily:
     text_encoder: Callable[[str | Path, str, torch.dtype, int | None],
                            Callable[[list[str]], Prompt]] | None = None
     inference: InferenceSpec | None = None  # framer-sr and the layer-hierarchy analysis
+    # (model, cfg, device) -> what every step gets as ``StepContext.helpers``: frozen models (a
+    # VAE, LPIPS, a frozen copy of the backbone) built once per rank, replicated, outside the
+    # backend's engine. Called once the backend is set up: read the model's structure, not its
+    # (possibly sharded) weights
+    helpers: Callable[[nn.Module, Config, torch.device], Any] | None = None
+    # the step takes pixel batches (``hr_raw`` crops or ``hr``/``lr``) and encodes them itself
+    # (with its helpers' VAE); otherwise the trainer encodes them to ``hr_latent``/``lr_latent``
+    takes_pixels: bool = False
 
     def part(self, name: str) -> Any:
         """The optional part ``name`` (latents, text_encoder, inference), or a ConfigError
