@@ -25,7 +25,9 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -92,14 +94,15 @@ def _job(slurm: LocalSlurm, job_id: str) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S*)", r.stdout))
 
 
-def _wait_state(slurm: LocalSlurm, job_id: str, want: set[str], details) -> dict[str, str]:
-    """Wait until the job is in one of ``want``; fail at once if it ends otherwise or pends for
-    a reason that never clears."""
+def _wait_state(slurm: LocalSlurm, job_id: str, want: set[str], details,
+                settled: Callable[[dict[str, str]], bool] = lambda info: True) -> dict[str, str]:
+    """Wait until the job is in one of ``want`` (and ``settled(info)``); fail at once if it ends
+    otherwise or pends for a reason that never clears."""
     info: dict[str, str] = {}
 
     def ready() -> bool:
         info.update(_job(slurm, job_id))
-        return info.get("JobState") in want
+        return info.get("JobState") in want and settled(info)
 
     def alive() -> bool:
         state = info.get("JobState")
@@ -134,8 +137,20 @@ def _release_resumed(slurm: LocalSlurm, job_id: str, cfg: Path, out: Path, detai
                      *update: str) -> int:
     """The stopped job is pending again: check what it saved, let it finish 3 steps later, release
     it now. Returns the saved step."""
-    info = _wait_state(slurm, job_id, {"PENDING"}, details)
+    # a job requeued by its own batch script may pend with Reason=None until the scheduler's
+    # next pass (seen in CI): wait for the reason to be set
+    info = _wait_state(slurm, job_id, {"PENDING"}, details,
+                       settled=lambda i: i.get("Reason") not in (None, "None"))
     assert info["Reason"] == "BeginTime", info  # SLURM's hold after any requeue
+    # Released while the stopped run's steps still end on the nodes, or in the second its
+    # credential was revoked, the batch launch is refused ("Job credential revoked", slurmd: "Job
+    # N already killed"; seen in CI after the script's own requeue): SLURM's BeginTime hold is
+    # there for that. Wait for idle nodes and a later second than the stop instead.
+    wait_until(slurm.nodes_idle, "the nodes to be idle after the requeue", details=details,
+               poll=POLL_S)
+    seen = int(time.time())  # the requeue (and the revocation) happened in this second or before
+    wait_until(lambda: int(time.time()) > seen, "the clock to pass the requeue's second",
+               poll=POLL_S)
     saved = _checkpoints(out)
     assert saved and saved[-1] >= 3, (saved, details())
     assert _steps_logged(out) == list(range(1, saved[-1] + 1)), details()  # nothing after the save

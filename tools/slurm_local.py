@@ -216,7 +216,7 @@ PartitionName=debug Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE St
                   START_BOUND_S, self._procs)
             for n in self.nodes:
                 self._spawn(f"slurmd-{n}", [_sbin("slurmd"), "-D", "-N", n])
-            _wait(self._nodes_idle, f"nodes {','.join(self.nodes)} to be idle", self.logs,
+            _wait(self.nodes_idle, f"nodes {','.join(self.nodes)} to be idle", self.logs,
                   START_BOUND_S, self._procs)
         except BaseException:
             self.stop()
@@ -226,7 +226,8 @@ PartitionName=debug Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE St
     def _ok(self, cmd: list[str]) -> bool:
         return subprocess.run(cmd, env=self.env, capture_output=True).returncode == 0
 
-    def _nodes_idle(self) -> bool:
+    def nodes_idle(self) -> bool:
+        """Every node of the cluster is idle: no job, no step still ending on it."""
         r = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], env=self.env, capture_output=True,
                            text=True)
         states = dict(line.split() for line in r.stdout.splitlines() if line.strip())
