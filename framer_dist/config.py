@@ -34,11 +34,13 @@ def option(default: Any, doc: str = "", **meta: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    family: str = option("dit4sr", "model family: a registered name (dit4sr) or module:attribute "
+    family: str = option("dit4sr", "model family: a registered name (dit4sr, pisasr) or module:attribute "
                      "naming a framer_dist.models.ModelFamily (docs/interfaces.md)")
     preset: str = option("tiny", "backbone geometry, one of the family's presets (dit4sr: tiny, "
-                     "sd3-medium, sd3.5-medium, sd3.5-large; docs/models.md)")
-    pretrained: str = option("", "local diffusers folder with transformer weights ('' = random init)")
+                     "sd3-medium, sd3.5-medium, sd3.5-large; docs/models.md; pisasr: unet-tiny, "
+                     "sd2.1-base; docs/framer_u.md)")
+    pretrained: str = option("", "local diffusers folder with the backbone's weights (dit4sr: "
+                         "transformer/, pisasr: unet/; '' = random init)")
 
 
 @dataclass
@@ -98,7 +100,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     mode: str = option("control", "which parameters train, one of the family's modes (dit4sr: "
-                   "control, lora, full)")
+                   "control, lora, full; pisasr: its stages pix, sem)")
     steps: int = option(1000, "optimizer steps in total", min=1)
     grad_accum: int = option(1, "micro-batches per optimizer step", min=1)
     global_batch_size: int = option(

@@ -199,5 +199,5 @@ def test_stage_losses(lpips, csd):
     torch.testing.assert_close(p["lpips"], lpips(pred, hr).mean())
     with pytest.raises(ValueError, match="needs lpips"):
         Ls.stage_loss("sem", pred, hr)
-    with pytest.raises(ValueError, match="train.stage"):
+    with pytest.raises(ValueError, match="train.mode"):
         Ls.stage_loss("both", pred, hr)

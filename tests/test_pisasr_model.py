@@ -274,7 +274,7 @@ def test_each_stage_trains_exactly_its_set_and_heads(tiny):
             assert L.active_sets(tiny.unet) == active
             L.apply_stage(tiny, stage, train_heads=False)  # framer.head_train = false
             assert {n for n, p in tiny.named_parameters() if p.requires_grad} == own
-        with pytest.raises(ValueError, match="train.stage"):
+        with pytest.raises(ValueError, match="train.mode"):
             L.apply_stage(tiny, "both")
     finally:
         L.apply_stage(tiny, "pix")

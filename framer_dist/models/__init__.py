@@ -156,6 +156,7 @@ def register_family(family: ModelFamily) -> ModelFamily:
 
 def _builtin() -> None:
     from framer_dist.models.dit4sr.family import FAMILY  # noqa: F401  (registers itself)
+    from framer_dist.models.pisasr.family import FAMILY as _U  # noqa: F401
 
 
 def families() -> list[ModelFamily]:

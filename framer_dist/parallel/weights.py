@@ -147,7 +147,7 @@ def _read_deepspeed(path: Path, meta: dict) -> dict[str, Tensor]:
             buffers = set(load_torch(module_file, mmap=True).get("buffer_names", ()))
             lazy = get_fp32_state_dict_from_zero_checkpoint(str(path), tag=TAG, lazy_mode=True)
             # ZeRO-3: pseudo tensors put together here; ZeRO-1/2: views of the merged partitions
-            return {k: v.contiguous().clone() for k, v in lazy.items() if k not in buffers}
+            return {k: v.contiguous().clone().detach() for k, v in lazy.items() if k not in buffers}
     except CheckpointLoadError:
         raise
     except (OSError, ValueError, KeyError, IndexError, RuntimeError) as e:

@@ -30,7 +30,7 @@ _WHERE = {
     "sample_generator": "losses", "sample_generators": "losses", "encode_latents": "losses",
     "decode_images": "losses", "null_prompt_mask": "losses", "ddpm_alphas_cumprod": "losses",
     "merge_sets": "lora", "Helpers": "training", "StepResult": "training", "train_step": "training",
-    "LPIPS": "lpips", "LPIPSWeightsError": "lpips", "load_lpips": "lpips",
+    "LPIPS": "lpips", "LPIPSWeightsError": "lpips", "load_lpips": "lpips", "random_lpips": "lpips",
 }
 
 __all__ = sorted(_WHERE)

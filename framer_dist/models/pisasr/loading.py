@@ -77,7 +77,8 @@ def build_unet(preset: str, pretrained: str | Path = "", *, device: torch.device
     if not pretrained:
         with torch.device(device or "cpu"):
             unet = UNet2DConditionModel(**preset_config(preset))
-        return unet.to(dtype) if dtype is not None else unet
+        # diffusers warns on any .to(dtype): only cast when it changes something
+        return unet.to(dtype) if dtype is not None and dtype != unet.dtype else unet
     folder = resolve_unet_dir(pretrained)
     check_geometry(read_unet_config(folder), preset, str(folder / "config.json"))
     try:

@@ -11,7 +11,7 @@ against the release's rule): on SD2.1-base 4,055,712 LoRA parameters per set at 
 peft's defaults of the release: gaussian init (A ~ N(0, 1/r), B = 0), ``lora_alpha`` 8, no
 dropout.
 
-Stages (two launches, ``train.stage``): ``pix`` activates and trains the pix set alone; ``sem``
+Stages (two launches, ``train.mode``): ``pix`` activates and trains the pix set alone; ``sem``
 activates both sets and trains sem alone. The FRAMER heads train in either stage when asked.
 """
 
@@ -107,7 +107,7 @@ def add_lora_sets(unet: nn.Module, rank: int = 4, alpha: float = 8.0, seed: int 
     from peft import LoraConfig
 
     if rank < 1:
-        raise ValueError(f"config key 'lora.rank': must be >= 1, got {rank}")
+        raise ValueError(f"config key 'pisasr.lora_rank': must be >= 1, got {rank}")
     if getattr(unet, "peft_config", None):
         raise ValueError("add_lora_sets: the U-Net already has adapters "
                          f"{sorted(unet.peft_config)}")
@@ -165,7 +165,7 @@ def apply_stage(model: nn.Module, stage: str, *, train_heads: bool = True) -> li
     sets and make exactly the stage's LoRA set (plus the FRAMER heads with ``train_heads``)
     trainable. Returns the trainable parameters in module order."""
     if stage not in STAGES:
-        raise ValueError(f"config key 'train.stage': {stage!r} is not allowed; allowed values: "
+        raise ValueError(f"config key 'train.mode': {stage!r} is not allowed; allowed values: "
                          + ", ".join(map(repr, STAGES)))
     unet = model.unet
     if not has_lora(unet):

@@ -186,7 +186,7 @@ def stage_loss(stage: str, pred: Tensor, target: Tensor, *, z_h: Tensor | None =
     if stage == "pix":
         return StageLoss(weights.l2 * mse, {"mse": mse.detach()})
     if stage != "sem":
-        raise ValueError(f"config key 'train.stage': {stage!r} is not allowed; allowed values: 'pix', 'sem'")
+        raise ValueError(f"config key 'train.mode': {stage!r} is not allowed; allowed values: 'pix', 'sem'")
     if lpips is None or csd is None or z_h is None or prompt_embeds is None \
             or negative_embeds is None or generators is None:
         raise ValueError("stage 'sem' needs lpips, csd, z_h, prompt_embeds, negative_embeds and "

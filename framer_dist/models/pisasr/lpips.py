@@ -130,6 +130,23 @@ def _fill(module: nn.Module, sd: dict[str, Tensor], prefix: str, path: str | Pat
     module.load_state_dict({k: sd[k] for k in own}, strict=False)
 
 
+def random_lpips(seed: int = 0, *, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> LPIPS:
+    """LPIPS with random weights, frozen (tests and the CPU demo; no files). The linear layers are
+    made non-negative, as lpips' training keeps them, so the distance stays >= 0."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = LPIPS()
+    with torch.no_grad():
+        for k in range(len(CHANNELS)):
+            w = getattr(net, f"lin{k}").model[1].weight
+            w.abs_()
+    net.requires_grad_(False)
+    if device is not None or dtype is not None:
+        net.to(device=device, dtype=dtype)
+    return net
+
+
 def load_lpips(vgg_path: str | Path, lin_path: str | Path, *, device: torch.device | str | None = None,
                dtype: torch.dtype | None = None) -> LPIPS:
     """LPIPS-VGG from the two local weight files, frozen, in eval mode."""

@@ -197,19 +197,13 @@ class PiSASRUNet(nn.Module):
                upsample_size: tuple[int, int] | None):
         """Block ``i`` as in ``UNet2DConditionModel.forward``: a down block returns
         ``(h, res_samples)``, the mid and up blocks ``h``."""
+        # The hidden state goes in positionally: module hooks see positional tensors only, and
+        # ZeRO-3's leaf-gradient hook (a full backward hook) needs it (parallel/deepspeed/units.py).
         b = self._blocks[i]
-        if i < self._n_down:
-            if getattr(b, "has_cross_attention", False):
-                return b(hidden_states=h, temb=emb, encoder_hidden_states=ctx)
-            return b(hidden_states=h, temb=emb)
-        if i == self._n_down:
-            if getattr(b, "has_cross_attention", False):
-                return b(h, emb, encoder_hidden_states=ctx)
-            return b(h, emb)
-        if getattr(b, "has_cross_attention", False):
-            return b(hidden_states=h, temb=emb, res_hidden_states_tuple=res,
-                     encoder_hidden_states=ctx, upsample_size=upsample_size)
-        return b(hidden_states=h, temb=emb, res_hidden_states_tuple=res, upsample_size=upsample_size)
+        cross = {"encoder_hidden_states": ctx} if getattr(b, "has_cross_attention", False) else {}
+        if i <= self._n_down:  # down blocks and the mid block
+            return b(h, emb, **cross)
+        return b(h, res, emb, upsample_size=upsample_size, **cross)
 
     def _check_inputs(self, z: Tensor, ctx: Tensor, readout: Readout) -> None:
         cfg = self.unet.config
@@ -292,7 +286,7 @@ class PiSASRUNet(nn.Module):
 
 def hf_student_mask(student_grids: Sequence[tuple[int, int]], teacher_grid: tuple[int, int],
                     radius: float, mode: Literal["skip", "keep"] = "skip") -> Tensor:
-    """Which students' HF terms count (``framer.hf_coarse``, spec "Features"): a bool ``[L]``.
+    """Which students' HF terms count (``pisasr.hf_coarse``, spec "Features"): a bool ``[L]``.
 
     A student whose grid ``s`` satisfies ``s <= radius * S`` on both axes (``S`` the teacher's
     grid, ``radius`` the LF radius as a fraction of Nyquist, as ``framer.radius``) carries nothing
@@ -301,7 +295,7 @@ def hf_student_mask(student_grids: Sequence[tuple[int, int]], teacher_grid: tupl
     negatives are untouched (the objective multiplies the HF term of layer ``i`` by ``mask[i]``).
     """
     if mode not in ("skip", "keep"):
-        raise ValueError(f"config key 'framer.hf_coarse': {mode!r} is not allowed; allowed values: "
+        raise ValueError(f"config key 'pisasr.hf_coarse': {mode!r} is not allowed; allowed values: "
                          "'skip', 'keep'")
     if mode == "keep":
         return torch.ones(len(student_grids), dtype=torch.bool)
