@@ -98,3 +98,45 @@ def test_null_prompt_is_drawn_per_sample(setup):
     assert not torch.equal(always.z_h, never.z_h)
     with pytest.raises(ValueError, match="positions"):
         train_step(model, helpers, lr, hr, c, [5], seed=0, stage="pix")
+
+
+def test_hf_coarse_where_students_lie_below_the_lf_radius():
+    """pisasr.hf_coarse through the family's step at 32x32 latents (256 px): the tiny preset's
+    8x8 students (blocks 1-3) carry nothing above 4 cycles, below the LF radius r * 32 / 2 = 4.8
+    cycles at r = 0.3 ('skip': no HF term, LF kept); 'keep' keeps every HF term. (At r = 0.2 the
+    tiny preset's coarsest grid, S/4, lies above the radius; at sd2.1-base 512 px the 8x8 students
+    2-4 lie below 0.2 x 64.)"""
+    from pathlib import Path
+
+    from framer_dist.config import load_config
+    from framer_dist.framer import framer_objective
+    from framer_dist.framer.layers import select_layers
+    from framer_dist.models import StepContext, get_family
+    from framer_dist.models.pisasr import hf_student_mask
+
+    repo = Path(__file__).resolve().parent.parent
+    fam = get_family("pisasr")
+    g = torch.Generator().manual_seed(0)
+    hr = torch.rand(2, 3, 256, 256, generator=g) * 2 - 1
+    batch = {"hr": hr, "lr": hr.flip(-1), "prompt_embeds": torch.randn(2, 77, 16, generator=g)}
+    metrics = {}
+    for mode in ("skip", "keep"):
+        cfg = load_config(str(repo / "configs" / "tiny_pisasr_cpu.toml"),
+                          ["data.resolution=256", "framer.radius=0.3", f'pisasr.hf_coarse="{mode}"'])
+        torch.manual_seed(cfg.train.seed)
+        model = fam.build(cfg)
+        fam.trainable(model, cfg)
+        out = fam.step(model, batch, StepContext(cfg, [0, 1], helpers=fam.helpers(model, cfg, torch.device("cpu"))))
+        assert out.features.shape[-2:] == (32, 32)
+        assert model.block_grids((32, 32))[:6] == [(16, 16), (8, 8), (8, 8), (8, 8), (16, 16), (32, 32)]
+        want = [True, False, False, False, True, True] if mode == "skip" else [True] * 6
+        assert out.hf_layers.tolist() == want + [True]  # the teacher's entry: True
+        students, teacher = select_layers(model.num_blocks, cfg.framer)
+        res = framer_objective(out.features[students], out.features[teacher].detach(), cfg.framer,
+                               torch.Generator().manual_seed(0), hf_layers=out.hf_layers[students])
+        metrics[mode] = {k: v.detach() for k, v in res.metrics.items()}
+    skip, keep = metrics["skip"], metrics["keep"]
+    assert (skip["a_hf"][1:4] == 0).all() and (keep["l_hf"][1:4] > 0).all()
+    torch.testing.assert_close(skip["l_lf"], keep["l_lf"])  # LF terms untouched
+    # at r = 0.2 the same grids keep every student (the rule, not a fixed list)
+    assert hf_student_mask([(8, 8)], (32, 32), 0.2, "skip").tolist() == [True]

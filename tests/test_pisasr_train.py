@@ -20,6 +20,7 @@ by the sample's global position, so the runs must agree.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -159,10 +160,10 @@ def test_stage_1_then_stage_2_train_only_their_sets(runs):
 
 def test_export_is_a_stock_unet_without_heads(runs):
     """The diffusers export is a stock UNet2DConditionModel of the preset's exact size, both sets
-    merged: its output equals the training module's without readout."""
+    merged, no head (its output: test_framer_sr_without_heads_equals_the_training_forward)."""
     from diffusers import UNet2DConditionModel
 
-    from framer_dist.models.pisasr import build_model, preset_config
+    from framer_dist.models.pisasr import preset_config
 
     _ok(runs, "S2")
     tmp = runs["tmp"]
@@ -171,29 +172,18 @@ def test_export_is_a_stock_unet_without_heads(runs):
     assert sum(p.numel() for p in unet.parameters()) == sum(p.numel() for p in stock.parameters())
     assert not any("framer" in k or "lora" in k for k in unet.state_dict())
 
-    from framer_dist.models.pisasr.family import init_from
-    model = build_model("unet-tiny", heads=False)  # random base; take S2's trained base below
-    model.unet.load_state_dict(_base_of(tmp), strict=False)
-    init_from(model, tmp / "S2" / "export")
-    from framer_dist.models.pisasr import set_active_sets
-    set_active_sets(model.unet, ("pix", "sem"))
-    g = torch.Generator().manual_seed(3)
-    z, c = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 16, generator=g)
-    with torch.no_grad():
-        want = model(z, c).sample
-        got = unet(z, torch.full((2,), 1), encoder_hidden_states=c).sample
-    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
-
 
 def _base_of(tmp: Path) -> dict[str, torch.Tensor]:
-    """The frozen base U-Net weights the runs used (random init under train.seed)."""
+    """The frozen base U-Net weights the runs used (random init under train.seed), by the stock
+    U-Net's parameter names."""
     from framer_dist.config import load_config
     from framer_dist.models import get_family
 
     cfg = load_config(str(CONFIG))
     torch.manual_seed(cfg.train.seed)
     m = get_family("pisasr").build(cfg)
-    return {k: v for k, v in m.unet.state_dict().items() if "lora_" not in k}
+    return {k.replace(".base_layer", ""): v for k, v in m.unet.state_dict().items()
+            if "lora_" not in k}
 
 
 @pytest.mark.distributed
@@ -253,3 +243,96 @@ def test_features_captured_exactly_once_under_checkpointing(runs, name):
         assert rec["checkpointed"] == list(range(7)) and rec["heads"] == 6
         assert rec["forward"] == rec["heads"] * rec["calls"], rec
         assert rec["recomputed"] == rec["heads"] * (rec["calls"] - 1), rec
+
+
+def _trained_module(tmp: Path):
+    """The training module at the end of S2, heads included: the base, S1's pix set, S2's sem set
+    and heads."""
+    from framer_dist.config import load_config
+    from framer_dist.models import get_family
+
+    cfg = load_config(str(CONFIG))
+    torch.manual_seed(cfg.train.seed)
+    model = get_family("pisasr").build(cfg)
+    own = dict(model.named_parameters())
+    with torch.no_grad():
+        for ck in (tmp / "S1" / "checkpoints" / "step_00000004",
+                   tmp / "S2" / "checkpoints" / "step_00000002"):
+            for k, v in _weights(ck).items():
+                own[k].copy_(v)
+    from framer_dist.models.pisasr import set_active_sets
+    set_active_sets(model.unet, ("pix", "sem"))  # the trained model: both sets in the forward
+    return model.eval()
+
+
+def _opts(**family):
+    from framer_dist.infer.pipeline import InferenceOptions
+    return InferenceOptions(steps=1, guidance=1.0, family_options={"lambda_pix": 1.0,
+                                                                   "lambda_sem": 1.0, **family})
+
+
+def test_framer_sr_without_heads_equals_the_training_forward(runs, tmp_path):
+    """framer-sr's pisasr sampler on the exports (the merged U-Net, and the LoRA file on --base)
+    gives the training module's z_H (heads present there, unused); --lambda-sem 0 gives the pix
+    set alone; a merged U-Net refuses the adjustable mode in one line."""
+    from diffusers import UNet2DConditionModel
+
+    from framer_dist.infer.loading import load_model
+    from framer_dist.models import ModelLoadError, get_family
+    from framer_dist.models.pisasr import preset_config, using_sets
+
+    _ok(runs, "S1", "S2")
+    tmp = runs["tmp"]
+    spec = get_family("pisasr").inference
+    trained = _trained_module(tmp)
+    assert trained.framer_heads is not None
+    full = load_model(tmp / "S2" / "export")
+    assert full.framer_heads is None and type(full).__name__ == "PiSASRUNet"
+    base = tmp_path / "base"
+    stock = UNet2DConditionModel(**preset_config("unet-tiny"))
+    stock.load_state_dict(_base_of(tmp))
+    stock.save_pretrained(str(base / "unet"))
+    lora = load_model(tmp / "S2" / "export" / "pisasr_lora.safetensors", base=base)
+    assert lora.framer_heads is None
+
+    g = torch.Generator().manual_seed(5)
+    z, c = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 16, generator=g)
+    cond = (c, c.new_zeros(2, 0))
+    with torch.no_grad():
+        want = trained(z, c).z_h
+        with using_sets(trained.unet, ("pix",)):
+            want_pix = trained(z, c).z_h
+        got_full = spec.sample(full, z, cond, None, _opts(), seed=0)
+        got_lora = spec.sample(lora, z, cond, None, _opts(), seed=0)
+        got_pix = spec.sample(lora, z, cond, None, _opts(lambda_sem=0.0), seed=0)
+    assert (got_lora - want).abs().max() < 1e-5
+    assert (got_full - want).abs().max() < 1e-4  # the merge rounds W + BA once
+    assert (got_pix - want_pix).abs().max() < 1e-5 and (want_pix - want).abs().max() > 1e-4
+    with pytest.raises(ModelLoadError, match="--lambda-pix/--lambda-sem need the LoRA export"):
+        spec.sample(full, z, cond, None, _opts(lambda_sem=0.0), seed=0)
+    with pytest.raises(ModelLoadError, match="one-step models without CFG"):
+        spec.sample(full, z, cond, None, dataclasses.replace(_opts(), steps=4), seed=0)
+
+
+def test_framer_sr_command_line_on_a_pisasr_export(runs, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from framer_dist.infer.cli import main
+
+    _ok(runs, "S2")
+    src = tmp_path / "in" / "a.png"
+    src.parent.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (12, 16, 3), dtype=np.uint8)).save(src)
+    common = ["--vae", "", "--text-encoders", "hashed", "--prompt", "x", "--scale", "4",
+              "--process-size", "0", "--no-progress"]
+    assert main([str(src.parent), str(tmp_path / "out"), "--checkpoint",
+                 str(runs["tmp"] / "S2" / "export"), *common]) == 0
+    assert "loading the full checkpoint" in capsys.readouterr().err
+    (out,) = sorted((tmp_path / "out").glob("*.png"))
+    assert Image.open(out).size == (64, 48)
+    rc = main([str(src.parent), str(tmp_path / "out2"), "--checkpoint",
+               str(runs["tmp"] / "S2" / "export"), "--lambda-sem", "0", *common])
+    err = capsys.readouterr().err
+    assert rc != 0 and "--lambda-pix/--lambda-sem need the LoRA export" in err
+    assert "Traceback" not in err

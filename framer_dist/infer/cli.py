@@ -224,9 +224,10 @@ def run(args: argparse.Namespace) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from framer_dist.models import ModelLoadError
     try:
         written = run(args)
-    except InferenceError as e:
+    except (InferenceError, ModelLoadError) as e:  # a family's sampler refuses options this way
         print(f"framer-sr: error: {e}", file=sys.stderr)
         return 2
     print(f"framer-sr: wrote {len(written)} image(s) to {args.output}")

@@ -26,6 +26,7 @@ from framer_dist.log import get_logger
 from framer_dist.models import ModelFamily, StepContext, StepOutput, register_family
 
 from .config import PiSASRConfig, framer_on, section
+from .inference import INFERENCE
 from .latents import CODEC
 from .presets import PRESETS, TEXT_DIMS
 
@@ -263,6 +264,14 @@ def check(cfg: Config) -> None:
                               "LPIPS weight files, or neither (random LPIPS, tests only)")
 
 
+def text_encoder(folder: str | Path, device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, tokens: int | None = None) -> Callable:
+    """SD2.1's CLIP text encoder from a local SD2.1 folder (``text.py``); ``tokens``: 77 default."""
+    from .text import SD21TextEncoder
+
+    return SD21TextEncoder(folder, device=str(device), dtype=dtype, tokens=tokens or 77)
+
+
 def text_dims(cfg: Config) -> tuple[int, int]:
     """The preset's cross-attention width (SD2.1: OpenCLIP-H's 1024); no pooled embedding."""
     return TEXT_DIMS[cfg.model.preset], 0
@@ -271,4 +280,5 @@ def text_dims(cfg: Config) -> tuple[int, int]:
 FAMILY = register_family(ModelFamily(
     name="pisasr", presets=tuple(PRESETS), modes=MODES, build=build, trainable=trainable,
     step=step, base_loss_name="stage", export_kinds=EXPORTS, export=export, check=check,
-    text_dims=text_dims, config=PiSASRConfig, latents=CODEC, helpers=helpers, takes_pixels=True))
+    text_dims=text_dims, config=PiSASRConfig, latents=CODEC, helpers=helpers, takes_pixels=True,
+    text_encoder=text_encoder, inference=INFERENCE))
