@@ -248,3 +248,41 @@ def test_prepare_data_resumes_is_worker_invariant_and_feeds_cached_source(tmp_pa
     assert batches[0]["hr_latent"].shape == (3, 16, 4, 4)
     assert sorted(i for b in batches for i in b["ids"]) == sorted(f"im{i}" for i in range(3) for _ in range(2))
     assert not torch.equal(batches[0]["hr_latent"], batches[0]["lr_latent"])
+
+
+def test_encode_prompts_for_the_pisasr_family(tmp_path, capsys):
+    """SD2.1's text encoder (pisasr): [77, D] last hidden states, no pooled part; the cache and
+    CSD's negative prompt (--negative) come back through the data pipeline's store and the
+    family's negative_prompt."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from framer_dist.config import load_config
+    from framer_dist.data.prompts import PromptStore
+    from framer_dist.models.pisasr.family import negative_prompt
+    from framer_dist.models.pisasr.text import SD21TextEncoder
+
+    sd21 = tmp_path / "sd21"
+    torch.manual_seed(0)
+    CLIPTextModel(CLIPTextConfig(vocab_size=len(WORDS), hidden_size=16, intermediate_size=16,
+                                 num_hidden_layers=2, num_attention_heads=2,
+                                 max_position_embeddings=77, bos_token_id=2, eos_token_id=3,
+                                 pad_token_id=1)).save_pretrained(str(sd21 / "text_encoder"))
+    _tokenizer(sd21 / "tokenizer")
+    caps = tmp_path / "caps.jsonl"
+    caps.write_text("".join(json.dumps({"id": f"im{i}", "caption": t}) + "\n"
+                            for i, t in enumerate(["a red house", "a cat and a dog"])))
+    out = tmp_path / "emb"
+    assert _tool("encode_prompts").main(
+        ["--captions", str(caps), "--model", str(sd21), "--family", "pisasr", "--out", str(out),
+         "--dtype", "fp32", "--device", "cpu", "--negative", "the sky"]) == 0
+    store = PromptStore(out)
+    assert store.shapes == ((77, 16), (0,))
+    enc = SD21TextEncoder(sd21)
+    e, p = enc(["a cat and a dog", "the sky"])
+    assert e.shape == (2, 77, 16) and p.shape == (2, 0)
+    torch.testing.assert_close(store.get("im1")[0], e[0])
+    cfg = load_config(None, ['model.family="pisasr"', 'model.preset="unet-tiny"',
+                             'train.mode="sem"', f"data.prompt_embeddings={json.dumps(str(out))}"])
+    torch.testing.assert_close(negative_prompt(cfg)[0], e[1])
+    with pytest.raises(Exception, match="missing text_encoder"):
+        SD21TextEncoder(tmp_path)

@@ -158,7 +158,7 @@ def _lpips(sec: PiSASRConfig, device: torch.device, dtype: torch.dtype) -> nn.Mo
 
 def negative_prompt(cfg: Config) -> Tensor:
     """CSD's negative prompt ``[1, T, D]``: ``negative.safetensors`` of data.prompt_embeddings
-    (``tools/encode_prompts.py --inference``), or a fixed random prompt when prompts are random."""
+    (``tools/encode_prompts.py --negative TEXT``), or a fixed random prompt when prompts are random."""
     from framer_dist.data.prompts import NEGATIVE_FILE, random_prompt
 
     if cfg.data.prompt_embeddings:
@@ -167,7 +167,7 @@ def negative_prompt(cfg: Config) -> Tensor:
         f = Path(cfg.data.prompt_embeddings) / NEGATIVE_FILE
         if not f.is_file():
             raise ConfigError(f"config key 'data.prompt_embeddings': {f} not found; stage 'sem' "
-                              "needs CSD's negative prompt (tools/encode_prompts.py --inference "
+                              "needs CSD's negative prompt (tools/encode_prompts.py --negative TEXT "
                               "writes it)")
         return load_file(str(f))["prompt_embeds"].float().unsqueeze(0)
     d, _ = text_dims(cfg)
