@@ -35,7 +35,7 @@ from torch import Tensor
 from framer_dist.config import ConfigError, FramerConfig, load_config
 from framer_dist.framer import framer_objective, select_layers
 from framer_dist.infer.io import InferenceError, list_images, read_image, to_tensor
-from framer_dist.models import DEFAULT_FAMILY, ModelFamily, get_family
+from framer_dist.models import DEFAULT_FAMILY, ModelFamily, ModelLoadError, get_family
 
 METRICS = ("cos_lf", "cos_hf", "w_lf", "w_hf", "a_lf", "a_hf")
 
@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         result["images"] = [f.name for f in files]
         result["checkpoints"] = dict(specs)
         paths = write_outputs(result, args.out)
-    except (InferenceError, ConfigError) as e:
+    except (InferenceError, ConfigError, ModelLoadError) as e:  # a family's readout refuses so
         print(f"analyze_hierarchy: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {paths['json']}, {paths['similarity']}, {paths['weights']}")

@@ -39,11 +39,26 @@ def export(family: Any, cfg: Config, backend: Any, out_dir: Path) -> dict[str, P
     return out
 
 
+def _latest(root: Path) -> str:
+    """The step folder a checkpoint root's ``latest`` names ('' when there is none)."""
+    f = root / "latest"
+    return f.read_text().strip() if f.is_file() else ""
+
+
 def read_family(path: str | Path) -> str | None:
     """The family recorded for an export at ``path`` (a file or folder in a trainer's ``export/``:
-    ``family.json`` in it or up to three folders above), or None (exports written before families
+    ``family.json`` in it or up to three folders above) or for a trainer checkpoint (its
+    ``backend_meta.json``; written before families: the default family), or None (exports written before families
     were recorded, or copied out of ``export/``: the caller takes the default family)."""
     p = Path(path).expanduser().resolve()
+    from framer_dist.models import DEFAULT_FAMILY
+    from framer_dist.parallel.base import META_FILE
+    for d in (p, p / _latest(p)) if p.is_dir() else ():  # a trainer checkpoint records it too
+        if (d / META_FILE).is_file():
+            try:
+                return json.loads((d / META_FILE).read_text()).get("family", DEFAULT_FAMILY)
+            except (OSError, ValueError, AttributeError) as e:
+                raise ValueError(f"{d / META_FILE}: not readable ({e!r})") from None
     for d in ([p] if p.is_dir() else []) + list(p.parents)[:3]:
         f = d / FAMILY_FILE
         if f.is_file():

@@ -336,3 +336,35 @@ def test_framer_sr_command_line_on_a_pisasr_export(runs, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc != 0 and "--lambda-pix/--lambda-sem need the LoRA export" in err
     assert "Traceback" not in err
+
+
+def test_analyze_hierarchy_on_pisasr_trainer_checkpoints(runs, tmp_path, capsys):
+    """Fig. 7 / Fig. 9 for U-Net checkpoints: the trainer checkpoints of both stages (heads
+    included; the family from their metadata), rebuilt as their runs built them; an export, which
+    holds no heads, is refused in one line."""
+    from framer_dist.analysis import main
+    from framer_dist.infer.loading import load_model
+
+    _ok(runs, "S1", "S2")
+    tmp = runs["tmp"]
+    stage2 = load_model(tmp / "S2" / "checkpoints" / "step_00000002")
+    with torch.no_grad():
+        trained = _trained_module(tmp)
+        z, c = torch.randn(1, 4, 16, 16), torch.randn(1, 77, 16)
+        assert torch.equal(stage2(z, c).z_h, trained(z, c).z_h)
+    out = tmp_path / "fig"
+    common = ["--vae", "", "--max-images", "2", "--max-size", "64", "--timesteps", "300",
+              "--config", str(CONFIG), "--out", str(out)]
+    assert main(["--checkpoint", f"pix={tmp / 'S1' / 'checkpoints'}",
+                 "--checkpoint", f"sem={tmp / 'S2' / 'checkpoints' / 'step_00000002'}", *common]) == 0
+    result = json.loads((out / "hierarchy.json").read_text())
+    for label in ("pix", "sem"):
+        m = result["models"][label]
+        assert m["num_blocks"] == 7 and m["teacher_layer"] == 6
+        assert len(m["t300"]["cos_lf"]) == 7
+    assert result["models"]["pix"]["t300"] != result["models"]["sem"]["t300"]
+    assert (out / "layer_similarity.png").is_file() and (out / "faw_fam_weights.png").is_file()
+    capsys.readouterr()
+    assert main(["--checkpoint", str(tmp / "S2" / "export"), *common]) == 2
+    err = capsys.readouterr().err
+    assert "needs the FRAMER heads" in err and "Traceback" not in err

@@ -9,8 +9,12 @@ Kinds (``--kind auto`` recognises them by their files; a folder holding both, as
 - ``lora``: ``pisasr_lora.safetensors`` (both sets) on top of ``--base``, the SD2.1-base folder it
   was trained from; ``--lambda-pix`` / ``--lambda-sem`` weigh the two sets
   (``l_pix r_pix + l_sem (r_both - r_pix)``, ``lora.adjustable_residual``).
+- ``trainer``: a trainer checkpoint (a ``step_*`` folder, or the checkpoint root): the training
+  module rebuilt from the run's own config (``model.pretrained``, or ``--base``, and
+  ``pisasr.init_from``) with the checkpoint's trained tensors, FRAMER heads included, the stage's
+  sets active. The layer-hierarchy analysis needs it (exports hold no heads).
 
-The FRAMER heads are never loaded: inference models are built with ``heads=False``.
+Exports are loaded without the FRAMER heads (``heads=False``); the readout refuses such a model.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from torch import Tensor, nn
 
 from framer_dist.models import InferenceSpec, ModelLoadError, ModelShape, Prompt
 
-KINDS = ("full", "lora")
+KINDS = ("full", "lora", "trainer")
 LAMBDAS = (
     (("--lambda-pix",), dict(type=float, default=1.0, dest="lambda_pix",
                              help="pisasr LoRA exports: weight of the pixel set's residual "
@@ -42,7 +46,11 @@ def detect_kind(path: str | Path, skip: tuple[str, ...] = ()) -> tuple[str, Path
     """(kind, the file or folder to load) for an existing checkpoint file or folder."""
     from .family import LORA_FILE
 
+    from framer_dist.checkpoint import LATEST, is_valid_checkpoint
+
     p = Path(path).expanduser()
+    if is_valid_checkpoint(p) or (p / LATEST).is_file():
+        return "trainer", p
     if p.is_file():
         if p.suffix == ".safetensors":
             return "lora", p
@@ -54,8 +62,9 @@ def detect_kind(path: str | Path, skip: tuple[str, ...] = ()) -> tuple[str, Path
     for c in candidates:
         if (c / LORA_FILE).is_file():
             return "lora", c / LORA_FILE
-    raise ModelLoadError(f"{p} holds no pisasr checkpoint: looked for config.json (a U-Net "
-                         f"folder, or unet/) or {LORA_FILE} in it and its sub-folders")
+    raise ModelLoadError(f"{p} holds no pisasr checkpoint: looked for a trainer checkpoint "
+                         f"(COMPLETE, or a checkpoint root), config.json (a U-Net folder, or "
+                         f"unet/) or {LORA_FILE} in it and its sub-folders")
 
 
 def _lora_meta(path: Path) -> dict[str, str]:
@@ -79,6 +88,8 @@ def load_checkpoint(kind: str, path: Path, base: Path | None) -> nn.Module:
     from .lora import set_active_sets
     from .unet import PiSASRUNet
 
+    if kind == "trainer":
+        return _load_trainer_checkpoint(path, base)
     try:
         if kind == "full":
             from diffusers import UNet2DConditionModel
@@ -103,6 +114,56 @@ def load_checkpoint(kind: str, path: Path, base: Path | None) -> nn.Module:
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"cannot load {kind} checkpoint {path}: {first}") from None
+
+
+def _load_trainer_checkpoint(path: Path, base: Path | None) -> nn.Module:
+    """The training module as the run built it (its config: preset, LoRA rank, the pretrained
+    U-Net or ``base``, ``pisasr.init_from``, the init seed), then the checkpoint's trained tensors."""
+    from framer_dist.checkpoint import find_checkpoint
+    from framer_dist.config import ConfigError, config_from_dict
+    from framer_dist.parallel import read_checkpoint_weights
+    from framer_dist.parallel.base import CLIENT_STATE_FILE
+    from framer_dist.safe_load import CheckpointLoadError, load_torch
+
+    from .family import build
+    from .lora import STAGE_ACTIVE, set_active_sets
+
+    try:
+        step = find_checkpoint(path, str(path))
+        cfg = config_from_dict(load_torch(step / CLIENT_STATE_FILE)["config"])
+        if base:
+            cfg.model.pretrained = str(base)
+        torch.manual_seed(cfg.train.seed)  # what the checkpoint does not hold starts as it did
+        model = build(cfg)
+        state = read_checkpoint_weights(step)
+    except (FileNotFoundError, KeyError, TypeError, ConfigError, CheckpointLoadError) as e:
+        why = str(e).replace("config key 'checkpoint.resume': ", "")
+        raise ModelLoadError(f"cannot load trainer checkpoint {path}: {why}") from None
+    own = dict(model.named_parameters())
+    unknown = sorted(set(state) - set(own))
+    if unknown:
+        raise ModelLoadError(f"trainer checkpoint {path} holds {len(unknown)} tensors its run's "
+                             f"model lacks, e.g. {unknown[0]!r}")
+    with torch.no_grad():
+        for k, v in state.items():
+            own[k].copy_(v)
+    set_active_sets(model.unet, STAGE_ACTIVE[cfg.train.mode])
+    return model
+
+
+def readout(model: nn.Module, x0: Tensor, lr_latent: Tensor, sigma: float, noise: Tensor,
+            cond: Prompt, feature: str) -> tuple[Tensor, Tensor | None]:
+    """Every block's FRAMER feature as in training (``feature``: x0 / velocity / hidden), the last
+    being the teacher (the real output). A one-step model sees only the LR latent: ``x0``,
+    ``sigma`` and ``noise`` play no part."""
+    if model.framer_heads is None:
+        raise ModelLoadError("the pisasr layer readout needs the FRAMER heads, which exports do not "
+                             "hold: analyse a trainer checkpoint of a run with FRAMER on (a step_* "
+                             "folder or the checkpoint root; --kind trainer)")
+    e = cond[0]
+    e = e if e.shape[0] == lr_latent.shape[0] else e.expand(lr_latent.shape[0], *e.shape[1:])
+    out = model(lr_latent, e.to(lr_latent.device), readout=feature)
+    return out.features.float(), None
 
 
 def _load_lora(model: nn.Module, path: Path) -> None:
@@ -172,5 +233,5 @@ def sample(model: nn.Module, lr_latent: Tensor, cond: Prompt, uncond: Prompt | N
 
 
 INFERENCE = InferenceSpec(kinds=KINDS, detect=detect_kind, load=load_checkpoint, shape=shape,
-                          sample=sample, defaults={"steps": 1, "guidance": 1.0},
+                          sample=sample, readout=readout, defaults={"steps": 1, "guidance": 1.0},
                           arguments=LAMBDAS)
