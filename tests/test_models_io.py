@@ -230,3 +230,64 @@ def test_bf16_release_folder_is_upcast_to_fp32_master_weights(stock, tmp_path):
     kept = load_pretrained(tmp_path / "bf16")  # the direct loader keeps the file's dtype
     assert kept.proj_out.weight.dtype == torch.bfloat16
     assert kept.transformer_blocks[0].conv_control.weight.dtype == torch.bfloat16
+
+
+def _authors_folder(model, folder, extra: dict | None = None):
+    """``model`` saved the way the DiT4SR authors' code saves theirs: their SD3Transformer2DModel
+    copy's config and names (the LR conv under ff.control_conv) and, in the dual-attention blocks,
+    attn2's context projections, which their forward computes but never uses."""
+    sd = {}
+    for k, v in model.state_dict().items():
+        sd[k.replace(".conv_control.", ".ff.control_conv.")] = v.clone().contiguous()
+    g = torch.Generator().manual_seed(7)
+    for i, blk in enumerate(model.transformer_blocks):
+        if blk.attn2 is None:
+            continue
+        inner, head = blk.attn2.to_q.weight.shape[0], blk.attn2.to_q.weight.shape[0] // blk.attn2.heads
+        for name in ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"):
+            sd[f"transformer_blocks.{i}.attn2.{name}.weight"] = torch.randn(inner, inner, generator=g)
+            sd[f"transformer_blocks.{i}.attn2.{name}.bias"] = torch.randn(inner, generator=g)
+        for name in ("norm_added_q", "norm_added_k"):
+            sd[f"transformer_blocks.{i}.attn2.{name}.weight"] = torch.randn(head, generator=g)
+    sd.update(extra or {})
+    folder.mkdir(parents=True)
+    cfg = dict(SD3Transformer2DModel(**preset_geometry("tiny")).config)
+    cfg["_class_name"] = "SD3Transformer2DModel"
+    (folder / "config.json").write_text(json.dumps(cfg, default=list))
+    save_file(sd, str(folder / WEIGHTS))
+    return sd
+
+
+def test_the_authors_release_layout_loads_as_ours(tmp_path, capsys):
+    """A folder in the DiT4SR authors' layout: the LR conv renamed, the unused attn2 tensors dropped
+    with one line, and the same outputs as our own save of the same weights; a tensor that fits
+    neither layout is refused by name (issue 17; their forward equals ours bit for bit)."""
+    torch.manual_seed(4)
+    m = build_model(ModelConfig(preset="tiny"))
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if is_control_key(n):
+                p.normal_(0, 0.1)
+    sd = _authors_folder(m, tmp_path / "authors")
+    n_dual = sum(blk.attn2 is not None for blk in m.transformer_blocks)
+    assert n_dual >= 1 and any(".ff.control_conv." in k for k in sd)
+    capsys.readouterr()
+    back = load_pretrained(tmp_path / "authors", preset="tiny")
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "authors' layout" in ln]
+    n_conv = 2 * len(m.transformer_blocks)
+    assert len(lines) == 1 and f"{n_conv} ff.control_conv tensors" in lines[0]
+    assert f"{10 * n_dual} unused attn2 tensors dropped" in lines[0]
+    a, b = m.state_dict(), back.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    x = _inputs()
+    with torch.no_grad():
+        assert torch.equal(m(**x).sample, back(**x).sample)
+
+    from framer_dist.infer.loading import load_model  # framer-sr --checkpoint: the same load
+    served = load_model(tmp_path / "authors")
+    assert all(torch.equal(served.state_dict()[k], a[k]) for k in a)
+
+    _authors_folder(m, tmp_path / "odd", extra={"transformer_blocks.0.attn2.add_z_proj.weight":
+                                                  torch.zeros(2)})
+    with pytest.raises(PretrainedLoadError, match=r"1 unexpected tensors: transformer_blocks\.0\.attn2\.add_z_proj\.weight"):
+        load_pretrained(tmp_path / "odd")

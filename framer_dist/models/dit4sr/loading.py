@@ -4,12 +4,15 @@ Accepted folders: a transformer folder (``config.json`` + ``diffusion_pytorch_mo
 or a sharded ``...safetensors.index.json``), or a pipeline root holding ``transformer/``. A stock
 SD3 folder gets the DiT4SR layers added at their initial values *after* loading (so
 ``to_out_control`` copies the loaded ``to_out[0]``); a folder written by :func:`save_model`
-(our own ``save_pretrained``) has them and loads them.
+(our own ``save_pretrained``) has them and loads them. A folder saved from the DiT4SR authors'
+model (their released checkpoints) loads too: :func:`from_authors_layout` maps its names.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +89,36 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
                               "only safetensors are read")
 
 
+# The DiT4SR authors' release (their SD3Transformer2DModel copy, saved with save_pretrained), as
+# measured against their code: the LR branch's conv lives in the feed-forward module, and the
+# dual-attention blocks' second attention carries context projections whose outputs are never used.
+_AUTHORS_CONV = re.compile(r"^(transformer_blocks\.\d+)\.ff\.control_conv\.(weight|bias)$")
+_AUTHORS_UNUSED = re.compile(
+    r"^transformer_blocks\.\d+\.attn2\.(add_[qkv]_proj|to_add_out|norm_added_[qk])\.(weight|bias)$")
+
+
+def from_authors_layout(sd: dict[str, torch.Tensor], expected: set[str]
+                        ) -> tuple[dict[str, torch.Tensor], int, list[str]]:
+    """Our names for a state dict in the DiT4SR authors' layout (recognised by their
+    ``ff.control_conv`` tensors; anything else is returned as it is): ``transformer_blocks.{i}
+    .ff.control_conv.*`` -> ``transformer_blocks.{i}.conv_control.*``, and their unused
+    ``attn2.add_{q,k,v}_proj``, ``attn2.to_add_out`` and ``attn2.norm_added_{q,k}`` tensors dropped.
+    Returns (state dict, renamed count, dropped names)."""
+    if not any(_AUTHORS_CONV.match(k) for k in sd):
+        return sd, 0, []
+    out: dict[str, torch.Tensor] = {}
+    renamed, dropped = 0, []
+    for k, v in sd.items():
+        if m := _AUTHORS_CONV.match(k):
+            out[f"{m.group(1)}.conv_control.{m.group(2)}"] = v
+            renamed += 1
+        elif _AUTHORS_UNUSED.match(k) and k not in expected:
+            dropped.append(k)
+        else:
+            out[k] = v
+    return out, renamed, dropped
+
+
 def _list(names: list[str], limit: int = 20) -> str:
     more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more
@@ -116,6 +149,13 @@ def load_pretrained(path: str | Path, *, preset: str | None = None,
     with torch.device("meta"):
         model = DiT4SRTransformer(**geometry, lr_injection_scale=scale)
     expected = set(model.state_dict().keys())
+    sd, renamed, dropped = from_authors_layout(sd, expected)
+    if renamed and os.environ.get("RANK", "0") == "0":
+        from framer_dist.log import get_logger
+        get_logger().info(
+            f"{folder}: the DiT4SR authors' layout: {renamed} ff.control_conv tensors read as "
+            f"conv_control; {len(dropped)} unused attn2 tensors dropped (add_q/k/v_proj, "
+            "to_add_out, norm_added_q/k: their outputs are never used)")
     stock = {k for k in expected if not is_control_key(k)}
     control = expected - stock
     got = set(sd)
