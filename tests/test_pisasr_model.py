@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -394,3 +395,86 @@ def test_features_feed_the_framer_objective(tiny, readout):
         assert any("_pix." in n for n in grads) and not any("_sem." in n for n in grads)
     finally:
         tiny.zero_grad(set_to_none=True)
+
+
+def _release_dict(model) -> dict:
+    """``model``'s adapters saved the way PiSA-SR's ``save_model`` saves them, with the module lists
+    its ``initialize_unet`` builds (its loop, copied here)."""
+    from diffusers import UNet2DConditionModel
+
+    from framer_dist.models.pisasr import preset_config
+
+    l_grep = ["to_k", "to_q", "to_v", "to_out.0", "conv", "conv1", "conv2", "conv_in",
+              "conv_shortcut", "conv_out", "proj_out", "proj_in", "ff.net.2", "ff.net.0.proj"]
+    enc, dec, oth = [], [], []
+    for n, _ in UNet2DConditionModel(**preset_config("unet-tiny")).named_parameters():
+        if "bias" in n or "norm" in n:
+            continue
+        for pattern in l_grep:
+            if pattern in n and ("down_blocks" in n or "conv_in" in n):
+                enc.append(n.replace(".weight", ""))
+                break
+            elif pattern in n and ("up_blocks" in n or "conv_out" in n):
+                dec.append(n.replace(".weight", ""))
+                break
+            elif pattern in n:
+                oth.append(n.replace(".weight", ""))
+                break
+    sd = {}
+    for s in ("pix", "sem"):
+        sd[f"unet_lora_encoder_modules_{s}"], sd[f"unet_lora_decoder_modules_{s}"], \
+            sd[f"unet_lora_others_modules_{s}"] = enc, dec, oth
+        sd[f"lora_rank_unet_{s}"] = 4
+    sd["state_dict_unet"] = {k: v.clone() for k, v in model.unet.state_dict().items() if "lora" in k}
+    return sd
+
+
+def test_pisasr_release_imports_as_a_lora_export(tiny, tmp_path):
+    """PiSA-SR's released dict (saved as its code saves it) -> our LoRA export: framer-sr on it (with
+    the base U-Net as --base) reproduces the releasing model; what does not fit is one line."""
+    import subprocess
+    import sys
+
+    from framer_dist.infer.loading import load_model
+    from framer_dist.models import ModelLoadError
+    from framer_dist.models.pisasr.release import import_release
+
+    rel = tmp_path / "pisa_sr.pkl"
+    torch.save(_release_dict(tiny), rel)
+    base = tmp_path / "base"
+    stock = {k.replace(".base_layer", ""): v for k, v in tiny.unet.state_dict().items() if "lora" not in k}
+    from diffusers import UNet2DConditionModel
+
+    from framer_dist.models.pisasr import preset_config
+    u = UNet2DConditionModel(**preset_config("unet-tiny"))
+    u.load_state_dict(stock)
+    u.save_pretrained(str(base / "unet"))
+    repo = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, str(repo / "tools" / "import_pisasr.py"), str(rel),
+                        "--preset", "unet-tiny", "--out", str(tmp_path / "imported")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    model = load_model(tmp_path / "imported", base=base)  # the family from family.json
+    z, c = _inputs()
+    with torch.no_grad(), L.using_sets(tiny.unet, ("pix", "sem")):
+        want = tiny(z, c).z_h
+    with torch.no_grad():
+        assert torch.equal(model(z, c).z_h, want)
+
+    bad = _release_dict(tiny)
+    bad["unet_lora_others_modules_sem"] = bad["unet_lora_others_modules_sem"][1:]
+    torch.save(bad, tmp_path / "bad.pkl")
+    with pytest.raises(ModelLoadError, match="unet_lora_others_modules_sem does not fit"):
+        import_release(tmp_path / "bad.pkl", "unet-tiny", tmp_path / "x")
+    bad = _release_dict(tiny)
+    bad["lora_rank_unet_sem"] = 8
+    torch.save(bad, tmp_path / "bad2.pkl")
+    with pytest.raises(ModelLoadError, match="one rank"):
+        import_release(tmp_path / "bad2.pkl", "unet-tiny", tmp_path / "x")
+    torch.save({"state_dict_unet": {}}, tmp_path / "bad3.pkl")
+    with pytest.raises(ModelLoadError, match="is not a PiSA-SR release: no 'unet_lora_encoder"):
+        import_release(tmp_path / "bad3.pkl", "unet-tiny", tmp_path / "x")
+    r = subprocess.run([sys.executable, str(repo / "tools" / "import_pisasr.py"),
+                        str(tmp_path / "bad3.pkl"), "--preset", "unet-tiny", "--out", str(tmp_path / "x")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "import_pisasr: error:" in r.stderr
