@@ -122,6 +122,17 @@ def test_shipped_configs_parse(path):
     assert isinstance(cfg, Config)
 
 
+def test_pisasr_stage_configs():
+    """FRAMER_U's two shipped stages: stage 2 starts from stage 1's checkpoints."""
+    pix = load_config(ROOT / "configs/sd21_pisasr_framer_pixel.toml")
+    sem = load_config(ROOT / "configs/sd21_pisasr_framer_semantic.toml")
+    for cfg, mode in ((pix, "pix"), (sem, "sem")):
+        assert (cfg.model.family, cfg.model.preset, cfg.train.mode) == ("pisasr", "sd2.1-base", mode)
+        assert cfg.framer.enabled and cfg.data.prompt_len == 77
+    assert pix.family_section.init_from == ""
+    assert Path(sem.family_section.init_from) == Path(pix.train.out_dir) / "checkpoints"
+
+
 def test_family_section_keys(tmp_path):
     """A family's keys live in its own section ([dit4sr], [dit4sr.lora], [dit4sr.flow]), validated
     like the rest; the old places are refused naming the new key; another family's section is
