@@ -368,3 +368,33 @@ def test_analyze_hierarchy_on_pisasr_trainer_checkpoints(runs, tmp_path, capsys)
     assert main(["--checkpoint", str(tmp / "S2" / "export"), *common]) == 2
     err = capsys.readouterr().err
     assert "needs the FRAMER heads" in err and "Traceback" not in err
+
+
+@pytest.mark.distributed
+def test_heads_get_no_weight_decay_on_every_backend(tmp_path):
+    """The alignment heads are a parameter group without weight decay (spec "Heads"): with FRAMER
+    weighted 0 they get zero gradients, so under a strong decay they stay bit-identical to their
+    init while the LoRA set decays; backend none, FSDP2 with 8-bit AdamW (its sharded optimizer),
+    ZeRO-3."""
+    from framer_dist.config import load_config
+    from framer_dist.models import get_family
+
+    cfg = load_config(str(CONFIG))
+    torch.manual_seed(cfg.train.seed)
+    init = dict(get_family("pisasr").build(cfg).named_parameters())
+    common = ["--config", str(CONFIG), "train.steps=1", "framer.weight=0", "train.weight_decay=10",
+              "train.lr=1e-2", "checkpoint.export=[]", "train.global_batch_size=2",
+              "log.progress=false"]
+    for name, world, extra in (("none", 1, ["data.batch_size=2"]),
+                               ("fsdp2", 2, ["--backend", "fsdp2", "data.batch_size=1",
+                                             'train.optimizer="adamw8bit"']),
+                               ("zero3", 2, [*_ds(tmp_path, 3), "data.batch_size=1"])):
+        out = tmp_path / name
+        codes = run_ranks([sys.executable, str(TRAIN), *common, *extra, "--out", str(out)], world,
+                          tmp_path / f"{name}.log", _env(), bound=HANG_S)
+        assert codes == [0] * world, (tmp_path / f"{name}.log").read_text()[-3000:]
+        ck = _weights(out / "checkpoints")
+        heads = [k for k in ck if k.startswith("framer_heads.")]
+        lora_a = [k for k in ck if ".lora_A." in k]
+        assert heads and all(torch.equal(ck[k], init[k]) for k in heads), name
+        assert all(not torch.equal(ck[k], init[k]) for k in lora_a), name

@@ -18,7 +18,9 @@ The module a family builds is what the backend wraps. Besides ``forward`` it exp
   returning each block's FRAMER feature exactly once;
 * ``readout_head_modules`` (optional): names of submodules used after every block (the FRAMER
   readout), kept gathered under ZeRO-3 (``parallel.zero3_persist_head``) and unsharded through
-  backward under FSDP2 (they belong to the root).
+  backward under FSDP2 (they belong to the root);
+* ``no_weight_decay`` (optional): parameter-name prefixes the optimizer gives weight decay 0 (a
+  second parameter group, on every backend).
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
+from framer_dist.parallel.optim import param_groups
 
 BLOCK = 256          # bitsandbytes' optimizer block size
 MIN_8BIT = 4096      # same rule as bitsandbytes: smaller parameters keep 32-bit state
@@ -47,7 +48,8 @@ def _adamw8bit_cls():
 class ShardedAdamW8bit:
     """Optimizer-like wrapper: `.step()`, `.zero_grad()`, `.param_groups`, DCP state helpers."""
 
-    def __init__(self, named_params: list[tuple[str, nn.Parameter]], **kw: Any) -> None:
+    def __init__(self, named_params: list[tuple[str, nn.Parameter]], no_decay: tuple[str, ...] = (),
+                 **kw: Any) -> None:
         self.named = [(n, p) for n, p in named_params]
         self.locals: dict[str, Tensor] = {}
         with torch.no_grad():
@@ -58,7 +60,8 @@ class ShardedAdamW8bit:
         cls = _adamw8bit_cls()
         # a placeholder keeps bitsandbytes happy on a rank that owns no shard at all
         tensors = list(self.locals.values()) or [torch.zeros(1)]
-        self.opt = cls(tensors, **kw)
+        names = list(self.locals) or [""]
+        self.opt = cls(param_groups(tensors, names, no_decay), **kw)
         self.opt.full_numel = {id(self.locals[n]): p.numel() for n, p in self.named if n in self.locals}
 
     @property

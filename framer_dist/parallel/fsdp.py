@@ -28,7 +28,7 @@ from framer_dist.config import ConfigError
 from framer_dist.parallel.base import Backend, BackendConfig
 from framer_dist.parallel.blocks import transformer_blocks
 from framer_dist.parallel.names import strip_wrapper_prefixes
-from framer_dist.parallel.optim import build_optimizer, lr_lambda, optimizer_kwargs
+from framer_dist.parallel.optim import build_optimizer, lr_lambda, no_decay_prefixes, optimizer_kwargs
 from framer_dist.safe_load import dcp_load, load_torch, read_dcp_metadata
 
 DCP_DIR = "dcp"
@@ -67,10 +67,12 @@ class FSDP2Backend(Backend):
             from framer_dist.parallel.bnb_shards import ShardedAdamW8bit
 
             self.optimizer = ShardedAdamW8bit(list(zip(self.trainable_names, self.params)),
+                                              no_decay=no_decay_prefixes(model),
                                               **optimizer_kwargs(cfg.train))
             sched_target = self.optimizer.opt
         else:
-            self.optimizer = build_optimizer(cfg.train, self.params)
+            self.optimizer = build_optimizer(cfg.train, self.params, self.trainable_names,
+                                             no_decay_prefixes(model))
             sched_target = self.optimizer
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(sched_target, lr_lambda(cfg.train))
         self._make_ema(self._named_trainable)

@@ -16,22 +16,42 @@ def optimizer_kwargs(t: TrainConfig) -> dict[str, Any]:
     return {"lr": t.lr, "betas": tuple(t.betas), "eps": t.adam_eps, "weight_decay": t.weight_decay}
 
 
-def build_optimizer(t: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    """train.optimizer: 'adamw' (torch) or 'adamw8bit' (bitsandbytes, blockwise 8-bit state)."""
+def no_decay_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """Parameter-name prefixes the model keeps out of weight decay (its optional
+    ``no_weight_decay`` attribute, e.g. FRAMER_U's alignment heads, whose loss is scale-invariant)."""
+    return tuple(getattr(model, "no_weight_decay", ()) or ())
+
+
+def param_groups(params: list[Any], names: list[str], no_decay: tuple[str, ...]) -> list[Any]:
+    """``params`` as one group, or, when some names start with a ``no_decay`` prefix, two: the
+    rest, then those with ``weight_decay`` 0."""
+    free = [i for i, n in enumerate(names) if no_decay and n.startswith(no_decay)]
+    if not free:
+        return list(params)
+    rest = [p for i, p in enumerate(params) if i not in set(free)]
+    groups: list[dict[str, Any]] = [{"params": rest}] if rest else []
+    return groups + [{"params": [params[i] for i in free], "weight_decay": 0.0}]
+
+
+def build_optimizer(t: TrainConfig, params: list[nn.Parameter], names: list[str] | None = None,
+                    no_decay: tuple[str, ...] = ()) -> torch.optim.Optimizer:
+    """train.optimizer: 'adamw' (torch) or 'adamw8bit' (bitsandbytes, blockwise 8-bit state).
+    ``names`` (parallel to ``params``) starting with a ``no_decay`` prefix get no weight decay."""
     if not params:
         raise ValueError("no trainable parameters were passed to the backend (check train.mode)")
     kw = optimizer_kwargs(t)
+    groups = param_groups(params, names or [""] * len(params), no_decay)
     if t.optimizer == "adamw8bit":
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(params, **kw)
+        return bnb.optim.AdamW8bit(groups, **kw)
     if all(p.is_cuda for p in params):
         # One fused kernel for all parameters: the per-parameter loop costs ~0.2 s per step at
         # SD3.5-medium full fine-tune on an H100 (bench/results/train_step_h100.md).
-        return torch.optim.AdamW(params, fused=True, **kw)
+        return torch.optim.AdamW(groups, fused=True, **kw)
     # CPU: foreach=False, the same per-parameter arithmetic on every backend, so the fp32 parity
     # tests compare like with like.
-    return torch.optim.AdamW(params, foreach=False, **kw)
+    return torch.optim.AdamW(groups, foreach=False, **kw)
 
 
 def lr_lambda(t: TrainConfig) -> Callable[[int], float]:

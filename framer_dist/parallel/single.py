@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from framer_dist.parallel.base import Backend, BackendConfig
 from framer_dist.parallel.names import trainable_names
-from framer_dist.parallel.optim import build_optimizer, lr_lambda
+from framer_dist.parallel.optim import build_optimizer, lr_lambda, no_decay_prefixes
 from framer_dist.safe_load import load_torch
 
 STATE_FILE = "single_state.pt"
@@ -27,7 +27,8 @@ class SingleBackend(Backend):
             self.frozen_bf16_numel = cast_frozen_layers(model, torch.bfloat16)
         self.params = list(params)
         self.names = trainable_names(model, self.params)
-        self.optimizer = build_optimizer(cfg.train, self.params)
+        self.optimizer = build_optimizer(cfg.train, self.params, [self.names[id(p)] for p in self.params],
+                                         no_decay_prefixes(model))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.train))
         self._make_ema(self._named_trainable)
 

@@ -115,6 +115,12 @@ class PiSASRUNet(nn.Module):
         return ("unet.conv_norm_out", "unet.conv_out", *heads)
 
     @property
+    def no_weight_decay(self) -> tuple[str, ...]:
+        """Parameter-name prefixes without weight decay: the heads (the FRAMER loss does not change
+        when they are scaled, so decay would only shrink them; spec "Heads")."""
+        return ("framer_heads.",)
+
+    @property
     def num_blocks(self) -> int:
         return len(self._blocks)
 

@@ -26,7 +26,7 @@ from framer_dist.parallel.deepspeed.config import build_ds_config
 from framer_dist.parallel.deepspeed.ema import ZeroEMALayout
 from framer_dist.parallel.deepspeed.units import guard_leaf_inputs, persist_modules
 from framer_dist.parallel.names import strip_wrapper_prefixes
-from framer_dist.parallel.optim import build_optimizer, lr_lambda
+from framer_dist.parallel.optim import build_optimizer, lr_lambda, no_decay_prefixes
 from framer_dist.safe_load import load_torch, safe_torch_loads
 
 TAG = "ds"                # DeepSpeed tag directory inside our checkpoint directory
@@ -74,7 +74,7 @@ class DeepSpeedBackend(Backend):
                                    auto_mpi_discovery=False)
         self.ds_config = build_ds_config(cfg, self.grad_accum, self.world_size, block_classes(model))
         self.stage = int(self.ds_config["zero_optimization"].get("stage", 0))
-        optimizer = build_optimizer(cfg.train, params)
+        optimizer = build_optimizer(cfg.train, params, self.trainable_names, no_decay_prefixes(model))
         engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=params, optimizer=optimizer, config=self.ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.train)))
