@@ -1,6 +1,7 @@
 """read_checkpoint_weights: the trained weights of a real checkpoint of every backend, read in this
 process (no process group) and compared exactly with what the writing run's backend exported
-(``full_trainable_state_dict``, the worker's weights.pt); bad input in one line."""
+(``full_trainable_state_dict``, the worker's weights.pt); with ema=True its EMA, compared exactly
+with the backend's ``ema_state_dict()`` (the worker's ema.pt); bad input in one line."""
 
 from __future__ import annotations
 
@@ -17,22 +18,35 @@ from _parallel_launch import launch, tail  # noqa: E402
 from _tiny_parallel import make_model  # noqa: E402
 
 from framer_dist.parallel import read_checkpoint_weights  # noqa: E402
+from framer_dist.parallel.names import strip_wrapper_prefixes  # noqa: E402
 from framer_dist.safe_load import CheckpointLoadError  # noqa: E402
 
 STEPS = 2
 STEP_DIR = f"step_{STEPS:08d}"
 # name -> the worker phase; every phase saves at its last step, whose weights.pt it also writes.
 # bf16 where the backend keeps fp32 masters apart from bf16 compute weights (DeepSpeed's module
-# file, FSDP2's unsharded params): the reader must return the masters
+# file, FSDP2's unsharded params): the reader must return the masters. The main phases keep an EMA
+# (train.ema, decay 0.5: it lags the weights after 2 steps), which the weights reader must pass
+# over; a *_noema phase per backend is a run without one
 PHASES = {
-    "none": {"backend": "none"},
-    "fsdp2": {"backend": "fsdp2", "precision": "bf16"},
-    "zero3": {"backend": "deepspeed", "stage": 3, "precision": "bf16"},
-    "zero2": {"backend": "deepspeed", "stage": 2, "precision": "bf16", "mode": "full"},
-    "zero1": {"backend": "deepspeed", "stage": 1, "precision": "bf16"},
+    "none": {"backend": "none", "ema": True},
+    "fsdp2": {"backend": "fsdp2", "precision": "bf16", "ema": True},
+    "zero3": {"backend": "deepspeed", "stage": 3, "precision": "bf16", "ema": True},
+    "zero2": {"backend": "deepspeed", "stage": 2, "precision": "bf16", "mode": "full", "ema": True},
+    "zero1": {"backend": "deepspeed", "stage": 1, "precision": "bf16", "ema": True},
+    "none_noema": {"backend": "none"},
+    "fsdp2_noema": {"backend": "fsdp2", "precision": "bf16"},
+    "zero1_noema": {"backend": "deepspeed", "stage": 1, "precision": "bf16"},
 }
-LAUNCH = {"fsdp2": ["fsdp2"], "deepspeed": ["zero3", "zero2", "zero1"]}  # one 2-rank launch per backend
+LAUNCH = {"fsdp2": ["fsdp2", "fsdp2_noema"],  # one 2-rank launch per backend
+          "deepspeed": ["zero3", "zero2", "zero1", "zero1_noema"]}
+IN_PROCESS = ("none", "none_noema")
+WITH_EMA = [n for n, ph in PHASES.items() if ph.get("ema")]
 DIST = pytest.mark.distributed
+
+
+def _params(names: list[str]) -> list:
+    return [pytest.param(n, marks=() if n in IN_PROCESS else DIST) for n in names]
 
 
 def _phase(name: str) -> dict:
@@ -46,9 +60,9 @@ def runs(tmp_path_factory):
     done: set[str] = set()
 
     def get(name: str) -> Path:
-        if name == "none" and name not in done:
+        if name in IN_PROCESS and name not in done:
             import _parallel_worker as w
-            w.run_phase(out, _phase("none"))
+            w.run_phase(out, _phase(name))
             done.add(name)
         for group, names in LAUNCH.items():
             if name in names and name not in done:
@@ -71,7 +85,7 @@ def _one_line(e: pytest.ExceptionInfo, *parts: str) -> None:
         assert p in msg, msg
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n == "none" else DIST) for n in PHASES])
+@pytest.mark.parametrize("name", _params(list(PHASES)))
 def test_reads_the_trained_weights_exactly(runs, name):
     out = runs(name)
     ckpt = out / f"ck_{name}" / STEP_DIR
@@ -94,6 +108,89 @@ def test_reads_the_trained_weights_exactly(runs, name):
     with pytest.raises(CheckpointLoadError) as e:
         read_checkpoint_weights(ckpt, [some[0], absent])
     _one_line(e, str(ckpt), repr(absent))
+
+
+@pytest.mark.parametrize("name", _params(WITH_EMA))
+def test_reads_the_ema_exactly(runs, name):
+    """ema=True: the backend's own full EMA (``ema_state_dict()`` right after the save, the
+    worker's ema.pt), exactly, under the weights' names and shapes; not the weights."""
+    out = runs(name)
+    ckpt = out / f"ck_{name}" / STEP_DIR
+    ema = torch.load(out / name / "ema.pt", weights_only=True)
+    trained = torch.load(out / name / "weights.pt", weights_only=True)
+    sd = read_checkpoint_weights(ckpt, ema=True)
+    assert not torch.distributed.is_initialized()
+    assert list(sd) == list(ema) == list(trained), (list(sd), list(ema))
+    for k, v in ema.items():
+        assert sd[k].dtype == torch.float32 and sd[k].device.type == "cpu", (k, sd[k].dtype)
+        assert sd[k].shape == trained[k].shape, (k, sd[k].shape, trained[k].shape)
+        assert torch.equal(sd[k], v), f"{name}: EMA {k} differs by {(sd[k] - v).abs().max()}"
+    lagging = [k for k in sd if not torch.equal(sd[k], trained[k])]
+    assert len(lagging) == len(sd), f"{name}: EMA equals the weights for {set(sd) - set(lagging)}"
+    # a subset, in the order asked; the root through its latest; a name the checkpoint lacks
+    some = sorted(ema)[::-2][:2]
+    sub = read_checkpoint_weights(ckpt, some, ema=True)
+    assert list(sub) == some and all(torch.equal(sub[k], ema[k]) for k in some)
+    root = read_checkpoint_weights(ckpt.parent, ema=True)
+    assert list(root) == list(ema) and all(torch.equal(root[k], ema[k]) for k in ema)
+    with pytest.raises(CheckpointLoadError) as e:
+        read_checkpoint_weights(ckpt, [some[0], "transformer_blocks.0.nope.weight"], ema=True)
+    _one_line(e, str(ckpt), "'transformer_blocks.0.nope.weight'")
+
+
+@pytest.mark.parametrize("name", _params([n for n in PHASES if n not in WITH_EMA]))
+def test_ema_of_a_run_without_ema_is_one_line(runs, name):
+    out = runs(name)
+    ckpt = out / f"ck_{name}" / STEP_DIR
+    assert not (out / name / "ema.pt").exists()  # the writing backend had no EMA to export
+    for names in (None, ["transformer_blocks.0.control.weight"]):
+        with pytest.raises(CheckpointLoadError) as e:
+            read_checkpoint_weights(ckpt, names, ema=True)
+        _one_line(e, str(ckpt), "had no EMA (train.ema = false)")
+
+
+@DIST
+def test_zero3_ema_partitions_of_any_world_size(runs, tmp_path):
+    """ZeRO-3 keeps each rank's flat fp32 partition (``ema_rank<r>.pt``): the reader puts the
+    checkpoint's ``world_size`` of them together. The 2-rank EMA re-cut as a 3-rank run lays it
+    out (ceil(numel / 3) values per rank, the last end-padded: DeepSpeed's partitioning, which the
+    backend's own resume re-slices in the same way) reads back the same; a lost rank file, or
+    partitions that do not fit the shapes, is a one-line error."""
+    out = runs("zero3")
+    ema = torch.load(out / "zero3" / "ema.pt", weights_only=True)
+    src = out / "ck_zero3" / STEP_DIR
+    c = tmp_path / "w3" / STEP_DIR
+    shutil.copytree(src, c)
+    saved = {n: torch.load(f, weights_only=True) for n, f in
+             ((f.name, f) for f in sorted(src.glob("ema_rank*.pt")))}
+    assert list(saved) == ["ema_rank00000.pt", "ema_rank00001.pt"]
+    names = list(saved["ema_rank00000.pt"])
+    for f in c.glob("ema_rank*.pt"):
+        f.unlink()
+    world = 3
+    for r in range(world):
+        part = {}
+        for n in names:
+            flat = ema[strip_wrapper_prefixes(n)].reshape(-1)
+            size = -(-flat.numel() // world)
+            padded = torch.nn.functional.pad(flat, (0, size * world - flat.numel()))
+            part[n] = padded[r * size:(r + 1) * size].clone()
+        torch.save(part, c / f"ema_rank{r:05d}.pt")
+    assert any(ema[n].numel() % world for n in ema)  # the padding is cut off
+    meta = json.loads((c / "backend_meta.json").read_text())
+    (c / "backend_meta.json").write_text(json.dumps({**meta, "world_size": world}))
+    sd = read_checkpoint_weights(c, ema=True)
+    assert list(sd) == list(ema) and all(torch.equal(sd[k], ema[k]) for k in ema)
+    # the same files read as a 2-rank checkpoint: too few values for the shapes
+    (c / "backend_meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointLoadError) as e:
+        read_checkpoint_weights(c, ema=True)
+    _one_line(e, str(c), "not a readable DeepSpeed EMA", "partitions of")
+    (c / "backend_meta.json").write_text(json.dumps({**meta, "world_size": world}))
+    (c / "ema_rank00002.pt").unlink()
+    with pytest.raises(CheckpointLoadError) as e:
+        read_checkpoint_weights(c, ema=True)
+    _one_line(e, str(c / "ema_rank00002.pt"), "missing")
 
 
 def test_not_a_checkpoint_is_one_line(tmp_path):
@@ -138,32 +235,41 @@ def test_broken_file_is_one_line(runs, tmp_path):
     _one_line(e, str(c / "single_state.pt"), "not a readable torch file")
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n == "none" else DIST) for n in PHASES])
+@pytest.mark.parametrize("name", _params(WITH_EMA))
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # plant_dcp_entry's dcp.save
 def test_planted_pickle_runs_nothing(runs, tmp_path, name):
-    """A payload planted beside the real contents of each pickle the reader opens is refused in
-    one line naming the file; the code never runs. (FSDP2: a payload among the optimizer's
-    entries of the shards is never read at all.)"""
+    """A payload planted beside the real contents of each pickle the reader opens (for the
+    weights, and with ema=True for the EMA) is refused in one line naming the file; the code
+    never runs. (FSDP2: a payload among the optimizer's entries of the shards is never read at
+    all.)"""
     from test_checkpoint_safety import plant, plant_dcp_entry
+
+    from framer_dist.parallel.deepspeed.backend import DeepSpeedBackend
 
     src = runs(name) / f"ck_{name}" / STEP_DIR
     files = [*src.glob("single_state.pt"), *src.glob("dcp/.metadata"), *sorted(src.glob("ds/*.pt"))]
     assert len(files) == {"none": 1, "fsdp2": 1, "zero3": 4, "zero2": 3, "zero1": 3}[name], files
-    for i, f in enumerate(files):
+    ema_files = [*src.glob("single_state.pt"), *src.glob("dcp/.metadata"), *sorted(src.glob("ema_*.pt")),
+                 *([DeepSpeedBackend._mp_rank_file(src)] if name == "zero3" else [])]  # its shapes
+    assert len(ema_files) == {"none": 1, "fsdp2": 1, "zero3": 3, "zero2": 1, "zero1": 1}[name], ema_files
+    cases = [(f, False) for f in files] + [(f, True) for f in ema_files]
+    for i, (f, ema) in enumerate(cases):
         c = tmp_path / str(i) / STEP_DIR
         shutil.copytree(src, c)
         marker = tmp_path / f"ran_{i}"
         plant(c / f.relative_to(src), marker)
         with pytest.raises(CheckpointLoadError) as e:
-            read_checkpoint_weights(c)
-        assert not marker.exists(), f"reading {f.name} ran the planted code"
+            read_checkpoint_weights(c, ema=ema)
+        assert not marker.exists(), f"reading {f.name} (ema={ema}) ran the planted code"
         _one_line(e, str(c), "refused to load", ".system object")
     if name == "fsdp2":
         c = tmp_path / "entry" / STEP_DIR
         shutil.copytree(src, c)
         plant_dcp_entry(c / "dcp", tmp_path / "ran_entry")
-        sd = read_checkpoint_weights(c)
-        assert set(sd) == set(read_checkpoint_weights(src)) and not (tmp_path / "ran_entry").exists()
+        for ema in (False, True):
+            sd = read_checkpoint_weights(c, ema=ema)
+            assert set(sd) == set(read_checkpoint_weights(src, ema=ema))
+        assert not (tmp_path / "ran_entry").exists()
 
 
 @DIST

@@ -15,10 +15,25 @@ Where each backend keeps them (``backend_meta.json`` says which one wrote the ch
   offline ``zero_to_fp32`` (ZeRO-1/2/3). Its buffers are left out: the other backends do not
   write buffers and a freshly built model has them.
 
+With ``ema=True``, the EMA of the same parameters instead (a ``train.ema = true`` run; fp32 on
+every backend, what the writing run's ``backend.ema_state_dict()`` gave):
+
+* ``none``: the same file's ``ema`` entry (``None`` without EMA).
+* ``fsdp2``: the ``ema.<name>`` entries of ``dcp/`` (DTensor shards like the model's), reassembled
+  by DCP in the same way.
+* ``deepspeed``: ``ema_full.pt`` beside ``ds/`` under ZeRO-0/1/2 (written full by rank 0);
+  ``ema_rank<r>.pt`` under ZeRO-3, each rank's flat fp32 partition of every parameter: the
+  checkpoint's ``world_size`` partitions are concatenated in rank order, ZeRO-3's end padding cut
+  off and the result shaped as DeepSpeed's module file (``param_shapes``) says
+  (``deepspeed/ema.py``'s ``read_full``). No ``zero_to_fp32`` and no optimizer partition is read.
+
+A checkpoint of a run without EMA (``train.ema = false``) is then a one-line error saying so.
+
 Frozen parameters are in no checkpoint (every backend writes only the trainable ones; they come
 from ``model.pretrained`` or the seeded init), so the result is the writing run's trainable set
 under the plain model's parameter names (wrapper prefixes stripped): ``load_state_dict(sd,
-strict=False)`` into a freshly built model. Every pickle is read by :mod:`framer_dist.safe_load`.
+strict=False)`` into a freshly built model (the EMA too, by the same names). Every pickle is
+read by :mod:`framer_dist.safe_load`.
 """
 
 from __future__ import annotations
@@ -39,12 +54,15 @@ from framer_dist.safe_load import (CheckpointLoadError, dcp_load, load_torch, re
                                    safe_torch_loads)
 
 
-def read_checkpoint_weights(path: str | Path, names: Iterable[str] | None = None) -> dict[str, Tensor]:
+def read_checkpoint_weights(path: str | Path, names: Iterable[str] | None = None, *,
+                            ema: bool = False) -> dict[str, Tensor]:
     """The trained parameters (full, CPU; fp32 masters where the backend keeps them) in the
     complete checkpoint ``path`` (a ``step_XXXXXXXX`` folder, or a checkpoint root: the one its
     ``latest`` names), by plain parameter name: only ``names`` (in that order) when given, else
-    all of them. A path that is no complete checkpoint, an unknown backend, an unreadable file or
-    a name the checkpoint lacks is a one-line :class:`CheckpointLoadError`."""
+    all of them. ``ema=True``: their EMA (fp32; what the writing backend's ``ema_state_dict()``
+    gave) instead of the live values, under the same names. A path that is no complete
+    checkpoint, an unknown backend, an unreadable file, a name the checkpoint lacks or
+    ``ema=True`` on a checkpoint of a run without EMA is a one-line :class:`CheckpointLoadError`."""
     from framer_dist.checkpoint import LATEST, _not_a_checkpoint, is_valid_checkpoint  # it imports us
 
     path = Path(path)
@@ -71,11 +89,11 @@ def read_checkpoint_weights(path: str | Path, names: Iterable[str] | None = None
         raise CheckpointLoadError(problem)
     want = None if names is None else list(names)
     if backend == "none":
-        sd = _read_single(path)
+        sd = _read_single(path, ema)
     elif backend == "fsdp2":
-        sd = _read_fsdp2(path, want)
+        sd = _read_fsdp2(path, want, ema)
     elif backend == "deepspeed":
-        sd = _read_deepspeed(path, meta)
+        sd = _read_deepspeed_ema(path, meta) if ema else _read_deepspeed(path, meta)
     else:
         raise CheckpointLoadError(f"{meta_file}: unknown backend {backend!r} (this framer_dist "
                                   "reads 'none', 'fsdp2' and 'deepspeed' checkpoints)")
@@ -96,28 +114,42 @@ def _check_names(path: Path, want: list[str], held: list[str]) -> None:
                                       f"{len(held)}: {some})")
 
 
-def _read_single(path: Path) -> dict[str, Tensor]:
+def _no_ema(path: Path) -> CheckpointLoadError:
+    return CheckpointLoadError(f"{path}: the run that wrote this checkpoint had no EMA (train.ema = "
+                               "false), so it holds no EMA weights to read (ema=True)")
+
+
+def _read_single(path: Path, ema: bool) -> dict[str, Tensor]:
     from framer_dist.parallel.single import STATE_FILE
 
     f = path / STATE_FILE
     state = load_torch(f, mmap=True)  # mapped: the optimizer state beside it is not read
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise CheckpointLoadError(f"{f}: no 'model' entry (not a framer_dist 'none' checkpoint)")
-    return {k: v.clone() for k, v in state["model"].items()}
+    if not ema:
+        return {k: v.clone() for k, v in state["model"].items()}
+    if state.get("ema") is None:
+        raise _no_ema(path)
+    if not isinstance(state["ema"], dict):
+        raise CheckpointLoadError(f"{f}: its 'ema' entry is a {type(state['ema']).__name__}, "
+                                  "not the EMA's tensors by name")
+    return {k: v.clone() for k, v in state["ema"].items()}
 
 
-def _read_fsdp2(path: Path, want: list[str] | None) -> dict[str, Tensor]:
-    """Only the ``model.*`` entries (``want`` of them, where they exist), into CPU templates
-    built from the metadata: DCP reassembles the shards into them."""
+def _read_fsdp2(path: Path, want: list[str] | None, ema: bool) -> dict[str, Tensor]:
+    """Only the ``model.*`` entries (``ema``: the ``ema.*`` ones; ``want`` of them, where they
+    exist), into CPU templates built from the metadata: DCP reassembles the shards into them."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     from framer_dist.parallel.fsdp import DCP_DIR
 
     dcp_dir = path / DCP_DIR
     md = read_dcp_metadata(dcp_dir / ".metadata")
-    prefix = "model."
+    prefix = "ema." if ema else "model."
     held = {strip_wrapper_prefixes(k[len(prefix):]): (k, m) for k, m in md.state_dict_metadata.items()
             if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
+    if ema and not held:
+        raise _no_ema(path)
     if want is not None:  # before reading any shard
         _check_names(path, want, list(held))
     wanted = None if want is None else set(want)
@@ -155,3 +187,30 @@ def _read_deepspeed(path: Path, meta: dict) -> dict[str, Tensor]:
         raise CheckpointLoadError(f"{where}: not a readable DeepSpeed ZeRO checkpoint "
                                   f"({type(e).__name__}: {msg})") from None
 
+
+def _read_deepspeed_ema(path: Path, meta: dict) -> dict[str, Tensor]:
+    """The EMA files ``ZeroEMALayout.save`` wrote beside ``ds/`` (any ZeRO stage), put together by
+    ``deepspeed/ema.py``'s ``read_full``; ZeRO-3's shapes from DeepSpeed's module file."""
+    from framer_dist.parallel.deepspeed.ema import read_full
+
+    def shapes() -> dict[str, tuple[int, ...]]:  # ZeRO-3 only
+        from framer_dist.parallel.deepspeed.backend import DeepSpeedBackend
+
+        module_file = DeepSpeedBackend._mp_rank_file(path)
+        groups = load_torch(module_file, mmap=True).get("param_shapes") or ()
+        out: dict[str, tuple[int, ...]] = {}
+        for g in groups if isinstance(groups, (list, tuple)) else (groups,):
+            out.update(g)
+        return out
+
+    try:
+        sd = read_full(path, int(meta.get("world_size", 1)), shapes)
+    except CheckpointLoadError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
+        msg = (str(e).splitlines() or [type(e).__name__])[0]
+        raise CheckpointLoadError(f"{path}: not a readable DeepSpeed EMA ({type(e).__name__}: "
+                                  f"{msg})") from None
+    if not sd:
+        raise _no_ema(path)
+    return sd

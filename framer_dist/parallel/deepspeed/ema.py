@@ -6,13 +6,14 @@ rank (``ema_rank00000.pt``, ...); a world-size change re-slices the concatenated
 (ZeRO-3 splits every flattened parameter into equal, end-padded chunks in rank order).
 ZeRO-0/1/2: the module weights are full on every rank after the step; they are averaged in fp32
 (in bf16 runs the source is the bf16 copy of the weights) and rank 0 saves them
-(``ema_full.pt``).
+(``ema_full.pt``). :func:`read_full` puts either layout back together in one process (for
+``read_checkpoint_weights(..., ema=True)``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -99,3 +100,41 @@ class ZeroEMALayout:
                 shape = p.ds_shape if self.z3 else p.shape
                 out[strip_wrapper_prefixes(n)] = t[: int(torch.Size(shape).numel())].reshape(shape).cpu().clone()
         return out
+
+
+def read_full(path: Path, saved_world: int,
+              shapes: Callable[[], Mapping[str, tuple[int, ...]]]) -> dict[str, Tensor]:
+    """The EMA in the checkpoint folder ``path`` as full fp32 CPU tensors, in one process, by the
+    names ``save`` wrote (the engine module's; ``{}`` when it holds none: train.ema was off).
+    ZeRO-0/1/2: ``ema_full.pt`` as it is. ZeRO-3: the ``saved_world`` ranks' flat partitions
+    concatenated in rank order, the end padding cut off, reshaped to the parameter's shape from
+    ``shapes()`` (by the same names; called only here). Reads through :func:`load_torch`; a
+    missing rank file is its one-line error, partitions that do not fit together a
+    ``ValueError``."""
+    if (path / FULL_FILE).is_file():
+        full = load_torch(path / FULL_FILE)
+        if not isinstance(full, dict) or not all(isinstance(t, Tensor) for t in full.values()):
+            raise ValueError(f"{path / FULL_FILE} holds no tensors by name")
+        return full
+    if not (path / _rank_file(0)).is_file():
+        return {}
+    parts = [load_torch(path / _rank_file(r)) for r in range(saved_world)]
+    names = list(parts[0])
+    for r, part in enumerate(parts):
+        if (not isinstance(part, dict) or set(part) != set(names)
+                or not all(isinstance(t, Tensor) for t in part.values())):
+            raise ValueError(f"{path / _rank_file(r)} does not hold the partitions of the "
+                             f"parameters {path / _rank_file(0)} holds")
+    full_shapes = shapes()
+    out: dict[str, Tensor] = {}
+    for n in names:
+        if n not in full_shapes:
+            raise ValueError(f"DeepSpeed's module states name no parameter {n!r} of "
+                             f"{path / _rank_file(0)}")
+        shape = torch.Size(full_shapes[n])
+        flat = torch.cat([part[n].reshape(-1) for part in parts])
+        if not 0 <= flat.numel() - shape.numel() < saved_world:  # end padding: under one per rank
+            raise ValueError(f"the {saved_world} EMA partitions of {n!r} hold {flat.numel()} "
+                             f"values, its shape {tuple(shape)} needs {shape.numel()}")
+        out[n] = flat[:shape.numel()].reshape(shape).clone()
+    return out
