@@ -398,3 +398,40 @@ def test_heads_get_no_weight_decay_on_every_backend(tmp_path):
         lora_a = [k for k in ck if ".lora_A." in k]
         assert heads and all(torch.equal(ck[k], init[k]) for k in heads), name
         assert all(not torch.equal(ck[k], init[k]) for k in lora_a), name
+
+
+def test_bf16_ema_8bit_and_stage_2_from_an_export(tmp_path):
+    """bf16 autocast, EMA and 8-bit AdamW on the U-Net (backend none): stage 1 writes main and EMA
+    LoRA exports; stage 2 started from the EMA export (no heads) carries its pix set and says in one
+    line that the heads start fresh; started from stage 1's checkpoint it carries the EMA. The
+    frozen pix set reaches stage 2's export in fp32 although train.frozen_bf16 held it in bf16."""
+    from safetensors.torch import load_file
+
+    common = ["--config", str(CONFIG), "train.steps=2", 'train.precision="bf16"', "train.ema=true",
+              "train.ema_decay=0.5", 'train.optimizer="adamw8bit"', 'checkpoint.export=["lora"]',
+              "log.progress=false"]
+    p1 = subprocess.run([sys.executable, str(TRAIN), *common, "--out", str(tmp_path / "pix")],
+                        env=_env(), capture_output=True, text=True, timeout=HANG_S)
+    assert p1.returncode == 0, p1.stderr[-3000:]
+    main = load_file(str(tmp_path / "pix" / "export" / "pisasr_lora.safetensors"))
+    ema = load_file(str(tmp_path / "pix" / "export" / "ema" / "pisasr_lora.safetensors"))
+    assert main.keys() == ema.keys() and any(not torch.equal(main[k], ema[k]) for k in main)
+    p2 = subprocess.run([sys.executable, str(TRAIN), *common, 'train.mode="sem"',
+                         f"pisasr.init_from={json.dumps(str(tmp_path / 'pix' / 'export' / 'ema'))}",
+                         "--out", str(tmp_path / "sem")], env=_env(), capture_output=True,
+                        text=True, timeout=HANG_S)
+    assert p2.returncode == 0, p2.stderr[-3000:]
+    said = [ln for ln in p2.stdout.splitlines() if "holds no FRAMER heads" in ln]
+    assert len(said) == 1, p2.stdout[-3000:]
+    out = load_file(str(tmp_path / "sem" / "export" / "pisasr_lora.safetensors"))
+    pix = [k for k in out if k.split(".")[-2].endswith("_pix")]
+    assert pix and all(torch.equal(out[k], ema[k]) for k in pix)  # the frozen pix set: stage 1's EMA
+    # from stage 1's checkpoint: both runs keep an EMA, so stage 1's EMA (heads included) carries
+    p3 = subprocess.run([sys.executable, str(TRAIN), *common, 'train.mode="sem"',
+                         f"pisasr.init_from={json.dumps(str(tmp_path / 'pix' / 'checkpoints'))}",
+                         "--out", str(tmp_path / "sem2")], env=_env(), capture_output=True,
+                        text=True, timeout=HANG_S)
+    assert p3.returncode == 0, p3.stderr[-3000:]
+    assert "(its EMA weights)" in p3.stdout and "holds no FRAMER heads" not in p3.stdout
+    out = load_file(str(tmp_path / "sem2" / "export" / "pisasr_lora.safetensors"))
+    assert all(torch.equal(out[k], ema[k]) for k in pix)

@@ -50,7 +50,7 @@ def build(cfg: Config) -> nn.Module:
                         head_seed=cfg.train.seed, lora_rank=sec.lora_rank,
                         lora_alpha=sec.lora_alpha, lora_seed=cfg.train.seed)
     if sec.init_from:
-        init_from(model, sec.init_from)
+        init_from(model, sec.init_from, ema=cfg.train.ema)
     return model
 
 
@@ -59,10 +59,22 @@ def _say(line: str) -> None:
         log.info(line)
 
 
-def init_from(model: nn.Module, path: str | Path) -> None:
+def _run_had_ema(checkpoint: Path) -> bool:
+    """Whether the run that wrote ``checkpoint`` (a step folder or a root) kept an EMA."""
+    from framer_dist.checkpoint import find_checkpoint
+    from framer_dist.parallel.base import CLIENT_STATE_FILE
+    from framer_dist.safe_load import load_torch
+
+    step = find_checkpoint(checkpoint, str(checkpoint))
+    return bool(load_torch(step / CLIENT_STATE_FILE).get("config", {}).get("train", {}).get("ema"))
+
+
+def init_from(model: nn.Module, path: str | Path, quiet: bool = False, ema: bool = False) -> None:
     """Load stage 1's result into ``model``: a trainer checkpoint (a ``step_*`` folder or the
-    checkpoint root: its trained tensors, the heads among them) or an export folder / file
-    (:data:`LORA_FILE`: both LoRA sets, no heads; the heads keep their fresh init)."""
+    checkpoint root: its trained tensors, the heads among them; with ``ema`` (this run keeps an
+    EMA too) its EMA weights when that run kept one) or an export folder / file
+    (:data:`LORA_FILE`: both LoRA sets, no heads; the heads keep their fresh init; ``export/ema``
+    holds the EMA weights)."""
     from framer_dist.checkpoint import is_valid_checkpoint
     from framer_dist.parallel import read_checkpoint_weights
 
@@ -74,8 +86,12 @@ def init_from(model: nn.Module, path: str | Path) -> None:
     lora_file = p if p.is_file() else next(
         (f for f in (p / LORA_FILE, p / "export" / LORA_FILE) if f.is_file()), None)
     if is_valid_checkpoint(p) or (p / "latest").is_file():
-        state = read_checkpoint_weights(p)
-        what = f"checkpoint {p}"
+        # the EMA is carried from stage 1 into stage 2 where both keep one
+        use_ema = ema and _run_had_ema(p)
+        state = read_checkpoint_weights(p, ema=use_ema)
+        what = f"checkpoint {p}" + (" (its EMA weights)" if use_ema else "")
+        if ema and not use_ema and not quiet:
+            _say(f"pisasr.init_from: {p}'s run kept no EMA: starting from its weights")
     elif lora_file is not None:
         from safetensors.torch import load_file
         state = load_file(str(lora_file))
@@ -97,6 +113,8 @@ def init_from(model: nn.Module, path: str | Path) -> None:
             if k in own:
                 own[k].copy_(v)
     loaded_heads = [k for k in heads if k in state]
+    if quiet:
+        return
     if heads and not loaded_heads:
         _say(f"pisasr.init_from: {what} holds no FRAMER heads: they start from their "
              "orthogonal init")
@@ -209,16 +227,29 @@ def export(cfg: Config, kinds: list[str], state: dict[str, Tensor], root: Path) 
     from framer_dist.atomic import save_safetensors_atomic
 
     from .loading import build_model
-    from .lora import is_lora_key, merge_sets
+    from .lora import is_lora_key, lora_set, merge_sets
 
     sec = section(cfg)
-    plain = build_model(cfg.model.preset, cfg.model.pretrained, heads=False,
-                        lora_rank=sec.lora_rank, lora_alpha=sec.lora_alpha)
-    body = {k: v for k, v in state.items() if not k.startswith("framer_heads.")}
-    missing, unexpected = plain.load_state_dict(body, strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"export: the gathered state does not fit the model: missing "
-                           f"{missing[:5]}, unexpected {unexpected[:5]}")
+    # Only the stage's own set comes from ``state`` (the gathered fp32 masters). The frozen
+    # weights - the base U-Net and the other set - never change, and a backend may hold them
+    # rounded (bf16 under DeepSpeed or train.frozen_bf16): they are rebuilt in fp32 as the run
+    # started from them (train()'s seed, then pisasr.init_from).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        plain = build_model(cfg.model.preset, cfg.model.pretrained, heads=False,
+                            lora_rank=sec.lora_rank, lora_alpha=sec.lora_alpha,
+                            lora_seed=cfg.train.seed)
+    if sec.init_from:
+        init_from(plain, sec.init_from, quiet=True, ema=cfg.train.ema)
+    own = {k: p for k, p in plain.named_parameters() if lora_set(k) == cfg.train.mode}
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise RuntimeError(f"export: the gathered state lacks {len(missing)} tensors of the "
+                           f"{cfg.train.mode} set, e.g. {missing[0]!r}")
+    with torch.no_grad():
+        for k, p in own.items():
+            p.copy_(state[k])
+    body = dict(plain.state_dict())
     out: dict[str, Path] = {}
     if "lora" in kinds:
         lora = {k: v.detach().float().cpu().contiguous() for k, v in body.items() if is_lora_key(k)}

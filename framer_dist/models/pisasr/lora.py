@@ -87,6 +87,11 @@ def is_lora_key(name: str) -> bool:
     return _set_of(name) is not None
 
 
+def lora_set(name: str) -> str | None:
+    """The set ('pix' / 'sem') a parameter name's adapter belongs to, or None."""
+    return _set_of(name)
+
+
 def is_head_key(name: str) -> bool:
     return name.startswith("framer_heads.") or ".framer_heads." in name
 
