@@ -23,10 +23,12 @@ from torch import Tensor, nn
 
 from framer_dist.config import Config, ConfigError
 from framer_dist.log import get_logger
-from framer_dist.models import ModelFamily, StepContext, StepOutput, register_family
+from framer_dist.models import (ModelFamily, ModelLoadError, StepContext, StepOutput,
+                                register_family)
 
 from .config import PiSASRConfig, framer_on, section
 from .inference import INFERENCE
+from .loading import copy_weights
 from .latents import CODEC
 from .presets import PRESETS, TEXT_DIMS
 
@@ -99,26 +101,18 @@ def init_from(model: nn.Module, path: str | Path, quiet: bool = False, ema: bool
     else:
         raise ConfigError(f"{where}: {p} is neither a trainer checkpoint (step_* folder with "
                           f"COMPLETE, or a checkpoint root) nor an export ({LORA_FILE})")
-    unknown = sorted(set(state) - set(own))
     heads = [k for k in own if k.startswith("framer_heads.")]
-    if unknown and not all(k.startswith("framer_heads.") for k in unknown):
-        raise ConfigError(f"{where}: {what} holds {len(unknown)} tensors this model does not "
-                          f"have, e.g. {unknown[0]!r} (another preset or LoRA rank?)")
-    for k, v in state.items():
-        if k in own and tuple(v.shape) != tuple(own[k].shape):
-            raise ConfigError(f"{where}: {what}: {k!r} has shape {tuple(v.shape)}, the model "
-                              f"{tuple(own[k].shape)} (another preset or pisasr.lora_rank?)")
-    with torch.no_grad():
-        for k, v in state.items():
-            if k in own:
-                own[k].copy_(v)
+    try:
+        n = copy_weights(model, state, f"{where}: {what}", ignore=("framer_heads.",))
+    except ModelLoadError as e:
+        raise ConfigError(str(e)) from None
     loaded_heads = [k for k in heads if k in state]
     if quiet:
         return
     if heads and not loaded_heads:
         _say(f"pisasr.init_from: {what} holds no FRAMER heads: they start from their "
              "orthogonal init")
-    _say(f"pisasr.init_from: {len([k for k in state if k in own])} tensors from {what}")
+    _say(f"pisasr.init_from: {n} tensors from {what}")
 
 
 def trainable(model: nn.Module, cfg: Config) -> list[nn.Parameter]:
@@ -241,14 +235,12 @@ def export(cfg: Config, kinds: list[str], state: dict[str, Tensor], root: Path) 
                             lora_seed=cfg.train.seed)
     if sec.init_from:
         init_from(plain, sec.init_from, quiet=True, ema=cfg.train.ema)
-    own = {k: p for k, p in plain.named_parameters() if lora_set(k) == cfg.train.mode}
-    missing = sorted(set(own) - set(state))
+    stage_set = {k for k, _ in plain.named_parameters() if lora_set(k) == cfg.train.mode}
+    missing = sorted(stage_set - set(state))
     if missing:
         raise RuntimeError(f"export: the gathered state lacks {len(missing)} tensors of the "
                            f"{cfg.train.mode} set, e.g. {missing[0]!r}")
-    with torch.no_grad():
-        for k, p in own.items():
-            p.copy_(state[k])
+    copy_weights(plain, {k: state[k] for k in stage_set}, "export")
     body = dict(plain.state_dict())
     out: dict[str, Path] = {}
     if "lora" in kinds:

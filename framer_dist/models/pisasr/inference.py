@@ -126,6 +126,7 @@ def _load_trainer_checkpoint(path: Path, base: Path | None) -> nn.Module:
     from framer_dist.safe_load import CheckpointLoadError, load_torch
 
     from .family import build
+    from .loading import copy_weights
     from .lora import STAGE_ACTIVE, set_active_sets
 
     try:
@@ -139,14 +140,7 @@ def _load_trainer_checkpoint(path: Path, base: Path | None) -> nn.Module:
     except (FileNotFoundError, KeyError, TypeError, ConfigError, CheckpointLoadError) as e:
         why = str(e).replace("config key 'checkpoint.resume': ", "")
         raise ModelLoadError(f"cannot load trainer checkpoint {path}: {why}") from None
-    own = dict(model.named_parameters())
-    unknown = sorted(set(state) - set(own))
-    if unknown:
-        raise ModelLoadError(f"trainer checkpoint {path} holds {len(unknown)} tensors its run's "
-                             f"model lacks, e.g. {unknown[0]!r}")
-    with torch.no_grad():
-        for k, v in state.items():
-            own[k].copy_(v)
+    copy_weights(model, state, f"trainer checkpoint {path}")
     set_active_sets(model.unet, STAGE_ACTIVE[cfg.train.mode])
     return model
 
@@ -169,21 +163,9 @@ def readout(model: nn.Module, x0: Tensor, lr_latent: Tensor, sigma: float, noise
 def _load_lora(model: nn.Module, path: Path) -> None:
     from safetensors.torch import load_file
 
-    from .lora import is_lora_key
+    from .loading import copy_weights
 
-    state = load_file(str(path))
-    own = dict(model.named_parameters())
-    want = {k for k in own if is_lora_key(k)}
-    if set(state) != want:
-        extra, missing = sorted(set(state) - want), sorted(want - set(state))
-        raise ModelLoadError(f"{path} does not fit the model: {len(missing)} adapter tensors "
-                             f"missing (e.g. {missing[:1]}), {len(extra)} unknown (e.g. {extra[:1]})")
-    with torch.no_grad():
-        for k, v in state.items():
-            if tuple(v.shape) != tuple(own[k].shape):
-                raise ModelLoadError(f"{path}: {k!r} has shape {tuple(v.shape)}, the model "
-                                     f"{tuple(own[k].shape)}")
-            own[k].copy_(v)
+    copy_weights(model, load_file(str(path)), str(path), exact=True)
 
 
 def shape(model: nn.Module) -> ModelShape:

@@ -106,3 +106,33 @@ def build_model(preset: str, pretrained: str | Path = "", *, heads: bool = True,
     if dtype is not None:
         model.to(dtype)
     return model
+
+
+def copy_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str, *,
+                 ignore: tuple[str, ...] = (), exact: bool = False) -> int:
+    """Copy ``state`` into ``model``'s parameters of the same names (``init_from``, framer-sr's
+    LoRA file, the analysis' trainer checkpoints). A name the model lacks (unless it starts with an
+    ``ignore`` prefix, e.g. heads an inference model does not have) or a shape that differs is a
+    ``ModelLoadError`` naming it and ``what``; ``exact``: ``state`` must also hold every parameter
+    of ``model`` that is a LoRA adapter. Returns how many tensors were copied."""
+    from .lora import is_lora_key
+
+    own = dict(model.named_parameters())
+    unknown = sorted(k for k in state if k not in own and not k.startswith(ignore))
+    if unknown:
+        raise ModelLoadError(f"{what} holds {len(unknown)} tensors this model does not have, e.g. "
+                             f"{unknown[0]!r} (another preset or LoRA rank?)")
+    if exact:
+        missing = sorted(k for k in own if is_lora_key(k) and k not in state)
+        if missing:
+            raise ModelLoadError(f"{what} lacks {len(missing)} of the model's adapter tensors, "
+                                 f"e.g. {missing[0]!r}")
+    for k, v in state.items():
+        if k in own and tuple(v.shape) != tuple(own[k].shape):
+            raise ModelLoadError(f"{what}: {k!r} has shape {tuple(v.shape)}, the model "
+                                 f"{tuple(own[k].shape)} (another preset or pisasr.lora_rank?)")
+    with torch.no_grad():
+        for k, v in state.items():
+            if k in own:
+                own[k].copy_(v)
+    return sum(k in own for k in state)
