@@ -186,6 +186,13 @@ class Config:
         if self.family_section is None:
             self.family_section = _family_defaults(self.model.family)
 
+    def section_of(self, cls: type, name: str) -> Any:
+        """The family section, which must be a ``cls`` (family ``name``'s), else a ConfigError."""
+        if not isinstance(self.family_section, cls):
+            raise ConfigError(f"config: model.family is {self.model.family!r}, not {name!r} "
+                              f"(the [{name}] section is not active)")
+        return self.family_section
+
     def to_dict(self) -> dict[str, Any]:
         """Every section as plain data; the family section under the family's name."""
         out = {f.name: dataclasses.asdict(getattr(self, f.name))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from framer_dist.config import Config, ConfigError, option
+from framer_dist.config import Config, option
 
 
 @dataclass
@@ -46,8 +46,4 @@ MOVED_KEYS = {"model.lr_injection_scale": "dit4sr.lr_injection_scale",
 
 def section(cfg: Config) -> DiT4SRConfig:
     """The run's ``[dit4sr]`` section."""
-    sec = cfg.family_section
-    if not isinstance(sec, DiT4SRConfig):
-        raise ConfigError(f"config: model.family is {cfg.model.family!r}, not 'dit4sr' "
-                          "(the [dit4sr] section is not active)")
-    return sec
+    return cfg.section_of(DiT4SRConfig, "dit4sr")

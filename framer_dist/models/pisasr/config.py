@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from framer_dist.config import Config, ConfigError, option
+from framer_dist.config import Config, option
 
 
 @dataclass
@@ -39,11 +39,7 @@ class PiSASRConfig:
 
 def section(cfg: Config) -> PiSASRConfig:
     """The run's ``[pisasr]`` section."""
-    sec = cfg.family_section
-    if not isinstance(sec, PiSASRConfig):
-        raise ConfigError(f"config: model.family is {cfg.model.family!r}, not 'pisasr' "
-                          "(the [pisasr] section is not active)")
-    return sec
+    return cfg.section_of(PiSASRConfig, "pisasr")
 
 
 def framer_on(cfg: Config) -> bool:
