@@ -226,13 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", action="append", required=True, metavar="[LABEL=]PATH",
                    help="repeat: the first is drawn solid (e.g. baseline=...), the next dashed (FRAMER=...)")
     p.add_argument("--kind", default="auto",
-                   help="checkpoint kind for all (auto or one of the family's; dit4sr: full/control/lora)")
+                   help="checkpoint kind for all (auto or one of the family's; dit4sr: full/control/lora; "
+                        "pisasr: trainer, the only one with the FRAMER heads)")
     p.add_argument("--family", default=None,
-                   help="model family of the checkpoints; default: what their exports record "
-                        "(export/family.json), else the default family")
+                   help="model family of the checkpoints; default: what their exports or trainer "
+                        "checkpoints record, else the default family")
     p.add_argument("--base", default=None,
                    help="pretrained diffusers folder under adapter checkpoints (dit4sr: SD3 under "
-                        "control/LoRA)")
+                        "control/LoRA; pisasr: replaces the run's model.pretrained)")
     p.add_argument("--weights", default=None, choices=("ema", "main"),
                    help="a trainer export with an EMA export (export/ema/): 'ema' or 'main'; "
                         "default: EMA when present (as framer-sr)")

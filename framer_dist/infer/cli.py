@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--checkpoint", required=True,
                    help="a trainer export (its folder, or one export in it: dit4sr's full transformer "
-                        "folder, control-layer file or LoRA adapter)")
+                        "folder, control-layer file or LoRA adapter; pisasr's merged unet/ or "
+                        "pisasr_lora.safetensors)")
     g.add_argument("--kind", default="auto", choices=kinds(), help="checkpoint kind")
     g.add_argument("--family", default=None,
                    help="model family of the checkpoint; default: the one its export records "
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "'ema' or 'main' (the last step's weights); default: EMA when present")
     g.add_argument("--base", default=None,
                    help="the pretrained diffusers folder under an adapter checkpoint (dit4sr: SD3/SD3.5 "
-                        "under a control/LoRA checkpoint); also the default source of --vae, "
+                        "under a control/LoRA checkpoint; pisasr: SD2.1-base under its LoRA file); also the default source of --vae, "
                         "--text-encoders and the scheduler config")
     g.add_argument("--vae", default=None, help="diffusers VAE folder ('' = the family's tiny random VAE)")
     g.add_argument("--vae-tiling", action="store_true",
@@ -61,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("prompts")
     g.add_argument("--text-encoders", default=None,
                    help="diffusers folder with the family's text encoder(s) + tokenizer(s) (dit4sr: "
-                        "SD3's text_encoder(_2,_3)); 'hashed' = a fixed random embedding per text "
+                        "SD3's text_encoder(_2,_3); pisasr: SD2.1's text_encoder); 'hashed' = a fixed random embedding per text "
                         "(tiny test models only)")
     g.add_argument("--prompt-embeddings", default=None,
                    help="folder written by tools/encode_prompts.py (ids = image file names/stems; "
