@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import dataclasses
 import datetime as dt
-import json
 import os
 import platform
 import statistics
@@ -34,7 +33,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common.py
 
+from _common import package_versions, save_result  # noqa: E402
 from framer_dist.config import Config, load_config  # noqa: E402
 from framer_dist.framer import select_layers  # noqa: E402
 from framer_dist.micro_batch import micro_batch_loss  # noqa: E402
@@ -217,14 +218,7 @@ def cpu_model() -> str:
 
 
 def environment(device: str) -> dict[str, Any]:
-    import importlib.metadata as md
-
-    versions = {}
-    for pkg in ("torch", "diffusers", "peft"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
+    versions = package_versions(("torch", "diffusers", "peft"))
     return {"device": device, "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
@@ -280,10 +274,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "stages": stages}
     md = markdown(result)
     print(md)
-    if a.out:
-        out = Path(a.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1))
+    save_result(result, a.out)
     return result
 
 

@@ -34,7 +34,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/_common.py
 
+from _common import package_versions, save_result  # noqa: E402
 from framer_dist.config import Config, load_config  # noqa: E402
 from framer_dist.flops import peak_flops  # noqa: E402
 from framer_dist.framer import select_layers  # noqa: E402
@@ -281,13 +283,7 @@ def kernel_diff_table(base: dict[str, tuple[float, int]], framer: dict[str, tupl
 
 
 def environment() -> dict[str, Any]:
-    import importlib.metadata as md
-    versions = {}
-    for pkg in ("torch", "deepspeed", "diffusers", "transformers", "peft"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
+    versions = package_versions(("torch", "deepspeed", "diffusers", "transformers", "peft"))
     dev = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
            else f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     return {"device": dev, "versions": versions, "python": platform.python_version(),
@@ -368,11 +364,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "runs": runs}
     md = markdown(result)
     print(md)
-    if a.out:
-        out = Path(a.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1))
-        out.with_suffix(".md").write_text(md)
+    save_result(result, a.out, md)
     return result
 
 

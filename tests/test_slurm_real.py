@@ -69,12 +69,12 @@ def cluster(tmp_path_factory) -> LocalSlurm:
 # helpers: config, SLURM state, logs
 
 
-def _config(tmp: Path, steps: int) -> Path:
-    """configs/tiny_cpu_demo.toml for this test: a few fast steps, no heatmaps/images/exports."""
+def _config(tmp: Path, steps: int, base: str = "tiny_cpu_demo.toml") -> Path:
+    """configs/``base`` for this test: a few fast steps, no heatmaps/images/exports."""
     from framer_dist.config import dump_toml, load_config
 
     cfg = tmp / "run.toml"
-    cfg.write_text(dump_toml(load_config(REPO / "configs" / "tiny_cpu_demo.toml", [
+    cfg.write_text(dump_toml(load_config(REPO / "configs" / base, [
         f'data.path="{REPO / "framer_dist" / "assets" / "photos"}"', f"train.steps={steps}",
         f'train.out_dir="{tmp / "run"}"', "checkpoint.every=0", "checkpoint.export=[]",
         "log.heatmap_every=0", "log.val_every=0", "log.progress=false"])))
@@ -193,11 +193,12 @@ def _read(paths: list[Path]) -> str:
 class Batch:
     """One `sbatch slurm/train_dit.sh` job on the local cluster, with its logs."""
 
-    def __init__(self, slurm: LocalSlurm, tmp: Path, steps: int, *sbatch_args: str) -> None:
+    def __init__(self, slurm: LocalSlurm, tmp: Path, steps: int, *sbatch_args: str,
+                 config: str = "tiny_cpu_demo.toml") -> None:
         from _ranks import free_port
 
         self.slurm, self.tmp = slurm, tmp
-        self.cfg, self.out, self.logs = _config(tmp, steps), tmp / "run", tmp / "logs"
+        self.cfg, self.out, self.logs = _config(tmp, steps, config), tmp / "run", tmp / "logs"
         # the CPU route: no GPU gres on these nodes, so no GPU request (docs/launch.md)
         env = dict(slurm.env, CONFIG=str(self.cfg), PYTHON=sys.executable, LOG_DIR=str(self.logs),
                    PYTHONPATH=str(REPO), RDZV_PORT=str(free_port()), OMP_NUM_THREADS="1")
@@ -236,7 +237,9 @@ def test_sbatch_trains_on_two_cpu_nodes(cluster, tmp_path) -> None:
 
 
 def test_sbatch_scontrol_requeue_resumes(cluster, tmp_path) -> None:
-    job = Batch(cluster, tmp_path, FOREVER)
+    """On the pisasr family (FRAMER_U's tiny U-Net; the other sbatch tests run dit4sr): the
+    launcher and the requeue do not depend on the family."""
+    job = Batch(cluster, tmp_path, FOREVER, config="tiny_pisasr_cpu.toml")
     _wait_training(cluster, job.id, job.out, job.details)
     subprocess.run(["scontrol", "requeue", job.id], env=cluster.env, check=True)
     saved = _release_resumed(cluster, job.id, job.cfg, job.out, job.details)
