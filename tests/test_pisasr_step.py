@@ -140,3 +140,70 @@ def test_hf_coarse_where_students_lie_below_the_lf_radius():
     torch.testing.assert_close(skip["l_lf"], keep["l_lf"])  # LF terms untouched
     # at r = 0.2 the same grids keep every student (the rule, not a fixed list)
     assert hf_student_mask([(8, 8)], (32, 32), 0.2, "skip").tolist() == [True]
+
+
+def _family_cfg(*overrides: str):
+    from pathlib import Path
+
+    from framer_dist.config import load_config
+
+    repo = Path(__file__).resolve().parent.parent
+    return load_config(str(repo / "configs" / "tiny_pisasr_cpu.toml"), list(overrides))
+
+
+def test_the_null_prompt_reaches_the_unet_not_csd():
+    """PiSA-SR drops the tag prompt only at the U-Net input; CSD's positive branch keeps it. The
+    loader hands the family its prompts untouched (own_null_prompt), the step swaps in the empty
+    prompt per sample: with data.null_prompt_prob = 1 two different tag prompts give the same
+    prediction (MSE) but different CSD terms."""
+    from framer_dist.data import build_dataloader
+    from framer_dist.models import StepContext, get_family
+
+    fam = get_family("pisasr")
+    assert fam.own_null_prompt
+    cfg = _family_cfg('train.mode="sem"', "data.null_prompt_prob=1.0", "data.prompt_len=7")
+    batch = next(iter(build_dataloader(cfg, 0, 1, start_sample=0)))
+    assert batch["prompt_embeds"].abs().sum() > 0  # not the zero null prompt: kept for the step
+    torch.manual_seed(cfg.train.seed)
+    model = fam.build(cfg)
+    fam.trainable(model, cfg)
+    helpers = fam.helpers(model, cfg, torch.device("cpu"))
+    assert helpers.frozen.null_embeds.shape == (1, 7, 16) and helpers.frozen.null_embeds.abs().sum() == 0
+    g = torch.Generator().manual_seed(0)
+    hr = torch.rand(2, 3, 64, 64, generator=g) * 2 - 1
+    outs = []
+    for k in range(2):
+        b = {"hr": hr, "lr": hr.flip(-1), "prompt_embeds": torch.randn(2, 7, 16, generator=g)}
+        with torch.no_grad():
+            outs.append(fam.step(model, b, StepContext(cfg, [0, 1], helpers=helpers)).parts)
+    assert torch.equal(outs[0]["mse"], outs[1]["mse"])
+    assert not torch.equal(outs[0]["csd"], outs[1]["csd"])
+
+
+def test_family_checks_and_init_from_errors(tmp_path, capsys):
+    from framer_dist.config import ConfigError
+    from framer_dist.data import load_vae
+    from framer_dist.models import get_family
+    from framer_dist.models.pisasr.family import init_from
+
+    fam = get_family("pisasr")
+    for bad, msg in (("framer.teacher_layer=-2", "framer.teacher_layer"),
+                     ('framer.students="all"', "framer.students"),
+                     ("framer.students=[0, 6]", "framer.students")):
+        with pytest.raises(ConfigError, match=msg):
+            fam.check(_family_cfg(bad))
+    fam.check(_family_cfg("framer.students=[0, 5]"))
+    rel = tmp_path / "pisa_sr.pkl"
+    torch.save({"state_dict_unet": {}}, rel)
+    model = build_model("unet-tiny")
+    with pytest.raises(ConfigError, match=r"not a safetensors LoRA export .*tools/import_pisasr\.py"):
+        init_from(model, rel)
+    cfg = _family_cfg('train.mode="sem"')
+    torch.manual_seed(0)
+    fam.build(cfg)
+    assert "WARNING: train.mode = 'sem' without pisasr.init_from" in capsys.readouterr().out
+    assert get_family("pisasr").inference.defaults["positive_suffix"] == ""
+    # the VAE cache keeps one VAE per dtype
+    d = cfg.data
+    assert load_vae(d, "pisasr").vae.dtype == torch.float32
+    assert load_vae(d, "pisasr", dtype=torch.bfloat16).vae.dtype == torch.bfloat16

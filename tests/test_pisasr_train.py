@@ -132,6 +132,9 @@ def test_stage_1_then_stage_2_train_only_their_sets(runs):
     assert set(s2[1]) >= {"loss/stage", "loss/mse", "loss/lpips", "loss/csd", "loss/framer"}
     assert s2[1]["loss/lpips"] >= 0  # the random LPIPS keeps lpips' non-negative linear layers
     assert "pisasr.init_from: " in (tmp / "S2.log").read_text()
+    # the checkpoint root was pinned to the step folder it named when stage 2 started
+    assert f'init_from = "{tmp / "S1" / "checkpoints" / "step_00000004"}"' in \
+        (tmp / "S2" / "config.toml").read_text()
 
     # the initial model: what train() builds before the first step (seeded by train.seed)
     cfg = load_config(str(CONFIG))

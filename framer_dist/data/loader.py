@@ -66,8 +66,10 @@ class SampleStream(IterableDataset):
         self.source, self.prompts = source, prompts
         self.shapes = prompt_shapes(cfg)
         # synthetic latents have the family's channel count (its latent codec)
-        self.channels = (get_family(cfg.model.family).part("latents").channels
-                         if self.d.source == "synthetic" else 0)
+        family = get_family(cfg.model.family)
+        self.channels = family.part("latents").channels if self.d.source == "synthetic" else 0
+        # a family that draws the null prompt in its step gets every prompt as it is
+        self.null_prob = 0.0 if family.own_null_prompt else self.d.null_prompt_prob
         if prompts is not None:
             (t, dd), (p,) = prompts.shapes
             if (dd, p) != self.shapes[1:]:
@@ -81,7 +83,7 @@ class SampleStream(IterableDataset):
     # -- one sample ------------------------------------------------------------------------
     def _prompt(self, seed: int, item_id: str, events: list) -> tuple[torch.Tensor, torch.Tensor]:
         t, dd, p = self.shapes
-        null = use_null_prompt(seed, self.d.null_prompt_prob)
+        null = use_null_prompt(seed, self.null_prob)
         if self.prompts is None:
             if null:
                 return torch.zeros(t, dd), torch.zeros(p)

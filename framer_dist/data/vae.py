@@ -44,7 +44,7 @@ def load_vae(d: DataConfig, family: str, device: torch.device | str = "cpu",
     """The VAE named by ``data.vae`` (a diffusers folder, or its parent with a ``vae/`` subfolder),
     or the family's tiny random one when empty, with ``family``'s codec; cached per (path,
     device, family), frozen, in eval mode."""
-    key = (d.vae, str(device), family)
+    key = (d.vae, str(device), family, dtype)
     if key in _CACHE:
         return _CACHE[key]
     codec = latent_codec(family)

@@ -127,6 +127,9 @@ class ModelFamily:
     # the step takes pixel batches (``hr_raw`` crops or ``hr``/``lr``) and encodes them itself
     # (with its helpers' VAE); otherwise the trainer encodes them to ``hr_latent``/``lr_latent``
     takes_pixels: bool = False
+    # the step swaps prompts for the empty one itself (data.null_prompt_prob, drawn per sample),
+    # because it also needs the prompt it replaces (PiSA-SR's CSD); the loader then keeps prompts
+    own_null_prompt: bool = False
 
     def part(self, name: str) -> Any:
         """The optional part ``name`` (latents, text_encoder, inference), or a ConfigError

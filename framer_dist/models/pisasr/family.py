@@ -52,8 +52,26 @@ def build(cfg: Config) -> nn.Module:
                         head_seed=cfg.train.seed, lora_rank=sec.lora_rank,
                         lora_alpha=sec.lora_alpha, lora_seed=cfg.train.seed)
     if sec.init_from:
+        # a checkpoint root is pinned to the step folder its `latest` names now: the export and
+        # the analysis rebuild the frozen pix set from it later (config.toml records it)
+        sec.init_from = str(_pinned(Path(sec.init_from).expanduser()))
         init_from(model, sec.init_from, ema=cfg.train.ema)
+    elif cfg.train.mode == "sem":
+        _say("WARNING: train.mode = 'sem' without pisasr.init_from: the frozen pix set is "
+             "untrained (its B matrices are zero); stage 2 normally starts from stage 1's checkpoint")
     return model
+
+
+def _pinned(path: Path) -> Path:
+    """A checkpoint root -> the step folder its ``latest`` names; anything else as it is."""
+    from framer_dist.checkpoint import LATEST, find_checkpoint, is_valid_checkpoint
+
+    if path.is_dir() and not is_valid_checkpoint(path) and (path / LATEST).is_file():
+        try:
+            return find_checkpoint(path, str(path)) or path
+        except FileNotFoundError as e:
+            raise ConfigError(str(e).replace("checkpoint.resume", "pisasr.init_from")) from None
+    return path
 
 
 def _say(line: str) -> None:
@@ -96,7 +114,13 @@ def init_from(model: nn.Module, path: str | Path, quiet: bool = False, ema: bool
             _say(f"pisasr.init_from: {p}'s run kept no EMA: starting from its weights")
     elif lora_file is not None:
         from safetensors.torch import load_file
-        state = load_file(str(lora_file))
+        try:
+            state = load_file(str(lora_file))
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            hint = (" (PiSA-SR's release? tools/import_pisasr.py turns it into an export)"
+                    if lora_file.suffix in (".pkl", ".pt", ".pth", ".bin") else "")
+            raise ConfigError(f"{where}: {lora_file} is not a safetensors LoRA export "
+                              f"({type(e).__name__}: {e}){hint}") from None
         what = f"export {lora_file}"
     else:
         raise ConfigError(f"{where}: {p} is neither a trainer checkpoint (step_* folder with "
@@ -145,7 +169,8 @@ def helpers(model: nn.Module, cfg: Config, device: torch.device) -> Helpers:
     dtype = (torch.bfloat16 if cfg.train.precision == "bf16" and device.type == "cuda"
              else torch.float32)
     vae = load_vae(cfg.data, cfg.model.family, device=device, dtype=dtype).vae
-    frozen = training.Helpers(vae=vae, scaling=float(vae.config.scaling_factor))
+    frozen = training.Helpers(vae=vae, scaling=float(vae.config.scaling_factor),
+                              null_embeds=null_prompt(cfg).to(device))
     if cfg.train.mode == "sem":
         frozen.lpips = _lpips(sec, device, dtype)
         with torch.random.fork_rng(devices=[]):
@@ -166,6 +191,17 @@ def _lpips(sec: PiSASRConfig, device: torch.device, dtype: torch.dtype) -> nn.Mo
     _say("WARNING: pisasr.lpips_vgg and pisasr.lpips_lin are empty: stage 'sem' uses a RANDOM "
          "LPIPS network (tests and the CPU demo only; docs/framer_u.md says how to get the files)")
     return random_lpips(0, device=device, dtype=dtype)
+
+
+def null_prompt(cfg: Config) -> Tensor:
+    """The empty prompt ``[1, T, D]`` the step swaps in (``data.null_prompt_prob``): the cache's
+    ``empty.safetensors``, or zeros as the loader's null prompt for random prompts."""
+    if cfg.data.prompt_embeddings:
+        from framer_dist.data.prompts import PromptStore
+
+        return PromptStore(cfg.data.prompt_embeddings).empty[0].float().unsqueeze(0)
+    d, _ = text_dims(cfg)
+    return torch.zeros(1, cfg.data.prompt_len, d)
 
 
 def negative_prompt(cfg: Config) -> Tensor:
@@ -200,16 +236,21 @@ def step(model: Callable, batch: dict[str, Any], ctx: StepContext) -> StepOutput
     if "hr" not in batch:
         batch = degrade_batch(batch)
     on = framer_on(cfg)
+    # the U-Net gets the empty prompt with data.null_prompt_prob (keyed per sample); CSD's
+    # positive branch keeps the tag prompt, as in PiSA-SR (own_null_prompt: the loader keeps it)
     res = train_step(model, h.frozen, batch["lr"], batch["hr"], batch["prompt_embeds"],
                      ctx.positions, seed=cfg.train.seed, stage=cfg.train.mode,
-                     readout=cfg.framer.feature if on else None, null_prob=0.0,
+                     readout=cfg.framer.feature if on else None,
+                     null_prob=cfg.data.null_prompt_prob,
                      weights=StageWeights(sec.weight_l2, sec.weight_lpips, sec.weight_csd),
                      autocast=ctx.autocast)
     if not on:
         return StepOutput(res.loss, parts=res.parts)
     grid = tuple(res.features.shape[-2:])
+    # the rule is about the radial LF radius; other masks do not split at a radius
+    mode = sec.hf_coarse if cfg.framer.mask == "radial" else "keep"
     students = hf_student_mask(h.block_grids(res.z_h.shape[-2:])[:-1], grid, cfg.framer.radius,
-                               sec.hf_coarse)
+                               mode)
     hf = torch.cat([students, torch.ones(1, dtype=torch.bool)])  # the last layer: the teacher
     return StepOutput(res.loss, res.features, hf_layers=hf, parts=res.parts)
 
@@ -261,6 +302,15 @@ def check(cfg: Config) -> None:
     from framer_dist.preflight import need_path
 
     sec = section(cfg)
+    # the teacher is the real output z_H, detached, never a head readout nor a student
+    if cfg.framer.teacher_layer != -1:
+        raise ConfigError("config key 'framer.teacher_layer': the pisasr family's teacher is the "
+                          f"real output (-1), got {cfg.framer.teacher_layer}")
+    last = len(PRESETS[cfg.model.preset]["down_block_types"]) * 2  # down blocks, mid, up blocks
+    st = cfg.framer.students
+    if st == "all" or (isinstance(st, list) and any(i in (-1, last) for i in st)):
+        raise ConfigError(f"config key 'framer.students': the pisasr family's last block (the real "
+                          f"output, the teacher) cannot be a student, got {st!r}")
     bad = [s for s in sec.framer_stages if s not in MODES]
     if bad:
         raise ConfigError(f"config key 'pisasr.framer_stages': {bad[0]!r} is not a stage; allowed "
@@ -304,4 +354,4 @@ FAMILY = register_family(ModelFamily(
     name="pisasr", presets=tuple(PRESETS), modes=MODES, build=build, trainable=trainable,
     step=step, base_loss_name="stage", export_kinds=EXPORTS, export=export, check=check,
     text_dims=text_dims, config=PiSASRConfig, latents=CODEC, helpers=helpers, takes_pixels=True,
-    text_encoder=text_encoder, inference=INFERENCE))
+    text_encoder=text_encoder, inference=INFERENCE, own_null_prompt=True))

@@ -215,5 +215,8 @@ def sample(model: nn.Module, lr_latent: Tensor, cond: Prompt, uncond: Prompt | N
 
 
 INFERENCE = InferenceSpec(kinds=KINDS, detect=detect_kind, load=load_checkpoint, shape=shape,
-                          sample=sample, readout=readout, defaults={"steps": 1, "guidance": 1.0},
+                          sample=sample, readout=readout,
+                          # PiSA-SR: one step, no CFG, the prompt as given (its tags or empty);
+                          # no DiT4SR quality suffix, which training never saw
+                          defaults={"steps": 1, "guidance": 1.0, "positive_suffix": ""},
                           arguments=LAMBDAS)
