@@ -339,6 +339,11 @@ def test_framer_sr_command_line_on_a_pisasr_export(runs, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc != 0 and "--lambda-pix/--lambda-sem need the LoRA export" in err
     assert "Traceback" not in err
+    # a trainer checkpoint (heads inside) is the analysis' input, not framer-sr's
+    rc = main([str(src.parent), str(tmp_path / "out3"), "--checkpoint",
+               str(runs["tmp"] / "S2" / "checkpoints"), *common])
+    err = capsys.readouterr().err
+    assert rc == 2 and "a trainer checkpoint (kind trainer, with the FRAMER heads)" in err
 
 
 def test_analyze_hierarchy_on_pisasr_trainer_checkpoints(runs, tmp_path, capsys):

@@ -184,6 +184,10 @@ def sample(model: nn.Module, lr_latent: Tensor, cond: Prompt, uncond: Prompt | N
 
     from .lora import active_sets, adjustable_residual
 
+    if model.framer_heads is not None:  # the heads never reach inference (spec)
+        raise ModelLoadError("framer-sr runs pisasr exports; a trainer checkpoint (kind trainer, "
+                             "with the FRAMER heads) is for the layer analysis: point --checkpoint "
+                             "at the run's export/ (checkpoint.export = ['lora', 'diffusers'])")
     if opts.steps != 1 or opts.guidance != 1.0:
         raise ModelLoadError(f"pisasr models are one-step models without CFG: --steps must be 1 "
                              f"and --guidance 1, got {opts.steps} and {opts.guidance}")
