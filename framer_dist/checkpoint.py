@@ -133,6 +133,21 @@ def find_checkpoint(root: str | Path, spec: str) -> Path | None:
     return p
 
 
+def is_checkpoint_path(path: str | Path) -> bool:
+    """A complete checkpoint folder, or a checkpoint root with a ``latest`` pointer (what
+    :func:`find_checkpoint` resolves; a family reading another run's checkpoint offline asks)."""
+    p = Path(path)
+    return is_valid_checkpoint(p) or (p / LATEST).is_file()
+
+
+def run_config(path: str | Path) -> dict[str, Any]:
+    """The config (``Config.to_dict()``) the run that wrote checkpoint ``path`` (a checkpoint
+    folder or a root) recorded in its client state, read safely; FileNotFoundError as
+    :func:`find_checkpoint`'s, KeyError when the client state records none."""
+    step = find_checkpoint(path, str(path))
+    return load_torch(step / CLIENT_STATE_FILE)["config"]
+
+
 def _not_a_checkpoint(p: Path) -> str:
     """What the existing path ``p``, which is no valid checkpoint, is (for the --resume error)."""
     from framer_dist.parallel.base import META_FILE

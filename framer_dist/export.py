@@ -41,7 +41,9 @@ def export(family: Any, cfg: Config, backend: Any, out_dir: Path) -> dict[str, P
 
 def _latest(root: Path) -> str:
     """The step folder a checkpoint root's ``latest`` names ('' when there is none)."""
-    f = root / "latest"
+    from framer_dist.checkpoint import LATEST
+
+    f = root / LATEST
     return f.read_text().strip() if f.is_file() else ""
 
 

@@ -82,13 +82,19 @@ def _save(folder, name, img):
     Image.fromarray(img).save(folder / name)
 
 
-def test_tables_and_no_reference_errors(tmp_path):
+def _two_methods(tmp_path, seed: int, offset_a: int, offset_b: int):
+    """Two HR images (``hr/``) and two "methods" (``a/``, ``b/``): the HR shifted by an offset."""
     gt_dir, a_dir, b_dir = tmp_path / "hr", tmp_path / "a", tmp_path / "b"
     for i in range(2):
-        gt = _rand(20 + i)
+        gt = _rand(seed + i)
         _save(gt_dir, f"img{i}.png", gt)
-        _save(a_dir, f"img{i}.png", np.clip(gt.astype(int) + 3, 0, 255).astype(np.uint8))
-        _save(b_dir, f"img{i}.png", np.clip(gt.astype(int) + 20, 0, 255).astype(np.uint8))
+        _save(a_dir, f"img{i}.png", np.clip(gt.astype(int) + offset_a, 0, 255).astype(np.uint8))
+        _save(b_dir, f"img{i}.png", np.clip(gt.astype(int) + offset_b, 0, 255).astype(np.uint8))
+    return gt_dir, a_dir, b_dir
+
+
+def test_tables_and_no_reference_errors(tmp_path):
+    gt_dir, a_dir, b_dir = _two_methods(tmp_path, 20, 3, 20)
     rc = main(["--pred", f"A={a_dir}", "--pred", f"B={b_dir}", "--gt", str(gt_dir),
                "--dataset", "Toy", "--out", str(tmp_path / "eval")])
     assert rc == 0
@@ -235,12 +241,7 @@ def test_baseline_table_shows_gains(tmp_path):
 
 
 def test_baseline_through_the_cli(tmp_path, capsys):
-    gt_dir, a_dir, b_dir = tmp_path / "hr", tmp_path / "a", tmp_path / "b"
-    for i in range(2):
-        gt = _rand(30 + i)
-        _save(gt_dir, f"img{i}.png", gt)
-        _save(a_dir, f"img{i}.png", np.clip(gt.astype(int) + 20, 0, 255).astype(np.uint8))
-        _save(b_dir, f"img{i}.png", np.clip(gt.astype(int) + 5, 0, 255).astype(np.uint8))
+    gt_dir, a_dir, b_dir = _two_methods(tmp_path, 30, 20, 5)
     out = tmp_path / "eval"
     assert main(["--pred", f"Base={a_dir}", "--pred", f"New={b_dir}", "--gt", str(gt_dir),
                  "--dataset", "Toy", "--baseline", "Base", "--out", str(out)]) == 0

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
+
 from framer_dist.parallel.optim import param_groups
 
 BLOCK = 256          # bitsandbytes' optimizer block size

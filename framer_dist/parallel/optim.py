@@ -25,12 +25,12 @@ def no_decay_prefixes(model: nn.Module) -> tuple[str, ...]:
 def param_groups(params: list[Any], names: list[str], no_decay: tuple[str, ...]) -> list[Any]:
     """``params`` as one group, or, when some names start with a ``no_decay`` prefix, two: the
     rest, then those with ``weight_decay`` 0."""
-    free = [i for i, n in enumerate(names) if no_decay and n.startswith(no_decay)]
+    free = {i for i, n in enumerate(names) if no_decay and n.startswith(no_decay)}
     if not free:
         return list(params)
-    rest = [p for i, p in enumerate(params) if i not in set(free)]
+    rest = [p for i, p in enumerate(params) if i not in free]
     groups: list[dict[str, Any]] = [{"params": rest}] if rest else []
-    return groups + [{"params": [params[i] for i in free], "weight_decay": 0.0}]
+    return groups + [{"params": [p for i, p in enumerate(params) if i in free], "weight_decay": 0.0}]
 
 
 def build_optimizer(t: TrainConfig, params: list[nn.Parameter], names: list[str] | None = None,

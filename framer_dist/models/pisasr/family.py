@@ -64,9 +64,9 @@ def build(cfg: Config) -> nn.Module:
 
 def _pinned(path: Path) -> Path:
     """A checkpoint root -> the step folder its ``latest`` names; anything else as it is."""
-    from framer_dist.checkpoint import LATEST, find_checkpoint, is_valid_checkpoint
+    from framer_dist.checkpoint import find_checkpoint, is_checkpoint_path, is_valid_checkpoint
 
-    if path.is_dir() and not is_valid_checkpoint(path) and (path / LATEST).is_file():
+    if is_checkpoint_path(path) and not is_valid_checkpoint(path):
         try:
             return find_checkpoint(path, str(path)) or path
         except FileNotFoundError as e:
@@ -79,35 +79,24 @@ def _say(line: str) -> None:
         log.info(line)
 
 
-def _run_had_ema(checkpoint: Path) -> bool:
-    """Whether the run that wrote ``checkpoint`` (a step folder or a root) kept an EMA."""
-    from framer_dist.checkpoint import find_checkpoint
-    from framer_dist.parallel.base import CLIENT_STATE_FILE
-    from framer_dist.safe_load import load_torch
-
-    step = find_checkpoint(checkpoint, str(checkpoint))
-    return bool(load_torch(step / CLIENT_STATE_FILE).get("config", {}).get("train", {}).get("ema"))
-
-
 def init_from(model: nn.Module, path: str | Path, quiet: bool = False, ema: bool = False) -> None:
     """Load stage 1's result into ``model``: a trainer checkpoint (a ``step_*`` folder or the
     checkpoint root: its trained tensors, the heads among them; with ``ema`` (this run keeps an
     EMA too) its EMA weights when that run kept one) or an export folder / file
     (:data:`LORA_FILE`: both LoRA sets, no heads; the heads keep their fresh init; ``export/ema``
     holds the EMA weights)."""
-    from framer_dist.checkpoint import is_valid_checkpoint
+    from framer_dist.checkpoint import is_checkpoint_path, run_config
     from framer_dist.parallel import read_checkpoint_weights
 
     p = Path(path).expanduser()
     where = "config key 'pisasr.init_from'"
     if not p.exists():
         raise ConfigError(f"{where}: not found: {p}")
-    own = dict(model.named_parameters())
     lora_file = p if p.is_file() else next(
         (f for f in (p / LORA_FILE, p / "export" / LORA_FILE) if f.is_file()), None)
-    if is_valid_checkpoint(p) or (p / "latest").is_file():
+    if is_checkpoint_path(p):
         # the EMA is carried from stage 1 into stage 2 where both keep one
-        use_ema = ema and _run_had_ema(p)
+        use_ema = ema and bool(run_config(p).get("train", {}).get("ema"))
         state = read_checkpoint_weights(p, ema=use_ema)
         what = f"checkpoint {p}" + (" (its EMA weights)" if use_ema else "")
         if ema and not use_ema and not quiet:
@@ -125,15 +114,14 @@ def init_from(model: nn.Module, path: str | Path, quiet: bool = False, ema: bool
     else:
         raise ConfigError(f"{where}: {p} is neither a trainer checkpoint (step_* folder with "
                           f"COMPLETE, or a checkpoint root) nor an export ({LORA_FILE})")
-    heads = [k for k in own if k.startswith("framer_heads.")]
     try:
         n = copy_weights(model, state, f"{where}: {what}", ignore=("framer_heads.",))
     except ModelLoadError as e:
         raise ConfigError(str(e)) from None
-    loaded_heads = [k for k in heads if k in state]
     if quiet:
         return
-    if heads and not loaded_heads:
+    heads = [k for k, _ in model.named_parameters() if k.startswith("framer_heads.")]
+    if heads and not any(k in state for k in heads):
         _say(f"pisasr.init_from: {what} holds no FRAMER heads: they start from their "
              "orthogonal init")
     _say(f"pisasr.init_from: {n} tensors from {what}")

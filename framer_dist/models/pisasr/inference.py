@@ -44,12 +44,12 @@ def _unet_folder(p: Path) -> Path | None:
 
 def detect_kind(path: str | Path, skip: tuple[str, ...] = ()) -> tuple[str, Path]:
     """(kind, the file or folder to load) for an existing checkpoint file or folder."""
+    from framer_dist.checkpoint import is_checkpoint_path
+
     from .family import LORA_FILE
 
-    from framer_dist.checkpoint import LATEST, is_valid_checkpoint
-
     p = Path(path).expanduser()
-    if is_valid_checkpoint(p) or (p / LATEST).is_file():
+    if is_checkpoint_path(p):
         return "trainer", p
     if p.is_file():
         if p.suffix == ".safetensors":
@@ -119,11 +119,10 @@ def load_checkpoint(kind: str, path: Path, base: Path | None) -> nn.Module:
 def _load_trainer_checkpoint(path: Path, base: Path | None) -> nn.Module:
     """The training module as the run built it (its config: preset, LoRA rank, the pretrained
     U-Net or ``base``, ``pisasr.init_from``, the init seed), then the checkpoint's trained tensors."""
-    from framer_dist.checkpoint import find_checkpoint
+    from framer_dist.checkpoint import find_checkpoint, run_config
     from framer_dist.config import ConfigError, config_from_dict
     from framer_dist.parallel import read_checkpoint_weights
-    from framer_dist.parallel.base import CLIENT_STATE_FILE
-    from framer_dist.safe_load import CheckpointLoadError, load_torch
+    from framer_dist.safe_load import CheckpointLoadError
 
     from .family import build
     from .loading import copy_weights
@@ -131,7 +130,7 @@ def _load_trainer_checkpoint(path: Path, base: Path | None) -> nn.Module:
 
     try:
         step = find_checkpoint(path, str(path))
-        cfg = config_from_dict(load_torch(step / CLIENT_STATE_FILE)["config"])
+        cfg = config_from_dict(run_config(step))
         if base:
             cfg.model.pretrained = str(base)
         torch.manual_seed(cfg.train.seed)  # what the checkpoint does not hold starts as it did
